@@ -1,0 +1,40 @@
+"""hguard: a real-time hallucination guard for open-weights language models, built on H-Neurons.
+
+    from hguard import Guard
+    guard = Guard.from_pretrained("path/or/hub-id", probe="probe.safetensors")
+    [result] = guard.generate(["Where was Ada Lovelace born?"], action="flag", max_new_tokens=32)
+    result.text, result.probability, result.verdict, result.token_probs
+
+Importing hguard loads no model and registers nothing.
+"""
+
+from .guard import Guard
+from .hooks import hook_count
+from .policy import ACTIONS, Calibration, Policy
+from .probe import Probe, ProbeFormatError, ProbeMismatchError
+from .registry import ProbeNotFoundError, find_probe, register_probe
+from .results import GuardResult, Scores, Span, TokenEvent
+from .sites import SITE_TABLE, Sites, UnsupportedModelError, resolve
+
+__all__ = [
+    "ACTIONS",
+    "Calibration",
+    "Guard",
+    "GuardResult",
+    "Policy",
+    "Probe",
+    "ProbeFormatError",
+    "ProbeMismatchError",
+    "ProbeNotFoundError",
+    "SITE_TABLE",
+    "Scores",
+    "Sites",
+    "Span",
+    "TokenEvent",
+    "UnsupportedModelError",
+    "find_probe",
+    "hook_count",
+    "register_probe",
+    "resolve",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,384 @@
+"""Guard: a causal LM, its tokenizer and an H-Neuron probe; score(), generate() and stream().
+
+Generation is transformers' own `generate` with hooks on the probe's layers (see monitor.py):
+abstention is a stopping criterion, streaming a streamer, and nothing else of the decoding loop is
+rewritten, so every generation option keeps working. Prompts are left-padded into one batch. With
+`action=None` the guard is off: plain `generate`, no hook installed. One generation runs at a time
+per Guard (the hooks belong to the model), guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .monitor import Monitor, score_last_tokens
+from .policy import Policy
+from .probe import Probe
+from .registry import find_probe
+from .results import GuardResult, Scores, TokenEvent, assemble, cut, decode
+from .sites import resolve
+
+Prompt = str | list[dict]
+
+
+class _RowsStopped(StoppingCriteria):
+    """Stops the rows the policy abstained on (a device tensor), and every row once `cancel` is set."""
+
+    def __init__(self, monitor: Monitor | None, cancel: threading.Event) -> None:
+        self.monitor = monitor
+        self.cancel = cancel
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if self.cancel.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        stopped = self.monitor.stopped() if self.monitor is not None else None
+        if stopped is None:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return stopped.clone()
+
+
+class Guard:
+    """Hallucination guard around a transformers causal LM."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer=None,
+        probe: Probe | str | Path | None = None,
+        *,
+        threshold: float | None = None,
+    ) -> None:
+        self.model = model
+        self.sites = resolve(model)  # fails early, naming the model type, on an unsupported model
+        if tokenizer is None:
+            tokenizer = _tokenizer_for(model)
+        self.tokenizer = tokenizer
+        if probe is None:
+            probe = find_probe(model)
+        elif isinstance(probe, (str, Path)):
+            probe = Probe.load(probe, model)
+        else:
+            probe.check(model)
+        self.probe = probe
+        self.threshold = probe.threshold if threshold is None else threshold
+        Policy(threshold=self.threshold)  # validate
+        self.bound = probe.bind(model)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        probe: Probe | str | Path | None = None,
+        *,
+        tokenizer=None,
+        threshold: float | None = None,
+        **load_kwargs,
+    ) -> "Guard":
+        """Load a model (local directory or hub id) and its tokenizer; `device_map`, `dtype` and other
+        keyword arguments go to `AutoModelForCausalLM.from_pretrained` unchanged."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **load_kwargs)
+        model.eval()
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+        return cls(model, tokenizer, probe, threshold=threshold)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: a string as is, a list of chat messages through the chat template."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must be a non-empty string")
+            return list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError("chat messages need a tokenizer with a chat template; pass a string prompt")
+            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        raise ValueError(f"each prompt must be a string or a list of chat messages; got {type(prompt).__name__}")
+
+    def _prompts(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings or chat message lists")
+        return [self.encode(p) for p in prompts]
+
+    def _batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded input ids and attention mask on the model's input device."""
+        width = max(len(r) for r in rows)
+        pad = self._pad_id()
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        device = self.model.get_input_embeddings().weight.device
+        return ids.to(device), mask.to(device)
+
+    def _pad_id(self) -> int:
+        for value in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0):
+            if value is not None:
+                return int(value)
+        return 0
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def policy(self, action: str | None = "flag", threshold: float | None = None, alpha: float | None = None):
+        """A validated Policy (None when `action` is None: guard off)."""
+        if action is None:
+            return None
+        return Policy(
+            action=action,
+            threshold=self.threshold if threshold is None else threshold,
+            alpha=0.0 if alpha is None else alpha,
+        )
+
+    # ---- scoring ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, prompt: Prompt, response: str | Sequence[int]) -> Scores:
+        """Per-token probabilities of `response` after `prompt`, from one teacher-forced pass."""
+        prompt_ids = self.encode(prompt)
+        if isinstance(response, str):
+            response_ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        else:
+            response_ids = [int(t) for t in response]
+        if not response_ids:
+            raise ValueError("response must contain at least one token")
+        ids, mask = self._batch([prompt_ids + response_ids])
+        monitor = Monitor(self.bound, stop_early=True)
+        with self._lock, monitor.attached():
+            from .hooks import stoppable
+
+            with stoppable():
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        logits = monitor.full_logits[0, len(prompt_ids):].double().cpu()
+        calibration = self.probe.calibration
+        return Scores(
+            token_ids=response_ids,
+            token_probs=calibration(logits).tolist(),
+            token_logits=logits.tolist(),
+            probability=calibration.prob(float(logits.mean())),
+        )
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        action: str | None = "flag",
+        threshold: float | None = None,
+        alpha: float | None = None,
+        stop: Sequence[str] | None = None,
+        **generate_kwargs,
+    ) -> list[GuardResult]:
+        """Generate for a batch of prompts; one GuardResult per choice (prompt-major with n > 1).
+
+        action: "flag" (score only), "abstain", "dampen", "scale" (fixed alpha from the first token), or
+        None (guard off). threshold: probability in [0, 1] (default: the probe's calibrated one).
+        alpha: the H-Neuron scale for dampen/scale. Other keyword arguments go to `model.generate`.
+        """
+        policy = self.policy(action, threshold, alpha)
+        rows = self._prompts(prompts)
+        with self._lock:
+            return self._run(rows, policy, list(stop or []), generate_kwargs, on_step=None, cancel=None)
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        action: str | None = "flag",
+        threshold: float | None = None,
+        alpha: float | None = None,
+        stop: Sequence[str] | None = None,
+        **generate_kwargs,
+    ) -> Iterator[TokenEvent | GuardResult]:
+        """Like `generate`, but yields each token as a TokenEvent as soon as its score exists (one step
+        after it was sampled), then one GuardResult per choice. Closing the iterator stops generation."""
+        policy = self.policy(action, threshold, alpha)
+        rows = self._prompts(prompts)
+        events: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    results = self._run(rows, policy, list(stop or []), generate_kwargs, events.put, cancel)
+                for item in results:
+                    events.put(item)
+            except BaseException as error:  # re-raised in the consumer
+                events.put(error)
+            finally:
+                events.put(done)
+
+        thread = threading.Thread(target=work, name="hguard-generate", daemon=True)
+        thread.start()
+        try:
+            while (item := events.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+            thread.join()
+
+    def _run(self, rows, policy, stop, generate_kwargs, on_step, cancel) -> list[GuardResult]:
+        for key in ("streamer", "return_dict_in_generate", "stop_strings"):
+            if key in generate_kwargs:
+                raise ValueError(f"{key!r} is set by the guard; use Guard.stream / stop= instead")
+        if generate_kwargs.get("num_beams", 1) != 1:
+            raise ValueError(f"num_beams must be 1 with the guard (got {generate_kwargs['num_beams']})")
+        ids, mask = self._batch(rows)
+        prompt_width = ids.shape[1]
+        monitor = Monitor(self.bound, policy) if policy is not None else None
+        criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+        criteria.append(_RowsStopped(monitor, cancel or threading.Event()))
+        eos_ids = self._eos_ids()
+        streamer = _Streamer(self, monitor, on_step, eos_ids, stop) if on_step is not None else None
+        kwargs = dict(generate_kwargs)
+        kwargs.setdefault("pad_token_id", self._pad_id())
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
+        with torch.no_grad(), (monitor.attached() if monitor is not None else nullcontext()):
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                stopping_criteria=criteria,
+                streamer=streamer,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
+            sequences = out.sequences
+            copies = sequences.shape[0] // ids.shape[0]
+            generated = sequences[:, prompt_width:].cpu().tolist()
+            abstain_at = (
+                monitor.trigger_token.cpu().tolist()
+                if monitor is not None and policy.action == "abstain" and monitor.trigger_token is not None
+                else [-1] * len(generated)
+            )
+            cuts = [cut(self.tokenizer, g, eos_ids, stop, a) for g, a in zip(generated, abstain_at)]
+            if monitor is not None and max(c.length for c in cuts) > monitor.scored:
+                full_mask = torch.cat(
+                    [mask.repeat_interleave(copies, dim=0), torch.ones_like(sequences[:, prompt_width:])], dim=1
+                )
+                score_last_tokens(self.model, monitor, sequences, full_mask, out.cache)
+        logits = monitor.token_logits().cpu() if monitor is not None and monitor.scored else None
+        triggered = (
+            monitor.triggered.cpu().tolist()
+            if monitor is not None and monitor.triggered is not None
+            else [False] * len(cuts)
+        )
+        results = [
+            assemble(
+                self.tokenizer,
+                c,
+                g,
+                logits[i] if logits is not None else None,
+                self.probe.calibration,
+                policy,
+                bool(triggered[i]) and (policy.action != "abstain" or c.finish_reason == "abstain"),
+                len(rows[i // copies]),
+                i,
+            )
+            for i, (c, g) in enumerate(zip(cuts, generated))
+        ]
+        if streamer is not None:
+            streamer.flush(results)
+        return results
+
+
+class _Streamer:
+    """transformers streamer that turns each decoding step into TokenEvents, one step late.
+
+    `put` is called with the prompt first, then with the tokens sampled at each step. When the tokens
+    of step s arrive, the forward that fed step s - 1 back has run, so step s - 1's tokens have scores:
+    those are emitted, with one small device-to-host copy per step. `flush` emits what is left from the
+    final results (the last token, scored by the extra forward), so the streamed text equals the result.
+    """
+
+    def __init__(self, guard: Guard, monitor: Monitor | None, emit, eos_ids: set[int], stop: list[str]):
+        self.guard, self.monitor, self.emit = guard, monitor, emit
+        self.eos_ids, self.stop = eos_ids, stop
+        self.calls = 0
+        self.pending: list[int] | None = None
+        self.ids: dict[int, list[int]] = {}
+        self.sent: dict[int, int] = {}  # characters of text already emitted, per row
+        self.finished: set[int] = set()
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 1:  # the prompt
+            return
+        if self.pending is not None:
+            self._emit_step(self.pending, step=self.calls - 3)
+        self.pending = value.reshape(-1).tolist()
+
+    def end(self) -> None:
+        pass
+
+    def _emit_step(self, tokens: list[int], step: int) -> None:
+        probs: list[float | None] = [None] * len(tokens)
+        stopped = [False] * len(tokens)
+        if self.monitor is not None and step < self.monitor.scored:
+            row_probs = self.guard.probe.calibration(self.monitor.step_logits[step].double())
+            rows_stopped = self.monitor.stopped()
+            if rows_stopped is not None:
+                packed = torch.stack([row_probs, rows_stopped.double()], dim=1).cpu().tolist()
+                probs, stopped = [p for p, _ in packed], [bool(s) for _, s in packed]
+            else:
+                probs = row_probs.cpu().tolist()
+        for row, token in enumerate(tokens):
+            if row in self.finished:
+                continue
+            if token in self.eos_ids:
+                self.finished.add(row)
+                continue
+            self._send(row, token, probs[row], final=stopped[row])
+
+    def _send(self, row: int, token: int, probability: float | None, final: bool, text: str | None = None) -> None:
+        """Emit one token of `row` with the text it adds; `text`: the row's full text so far, if known."""
+        ids = self.ids.setdefault(row, [])
+        ids.append(token)
+        sent = self.sent.setdefault(row, 0)
+        if text is None:
+            text = decode(self.guard.tokenizer, ids)
+            hits = [text.find(s) for s in self.stop if s and s in text]
+            if hits:
+                text, final = text[: min(hits)], True
+            if text.endswith("\ufffd") and not final:  # a partial character: hold it back
+                text = text[:sent]
+        self.emit(TokenEvent(row, len(ids) - 1, token, text[sent:], probability))
+        self.sent[row] = max(sent, len(text))
+        if final:
+            self.finished.add(row)
+
+    def flush(self, results: list[GuardResult]) -> None:
+        for result in results:
+            row, n = result.row, len(result.token_ids)
+            for i in range(len(self.ids.get(row, [])), n):
+                probability = result.token_probs[i] if result.token_probs else None
+                partial = decode(self.guard.tokenizer, [*self.ids.get(row, []), result.token_ids[i]])
+                text = result.text if i == n - 1 else result.text[: len(partial.rstrip("\ufffd"))]
+                self._send(row, result.token_ids[i], probability, final=i == n - 1, text=text)
+
+
+def _tokenizer_for(model: nn.Module):
+    from transformers import AutoTokenizer
+
+    source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    if not source:
+        raise ValueError("pass tokenizer=...: the model does not say where it was loaded from")
+    return AutoTokenizer.from_pretrained(source)

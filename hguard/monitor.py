@@ -1,0 +1,148 @@
+"""Monitor: the live state of one guarded generation (or one teacher-forced scoring pass).
+
+It owns the hooks on the layers a probe selects. Each forward pass adds every hooked layer's share of
+the fused logit into one [batch, positions] accumulator on the model's device; after the last hooked
+layer, a decoding step's logit is appended to a list and the policy is updated with tensor ops only
+(running mean -> calibrated probability -> triggered rows -> per-row scale factor), so nothing waits
+on the device per layer or per step. A generated token's activations exist only when it is fed back,
+one forward after it was sampled: forward 0 is the prompt (prefill), and forward s >= 1 scores
+generated token s - 1. `score_last_tokens` runs the one extra forward that the final token needs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .hooks import HookSpec, StopForward, hooked, stoppable
+from .policy import Policy
+from .probe import BoundProbe, LayerTerm
+
+
+class Monitor:
+    """Per-token probe logits for one batch; `policy=None` records the score only (teacher forcing)."""
+
+    def __init__(self, bound: BoundProbe, policy: Policy | None = None, *, stop_early: bool = False) -> None:
+        self.bound = bound
+        self.policy = policy
+        self.calibration = bound.probe.calibration
+        self.stop_early = stop_early  # end each forward after the last hooked layer (no logits needed)
+        self.forwards = 0  # completed forward passes; 0 until the prefill has run
+        self.step_logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
+        self.full_logits: torch.Tensor | None = None  # teacher forcing: [batch, positions]
+        self._acc: torch.Tensor | None = None
+        self._running: torch.Tensor | None = None  # [batch] sum of logits so far
+        self.triggered: torch.Tensor | None = None  # [batch] bool: the policy has acted on this row
+        self.trigger_token: torch.Tensor | None = None  # [batch] generated index that triggered, or -1
+        self.factor: torch.Tensor | float = 1.0  # what H-Neurons are multiplied by (per row for dampen)
+        if policy is not None and policy.action == "scale":
+            self.factor = float(policy.alpha)
+
+    # ---- hooks --------------------------------------------------------------------------------
+    @contextmanager
+    def attached(self) -> Iterator["Monitor"]:
+        terms = self.bound.terms
+        specs = [
+            HookSpec(
+                module=self.bound.sites.down(term.layer),
+                pre=self._pre_hook(term) if self.policy is not None and self.policy.scales else None,
+                post=self._post_hook(term, first=i == 0, last=i == len(terms) - 1),
+            )
+            for i, term in enumerate(terms)
+        ]
+        with hooked(specs):
+            yield self
+
+    def _pre_hook(self, term: LayerTerm):
+        def pre(module: nn.Module, args: tuple) -> tuple | None:
+            if isinstance(self.factor, float) and self.factor == 1.0:
+                return None
+            return (term.scale(args[0], self.factor), *args[1:])
+
+        return pre
+
+    def _post_hook(self, term: LayerTerm, first: bool, last: bool):
+        def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self.policy is None or self.forwards > 0:  # the prompt's positions are never scored
+                z = args[0] if self.policy is None else args[0][:, -1:]
+                h = output if self.policy is None else output[:, -1:]
+                part = term.logit(z, h)
+                self._acc = part if first else self._acc + part
+            if last:
+                self._end_forward()
+                if self.stop_early:
+                    raise StopForward
+
+        return post
+
+    # ---- per-forward bookkeeping ----------------------------------------------------------------
+    def _end_forward(self) -> None:
+        if self.policy is None:
+            self.full_logits = self._acc + self.bound.bias
+        elif self.forwards > 0:
+            logit = self._acc[:, -1] + self.bound.bias
+            self.step_logits.append(logit)
+            if self.policy.watches:
+                self._watch(logit, token=self.forwards - 1)
+        self._acc = None
+        self.forwards += 1
+
+    def _watch(self, logit: torch.Tensor, token: int) -> None:
+        if self._running is None:
+            self._running = torch.zeros_like(logit)
+            self.triggered = torch.zeros_like(logit, dtype=torch.bool)
+            self.trigger_token = torch.full_like(logit, -1, dtype=torch.long)
+        self._running += logit
+        probability = self.calibration(self._running / (token + 1))
+        fired = (probability >= self.policy.threshold) & ~self.triggered
+        self.trigger_token = torch.where(fired, token, self.trigger_token)
+        self.triggered |= fired
+        if self.policy.action == "dampen":
+            alpha = torch.tensor(self.policy.alpha, dtype=logit.dtype, device=logit.device)
+            self.factor = torch.where(self.triggered, alpha, torch.ones_like(alpha))
+
+    # ---- results ------------------------------------------------------------------------------
+    @property
+    def scored(self) -> int:
+        """How many generated tokens have a score so far."""
+        return len(self.step_logits)
+
+    def token_logits(self) -> torch.Tensor:
+        """[batch, scored] probe logits of the generated tokens, on the model's device."""
+        return torch.stack(self.step_logits, dim=1)
+
+    def stopped(self) -> torch.Tensor | None:
+        """[batch] rows the policy stopped (abstain), for a stopping criterion; None if none can be."""
+        if self.policy is None or self.policy.action != "abstain":
+            return None
+        return self.triggered
+
+
+def score_last_tokens(
+    model: nn.Module,
+    monitor: Monitor,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache,
+) -> None:
+    """Feed the final generated token of every row back once, so it gets a score like the others.
+
+    `attention_mask` covers `sequences` (prompt padding and all generated positions). The forward stops
+    after the last hooked layer: no later layer and no LM head run.
+    """
+    positions = attention_mask.long().cumsum(-1)[:, -1:] - 1
+    monitor.stop_early = True
+    try:
+        with torch.no_grad(), stoppable():
+            model(
+                input_ids=sequences[:, -1:],
+                attention_mask=attention_mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            )
+    finally:
+        monitor.stop_early = False

@@ -1,0 +1,140 @@
+"""Pure decisions: how a probe logit becomes a probability, and a probability becomes an action.
+
+Nothing here touches a model. `Calibration` maps the probe's raw logit to a probability (Platt or
+isotonic, fitted on held-out data by the identification pipeline); it works on torch tensors so the
+guard can apply it on the model's device, and on plain floats for reports. `Policy` holds one
+request's validated choice (action, threshold, alpha); the `verdict` and `flagged_spans` helpers turn
+finished token scores into what the user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Action = Literal["flag", "abstain", "dampen", "scale"]
+ACTIONS: tuple[str, ...] = ("flag", "abstain", "dampen", "scale")
+Verdict = Literal["ok", "flagged", "abstained", "dampened"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Logit -> probability. `platt`: sigmoid(a * logit + b). `isotonic`: piecewise-linear through (x, y)."""
+
+    method: Literal["platt", "isotonic"] = "platt"
+    a: float = 1.0
+    b: float = 0.0
+    x: tuple[float, ...] = ()
+    y: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in ("platt", "isotonic"):
+            raise ValueError(f"calibration method must be 'platt' or 'isotonic', got {self.method!r}")
+        if self.method == "isotonic":
+            if len(self.x) < 2 or len(self.x) != len(self.y):
+                raise ValueError("isotonic calibration needs at least two (x, y) points of equal count")
+            if any(b < a for a, b in zip(self.x, self.x[1:])) or any(b < a for a, b in zip(self.y, self.y[1:])):
+                raise ValueError("isotonic calibration points must be non-decreasing in x and y")
+            if not all(0.0 <= v <= 1.0 for v in self.y):
+                raise ValueError("isotonic calibration y values must lie in [0, 1]")
+        values = (self.a, self.b, *self.x, *self.y)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("calibration parameters must be finite")
+
+    def __call__(self, logit: torch.Tensor) -> torch.Tensor:
+        if self.method == "platt":
+            return torch.sigmoid(logit * self.a + self.b)
+        xs = torch.tensor(self.x, dtype=logit.dtype, device=logit.device)
+        ys = torch.tensor(self.y, dtype=logit.dtype, device=logit.device)
+        flat = logit.reshape(-1).clamp(xs[0], xs[-1])
+        right = torch.searchsorted(xs, flat, right=True).clamp(1, len(xs) - 1)
+        x0, x1, y0, y1 = xs[right - 1], xs[right], ys[right - 1], ys[right]
+        slope = torch.where(x1 > x0, (y1 - y0) / (x1 - x0).clamp_min(1e-12), torch.zeros_like(x0))
+        return (y0 + slope * (flat - x0)).reshape(logit.shape)
+
+    def prob(self, logit: float) -> float:
+        return float(self(torch.tensor([logit], dtype=torch.float64))[0])
+
+    def to_json(self) -> str:
+        if self.method == "platt":
+            return json.dumps({"method": "platt", "a": self.a, "b": self.b})
+        return json.dumps({"method": "isotonic", "x": list(self.x), "y": list(self.y)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Calibration":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("calibration must be a JSON object")
+        return cls(
+            method=data.get("method", "platt"),
+            a=float(data.get("a", 1.0)),
+            b=float(data.get("b", 0.0)),
+            x=tuple(float(v) for v in data.get("x", ())),
+            y=tuple(float(v) for v in data.get("y", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One generation's guard settings, validated on construction.
+
+    flag    score and report; change nothing.
+    abstain stop a sequence once its running hallucination probability reaches `threshold`.
+    dampen  from then on, scale that sequence's H-Neurons by `alpha`.
+    scale   scale the H-Neurons by `alpha` at every position from the first token (the paper's
+            fixed-alpha intervention); alpha = 1 is a no-op, 0 silences them, > 1 amplifies.
+    """
+
+    action: Action = "flag"
+    threshold: float = 0.5
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {self.action!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+            0.0 <= self.threshold <= 1.0
+        ):
+            raise ValueError(f"threshold must be a number in [0, 1]; got {self.threshold!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
+            math.isfinite(self.alpha) and self.alpha >= 0.0
+        ):
+            raise ValueError(f"alpha must be a finite number >= 0; got {self.alpha!r}")
+
+    @property
+    def scales(self) -> bool:
+        """Whether the H-Neurons may be scaled at all (alpha = 1 scales to the same values)."""
+        return self.action in ("dampen", "scale") and self.alpha != 1.0
+
+    @property
+    def watches(self) -> bool:
+        """Whether decisions depend on the running probability during generation."""
+        return self.action in ("abstain", "dampen")
+
+
+def verdict(policy: Policy, probability: float, triggered: bool) -> Verdict:
+    """The verdict of one finished sequence. `triggered`: the policy acted during generation."""
+    if policy.action == "abstain" and triggered:
+        return "abstained"
+    if policy.action == "dampen" and triggered:
+        return "dampened"
+    if policy.action == "scale" and policy.alpha != 1.0:
+        return "dampened"
+    return "flagged" if probability >= policy.threshold else "ok"
+
+
+def flagged_spans(probs: list[float], threshold: float) -> list[tuple[int, int, float]]:
+    """Maximal runs of tokens at or above `threshold`: (first token, one past last, max probability)."""
+    spans: list[tuple[int, int, float]] = []
+    start = None
+    for i, p in enumerate([*probs, -1.0]):
+        if p >= threshold and start is None:
+            start = i
+        elif p < threshold and start is not None:
+            spans.append((start, i, max(probs[start:i])))
+            start = None
+    return spans

@@ -1,0 +1,288 @@
+"""Probe: the H-Neuron classifier as one safetensors file, and its fused per-token score.
+
+The classifier is the paper's: logit = b + sum_j w_j * CETT_j, with CETT_j = |z_j| * ||W_down[:, j]|| /
+||h||. It is linear in CETT, so the per-token logit averaged over answer tokens is the response logit.
+`Probe.bind(model)` groups the neurons by layer and folds the column norms into the weights once, so a
+token costs one gather, an abs, a dot and one norm per layer that has selected neurons. The H-Neurons
+(what `dampen`/`scale` act on) are the neurons with positive weight.
+
+File layout: tensors `layer`, `neuron` (int64), `weight`, `column_norm` (fp32), `bias` (fp32, [1]);
+string metadata `format`, `version`, `fingerprint` (JSON), `calibration` (JSON), `threshold`,
+`training` (JSON) and `checksum` (sha256 of the tensors). Loading onto the wrong model is a
+`ProbeMismatchError` naming the field that differs; a damaged file is a `ProbeFormatError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .policy import Calibration
+from .sites import Sites, resolve
+
+FORMAT = "hguard.probe"
+VERSION = "1"
+NORM_RTOL = 2e-2  # column norms must agree this closely (covers bf16/fp16 copies of the same weights)
+_ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size")
+_TENSORS = ("layer", "neuron", "weight", "column_norm", "bias")
+
+
+class ProbeFormatError(ValueError):
+    """The probe file is truncated, tampered with, or not a probe."""
+
+
+class ProbeMismatchError(ValueError):
+    """The probe was fitted on a different model; the message names the field."""
+
+
+def fingerprint(sites: Sites) -> dict[str, object]:
+    return {
+        "model_type": sites.model_type,
+        "num_layers": sites.num_layers,
+        "hidden_size": sites.hidden_size,
+        "intermediate_size": sites.intermediate_size,
+    }
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in _TENSORS:
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Probe:
+    """Selected neurons (layer, neuron), their weights, bias, column norms and calibration."""
+
+    layer: torch.Tensor  # [k] int64
+    neuron: torch.Tensor  # [k] int64
+    weight: torch.Tensor  # [k] fp32
+    bias: float
+    column_norm: torch.Tensor  # [k] fp32, ||W_down[:, neuron]|| of the model it was fitted on
+    fingerprint: dict[str, object]
+    calibration: Calibration = field(default_factory=Calibration)
+    threshold: float = 0.5
+    training: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        k = self.layer.numel()
+        if not (self.neuron.numel() == self.weight.numel() == self.column_norm.numel() == k):
+            raise ProbeFormatError("probe tensors layer, neuron, weight and column_norm must have equal length")
+        if k == 0:
+            raise ProbeFormatError("probe selects no neuron")
+        if not (torch.isfinite(self.weight).all() and torch.isfinite(self.column_norm).all()):
+            raise ProbeFormatError("probe weights and column norms must be finite")
+        if not math.isfinite(self.bias):
+            raise ProbeFormatError("probe bias must be finite")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ProbeFormatError(f"probe threshold must lie in [0, 1], got {self.threshold}")
+        layers, width = self.fingerprint.get("num_layers"), self.fingerprint.get("intermediate_size")
+        if isinstance(layers, int) and not (0 <= int(self.layer.min()) and int(self.layer.max()) < layers):
+            raise ProbeFormatError(f"probe layer index out of range for {layers} layers")
+        if isinstance(width, int) and not (0 <= int(self.neuron.min()) and int(self.neuron.max()) < width):
+            raise ProbeFormatError(f"probe neuron index out of range for intermediate size {width}")
+        pairs = self.layer * (int(self.neuron.max()) + 1) + self.neuron
+        if pairs.unique().numel() != k:
+            raise ProbeFormatError("probe lists a neuron twice")
+
+    @property
+    def count(self) -> int:
+        return self.layer.numel()
+
+    @property
+    def per_mille(self) -> float:
+        total = int(self.fingerprint["num_layers"]) * int(self.fingerprint["intermediate_size"])
+        return 1000.0 * self.count / total
+
+    @property
+    def h_neurons(self) -> torch.Tensor:
+        """Boolean mask of the H-Neurons: the selected neurons with positive weight."""
+        return self.weight > 0
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_weights(
+        cls,
+        model: nn.Module,
+        layer: torch.Tensor,
+        neuron: torch.Tensor,
+        weight: torch.Tensor,
+        bias: float,
+        **kwargs,
+    ) -> "Probe":
+        """A probe for `model` from its fitted weights; column norms and fingerprint come from the model."""
+        sites = resolve(model)
+        layer, neuron = layer.long().cpu(), neuron.long().cpu()
+        norms = torch.empty(layer.numel(), dtype=torch.float32)
+        with torch.no_grad():
+            for l in layer.unique().tolist():
+                rows = (layer == l).nonzero().squeeze(1)
+                norms[rows] = sites.column_norms(l, neuron[rows]).cpu()
+        return cls(layer, neuron, weight.float().cpu(), float(bias), norms, fingerprint(sites), **kwargs)
+
+    @classmethod
+    def random(cls, model: nn.Module, count: int, seed: int = 0, **kwargs) -> "Probe":
+        """`count` neurons drawn uniformly over all layers, with positive random weights.
+
+        This is the random-neuron baseline's selection, and a stand-in probe for tests.
+        """
+        sites = resolve(model)
+        total = sites.num_layers * sites.intermediate_size
+        if not isinstance(count, int) or not 0 < count <= total:
+            raise ValueError(f"count must be an integer in [1, {total}]; got {count!r}")
+        generator = torch.Generator().manual_seed(seed)
+        flat = torch.randperm(total, generator=generator)[:count].sort().values
+        weight = torch.randn(count, generator=generator).abs() + 0.1
+        return cls.from_weights(
+            model, flat // sites.intermediate_size, flat % sites.intermediate_size, weight, 0.0, **kwargs
+        )
+
+    # ---- file I/O -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "layer": self.layer.long().contiguous(),
+            "neuron": self.neuron.long().contiguous(),
+            "weight": self.weight.float().contiguous(),
+            "column_norm": self.column_norm.float().contiguous(),
+            "bias": torch.tensor([self.bias], dtype=torch.float32),
+        }
+        metadata = {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "calibration": self.calibration.to_json(),
+            "threshold": repr(float(self.threshold)),
+            "training": json.dumps(self.training, sort_keys=True),
+            "checksum": _checksum(tensors),
+        }
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None, *, strict: bool = True) -> "Probe":
+        """Read a probe file; with `model`, check that it was fitted on that model.
+
+        `strict=False` checks only the architecture and takes the column norms from `model` (for the
+        paper's transfer of an instruct model's probe to its base model).
+        """
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                names = set(handle.keys())
+                tensors = {name: handle.get_tensor(name) for name in names & set(_TENSORS)}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise ProbeFormatError(f"{path}: not a readable safetensors probe file ({error})") from error
+        if metadata.get("format") != FORMAT:
+            raise ProbeFormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
+        if metadata.get("version") != VERSION:
+            raise ProbeFormatError(f"{path}: probe format version {metadata.get('version')!r} is not {VERSION!r}")
+        missing = set(_TENSORS) - names
+        if missing:
+            raise ProbeFormatError(f"{path}: missing tensors {sorted(missing)}")
+        if metadata.get("checksum") != _checksum(tensors):
+            raise ProbeFormatError(f"{path}: checksum mismatch, the file was modified or damaged")
+        try:
+            probe = cls(
+                layer=tensors["layer"].long(),
+                neuron=tensors["neuron"].long(),
+                weight=tensors["weight"].float(),
+                bias=float(tensors["bias"].reshape(-1)[0]),
+                column_norm=tensors["column_norm"].float(),
+                fingerprint=json.loads(metadata["fingerprint"]),
+                calibration=Calibration.from_json(metadata["calibration"]),
+                threshold=float(metadata["threshold"]),
+                training=json.loads(metadata.get("training", "{}")),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, ProbeFormatError):
+                raise
+            raise ProbeFormatError(f"{path}: invalid probe metadata ({error})") from error
+        if model is not None:
+            probe.check(model, strict=strict)
+            if not strict:
+                probe.column_norm = Probe.from_weights(model, probe.layer, probe.neuron, probe.weight, 0.0).column_norm
+        return probe
+
+    # ---- matching -----------------------------------------------------------------------------
+    def mismatch(self, model: nn.Module, *, strict: bool = True) -> str | None:
+        """None if the probe fits `model`, else a sentence naming the first field that differs."""
+        actual = fingerprint(resolve(model))
+        for name in _ARCH_FIELDS:
+            if self.fingerprint.get(name) != actual[name]:
+                return f"{name}: the probe was fitted on {self.fingerprint.get(name)!r}, the model has {actual[name]!r}"
+        if strict:
+            fresh = Probe.from_weights(model, self.layer, self.neuron, self.weight, 0.0).column_norm
+            if not torch.allclose(fresh, self.column_norm, rtol=NORM_RTOL, atol=1e-6):
+                worst = int(((fresh - self.column_norm).abs() / self.column_norm.abs().clamp_min(1e-6)).argmax())
+                return (
+                    "column_norm (weights): the down-projection column of layer "
+                    f"{int(self.layer[worst])} neuron {int(self.neuron[worst])} has norm "
+                    f"{float(fresh[worst]):.6g}, the probe expects {float(self.column_norm[worst]):.6g}"
+                )
+        return None
+
+    def check(self, model: nn.Module, *, strict: bool = True) -> None:
+        problem = self.mismatch(model, strict=strict)
+        if problem is not None:
+            raise ProbeMismatchError(f"probe does not match this model: {problem}")
+
+    def bind(self, model: nn.Module) -> "BoundProbe":
+        return BoundProbe(self, resolve(model))
+
+
+@dataclass
+class LayerTerm:
+    """One hooked layer's share of the fused score, on the layer's device."""
+
+    layer: int
+    index: torch.Tensor  # [k_l] neuron indices
+    weight: torch.Tensor  # [k_l] probe weight * column norm (fp32)
+    h_index: torch.Tensor  # [m_l] the H-Neurons among them (the ones dampen/scale touch)
+
+    def logit(self, z: torch.Tensor, h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """sum_j w_j |z_j| ||W_j|| / ||h||, per position: z [B, T, I], h [B, T, H] -> [B, T] fp32."""
+        dot = z.index_select(-1, self.index).abs().float() @ self.weight
+        return dot / (torch.linalg.vector_norm(h.float(), dim=-1) + eps)
+
+    def scale(self, z: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+        """z with its H-Neurons multiplied by `factor` (a scalar or one value per row), in place."""
+        if self.h_index.numel() == 0:
+            return z
+        if isinstance(factor, torch.Tensor):
+            factor = factor.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
+        return z.index_copy_(-1, self.h_index, z.index_select(-1, self.h_index) * factor)
+
+
+class BoundProbe:
+    """A probe's tensors placed on the devices of one model's layers, grouped by layer."""
+
+    def __init__(self, probe: Probe, sites: Sites) -> None:
+        self.probe = probe
+        self.sites = sites
+        self.bias = probe.bias
+        self.terms: list[LayerTerm] = []
+        for l in probe.layer.unique().tolist():
+            rows = (probe.layer == l).nonzero().squeeze(1)
+            device = sites.down(l).weight.device
+            neurons = probe.neuron[rows]
+            self.terms.append(
+                LayerTerm(
+                    layer=l,
+                    index=neurons.to(device),
+                    weight=(probe.weight[rows] * probe.column_norm[rows]).to(device),
+                    h_index=neurons[probe.weight[rows] > 0].to(device),
+                )
+            )

@@ -1,0 +1,151 @@
+"""What a guarded generation returns, and how it is assembled from token ids and probe logits.
+
+Everything here runs on the host after (or while) the model generates. `cut` decides where each
+sequence's answer ends (end-of-sequence token, stop string, abstention, or the length limit), so the
+streaming and the non-streaming paths agree on the same tokens, text and scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .policy import Calibration, Policy, Verdict, flagged_spans, verdict
+
+FinishReason = Literal["stop", "length", "abstain"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A run of flagged tokens: characters [start, end) of the text, tokens [first_token, end_token)."""
+
+    start: int
+    end: int
+    probability: float
+    first_token: int
+    end_token: int
+
+
+@dataclass
+class Scores:
+    """Per-token hallucination probabilities of a response, from one teacher-forced pass."""
+
+    token_ids: list[int]
+    token_probs: list[float]
+    token_logits: list[float]
+    probability: float | None  # calibrated mean logit over the scored tokens (the paper's classifier)
+
+
+@dataclass
+class GuardResult:
+    """One generated choice: its text, per-token probabilities, verdict and finish reason."""
+
+    text: str
+    token_ids: list[int]
+    token_probs: list[float]
+    probability: float | None
+    verdict: Verdict
+    finish_reason: FinishReason
+    action: str | None
+    flagged_spans: list[Span] = field(default_factory=list)
+    prompt_tokens: int = 0
+    row: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One streamed token of row `row`, with the new text it adds (possibly empty) and its probability."""
+
+    row: int
+    index: int
+    token_id: int
+    text: str
+    probability: float | None
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where one row's answer ends: `length` tokens, `text`, and why."""
+
+    length: int
+    text: str
+    finish_reason: FinishReason
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def cut(
+    tokenizer,
+    generated: Sequence[int],
+    eos_ids: set[int],
+    stop: Sequence[str] = (),
+    abstain_at: int = -1,
+) -> Cut:
+    """The answer inside one row's generated ids: up to EOS, a stop string, or the abstaining token."""
+    ids = list(generated)
+    length, reason = len(ids), "length"
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            length, reason = i, "stop"
+            break
+    if 0 <= abstain_at < length:
+        length, reason = abstain_at + 1, "abstain"
+    text = decode(tokenizer, ids[:length])
+    hits = [(text.find(s), s) for s in stop if s and s in text]
+    if hits:
+        at = min(hits)[0]
+        text = text[:at]
+        # the token that completed the stop string is the first one whose prefix contains the stop string
+        length = next(n for n in range(1, length + 1) if any(s in decode(tokenizer, ids[:n]) for _, s in hits))
+        reason = "stop"
+    return Cut(length, text, reason)
+
+
+def char_ends(tokenizer, ids: Sequence[int], text: str) -> list[int]:
+    """Character offset in `text` where each token's text ends (clipped to the text)."""
+    return [min(len(decode(tokenizer, ids[: i + 1])), len(text)) for i in range(len(ids))]
+
+
+def assemble(
+    tokenizer,
+    cut_: Cut,
+    generated: Sequence[int],
+    logits: torch.Tensor | None,
+    calibration: Calibration,
+    policy: Policy | None,
+    triggered: bool,
+    prompt_tokens: int,
+    row: int,
+) -> GuardResult:
+    """One GuardResult from a row's cut and its per-token logits ([>= cut.length], host, or None if off)."""
+    ids = list(generated[: cut_.length])
+    if policy is None or logits is None:
+        return GuardResult(cut_.text, ids, [], None, "ok", cut_.finish_reason, None, [], prompt_tokens, row)
+    logits = logits[: cut_.length].double()
+    probs = calibration(logits).tolist()
+    probability = calibration.prob(float(logits.mean())) if ids else None
+    ends = char_ends(tokenizer, ids, cut_.text)
+    spans = [
+        Span(ends[a - 1] if a else 0, ends[b - 1], p, a, b) for a, b, p in flagged_spans(probs, policy.threshold)
+    ]
+    return GuardResult(
+        text=cut_.text,
+        token_ids=ids,
+        token_probs=probs,
+        probability=probability,
+        verdict=verdict(policy, probability if probability is not None else 0.0, triggered),
+        finish_reason=cut_.finish_reason,
+        action=policy.action,
+        flagged_spans=spans,
+        prompt_tokens=prompt_tokens,
+        row=row,
+    )
