@@ -312,6 +312,7 @@ class _Streamer:
     def __init__(self, guard: Guard, monitor: Monitor | None, emit, eos_ids: set[int], stop: list[str]):
         self.guard, self.monitor, self.emit = guard, monitor, emit
         self.eos_ids, self.stop = eos_ids, stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
         self.calls = 0
         self.pending: list[int] | None = None
         self.ids: dict[int, list[int]] = {}
@@ -358,8 +359,9 @@ class _Streamer:
             hits = [text.find(s) for s in self.stop if s and s in text]
             if hits:
                 text, final = text[: min(hits)], True
-            if text.endswith("\ufffd") and not final:  # a partial character: hold it back
-                text = text[:sent]
+            if not final:  # hold back a partial character, and what may be the start of a stop string
+                keep = len(text.rstrip("\ufffd")) - self.holdback
+                text = text[: max(sent, keep)]
         self.emit(TokenEvent(row, len(ids) - 1, token, text[sent:], probability))
         self.sent[row] = max(sent, len(text))
         if final:
@@ -373,6 +375,10 @@ class _Streamer:
                 partial = decode(self.guard.tokenizer, [*self.ids.get(row, []), result.token_ids[i]])
                 text = result.text if i == n - 1 else result.text[: len(partial.rstrip("\ufffd"))]
                 self._send(row, result.token_ids[i], probability, final=i == n - 1, text=text)
+            sent = self.sent.get(row, 0)
+            if len(result.text) > sent:  # text held back until the row finished
+                self.emit(TokenEvent(row, -1, -1, result.text[sent:], None))
+                self.sent[row] = len(result.text)
 
 
 def _tokenizer_for(model: nn.Module):

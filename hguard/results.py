@@ -61,7 +61,11 @@ class GuardResult:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One streamed token of row `row`, with the new text it adds (possibly empty) and its probability."""
+    """One streamed token of row `row`, with the new text it adds (possibly empty) and its probability.
+
+    Text that could be a partial character or the start of a stop string is held back; a row's last
+    event may then be text-only (`token_id` and `index` -1, no probability).
+    """
 
     row: int
     index: int

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random models saved to disk and loaded back through from_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hguard import Guard, Probe
+from hguard.tiny import save_tiny
+
+PROMPTS = ["Where was Ada born?", "The quick brown fox jumps over", "Hi", "Numbers like 1024 and 3.14 appear in"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """model_type -> directory with a saved tiny model and tokenizer (built once per session)."""
+    cache: dict[str, str] = {}
+
+    def get(model_type: str, seed: int = 0, **config_kw) -> str:
+        key = f"{model_type}-{seed}-{sorted(config_kw.items())}"
+        if key not in cache:
+            cache[key] = str(save_tiny(tmp_path_factory.mktemp(model_type), model_type, seed=seed, **config_kw))
+        return cache[key]
+
+    return get
+
+
+def load(directory: str):
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.fixture
+def make_guard(tiny_dirs):
+    """(model_type, probe neurons) -> a Guard on a freshly loaded tiny model with a random probe."""
+
+    def make(model_type: str = "llama", count: int = 12, seed: int = 1, **probe_kw) -> Guard:
+        model, tokenizer = load(tiny_dirs(model_type))
+        return Guard(model, tokenizer, Probe.random(model, count, seed=seed, **probe_kw))
+
+    return make

@@ -1,0 +1,269 @@
+"""Guard.generate / stream / score on every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import StoppingCriteria
+
+from hguard import GuardResult, TokenEvent, hook_count
+from hguard.tiny import ARCHITECTURES
+
+from conftest import PROMPTS
+
+TOL = 1e-4
+
+
+def collect(events) -> tuple[dict[int, list[TokenEvent]], list[GuardResult]]:
+    tokens: dict[int, list[TokenEvent]] = {}
+    results: list[GuardResult] = []
+    for event in events:
+        if isinstance(event, GuardResult):
+            results.append(event)
+        else:
+            tokens.setdefault(event.row, []).append(event)
+    return tokens, results
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_streamed_scores_equal_teacher_forced(make_guard, arch, batch):
+    guard = make_guard(arch)
+    prompts = PROMPTS[:batch]
+    tokens, results = collect(guard.stream(prompts, max_new_tokens=10, do_sample=False))
+    assert len(results) == batch
+    for row, (prompt, result) in enumerate(zip(prompts, results)):
+        streamed = [e for e in tokens[row] if e.token_id >= 0]
+        assert [e.token_id for e in streamed] == result.token_ids
+        assert "".join(e.text for e in tokens[row]) == result.text
+        assert len(result.token_ids) > 0
+        reference = guard.score(prompt, result.token_ids)
+        assert len(reference.token_probs) == len(result.token_probs)
+        for event, expected in zip(streamed, reference.token_probs):
+            assert event.probability == pytest.approx(expected, abs=TOL)
+        assert result.probability == pytest.approx(reference.probability, abs=TOL)
+    # the non-streaming path gives the same tokens and scores
+    again = guard.generate(prompts, max_new_tokens=10, do_sample=False)
+    for a, b in zip(again, results):
+        assert a.token_ids == b.token_ids
+        assert a.token_probs == pytest.approx(b.token_probs, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_alpha_one_is_plain_generate(make_guard, arch):
+    guard = make_guard(arch, count=40)
+    ids, mask = guard._batch([guard.encode(p) for p in PROMPTS])
+    plain = guard.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                 pad_token_id=guard._pad_id())
+    scaled = guard.generate(PROMPTS, action="scale", alpha=1.0, max_new_tokens=12, do_sample=False)
+    for row, result in enumerate(scaled):
+        expected = plain[row, ids.shape[1]:].tolist()[: len(result.token_ids)]
+        assert result.token_ids == expected
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_alpha_zero_is_zeroed_columns(make_guard, arch):
+    guard = make_guard(arch, count=60)
+    probe, sites = guard.probe, guard.sites
+    import copy
+
+    from hguard import resolve
+
+    zeroed = copy.deepcopy(guard.model)
+    zsites = resolve(zeroed)
+    with torch.no_grad():
+        for layer, neuron in zip(probe.layer[probe.h_neurons].tolist(), probe.neuron[probe.h_neurons].tolist()):
+            zsites.down_weight(layer)[:, neuron] = 0.0
+    ids, mask = guard._batch([guard.encode(p) for p in PROMPTS])
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=guard._pad_id())
+    expected = zeroed.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+    plain = guard.model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
+    assert not torch.equal(expected, plain), "zeroing the probe's columns should change some tokens"
+    results = guard.generate(PROMPTS, action="scale", alpha=0.0, max_new_tokens=12, do_sample=False)
+    for row, result in enumerate(results):
+        assert result.token_ids == expected[row].tolist()[: len(result.token_ids)]
+        assert result.verdict == "dampened"
+
+
+class _Probe(StoppingCriteria):
+    """Records the model's hook count during generation; optionally raises at step `fail_at`."""
+
+    def __init__(self, model, fail_at: int | None = None):
+        self.model, self.fail_at, self.counts = model, fail_at, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.counts.append(hook_count(self.model))
+        if self.fail_at is not None and len(self.counts) >= self.fail_at:
+            raise RuntimeError("boom")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_guard_off_installs_no_hook(make_guard):
+    guard = make_guard("llama")
+    baseline = hook_count(guard.model)
+    watcher = _Probe(guard.model)
+    results = guard.generate(PROMPTS, action=None, max_new_tokens=5, do_sample=False, stopping_criteria=[watcher])
+    assert watcher.counts and set(watcher.counts) == {baseline}
+    assert all(r.token_probs == [] and r.probability is None for r in results)
+    watcher = _Probe(guard.model)
+    guard.generate(PROMPTS, action="flag", max_new_tokens=5, do_sample=False, stopping_criteria=[watcher])
+    assert min(watcher.counts) > baseline  # guarded: hooks present during generation ...
+    assert hook_count(guard.model) == baseline  # ... and gone afterwards
+
+
+@pytest.mark.parametrize("action", ["flag", "abstain", "dampen", "scale"])
+def test_exception_in_generation_leaves_no_hook(make_guard, action):
+    guard = make_guard("llama")
+    baseline = hook_count(guard.model)
+    kw = dict(action=action, alpha=0.5, threshold=1.0 if action == "abstain" else 0.0, max_new_tokens=8)
+    with pytest.raises(RuntimeError, match="boom"):
+        guard.generate(PROMPTS, stopping_criteria=[_Probe(guard.model, 3)], **kw)
+    assert hook_count(guard.model) == baseline
+    with pytest.raises(RuntimeError, match="boom"):
+        list(guard.stream(PROMPTS, stopping_criteria=[_Probe(guard.model, 3)], **kw))
+    assert hook_count(guard.model) == baseline
+
+
+def test_closing_a_stream_stops_generation_and_cleans_up(make_guard):
+    guard = make_guard("llama")
+    baseline = hook_count(guard.model)
+    stream = guard.stream(PROMPTS[:1], max_new_tokens=200, do_sample=False, min_new_tokens=200)
+    first = next(stream)
+    assert isinstance(first, TokenEvent)
+    stream.close()
+    assert hook_count(guard.model) == baseline
+    assert guard._lock.acquire(timeout=5)  # the generation thread has finished
+    guard._lock.release()
+
+
+def test_abstain_stops_at_the_triggering_token(make_guard):
+    guard = make_guard("llama")
+    results = guard.generate(PROMPTS, action="abstain", threshold=0.0, max_new_tokens=8, do_sample=False)
+    for result in results:
+        assert result.finish_reason == "abstain" and result.verdict == "abstained"
+        assert len(result.token_ids) == 1
+    never = guard.generate(PROMPTS, action="abstain", threshold=1.0, max_new_tokens=8, do_sample=False)
+    plain = guard.generate(PROMPTS, action=None, max_new_tokens=8, do_sample=False)
+    assert [r.token_ids for r in never] == [r.token_ids for r in plain]
+    assert all(r.finish_reason != "abstain" for r in never)
+    # a threshold inside the observed range stops a sequence at the first token whose running mean reaches it
+    flagged = guard.generate(PROMPTS, action="flag", max_new_tokens=8, do_sample=False)
+    row = flagged[0]
+    running = [guard.probe.calibration.prob(float(torch.tensor([*map(_logit, row.token_probs[: i + 1])]).mean()))
+               for i in range(len(row.token_probs))]
+    threshold = sorted(running)[len(running) // 2]
+    first = next(i for i, p in enumerate(running) if p >= threshold)
+    [cut] = guard.generate(PROMPTS[:1], action="abstain", threshold=threshold, max_new_tokens=8, do_sample=False)
+    assert cut.token_ids == row.token_ids[: first + 1]
+
+
+def _logit(p: float) -> float:
+    return float(torch.logit(torch.tensor(p, dtype=torch.float64)))
+
+
+def test_dampen_acts_from_the_step_after_the_flag(make_guard):
+    guard = make_guard("llama", count=60)
+    plain = guard.generate(PROMPTS, action=None, max_new_tokens=10, do_sample=False)
+    damped = guard.generate(PROMPTS, action="dampen", threshold=0.0, alpha=0.0, max_new_tokens=10, do_sample=False)
+    for a, b in zip(plain, damped):
+        assert b.verdict == "dampened"
+        # token 0's score exists when it is fed back (the forward that samples token 1), so dampening
+        # changes the model from the forward that samples token 2 on
+        assert b.token_ids[:2] == a.token_ids[:2]
+    assert any(a.token_ids != b.token_ids for a, b in zip(plain, damped))
+    never = guard.generate(PROMPTS, action="dampen", threshold=1.0, alpha=0.0, max_new_tokens=10, do_sample=False)
+    assert [r.token_ids for r in never] == [r.token_ids for r in plain]
+    assert all(r.verdict in ("ok", "flagged") for r in never)
+
+
+def test_stop_strings_cut_text_and_stream_agree(make_guard):
+    guard = make_guard("llama")
+    [full] = guard.generate(PROMPTS[:1], max_new_tokens=16, do_sample=False)
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    [cut] = guard.generate(PROMPTS[:1], stop=[stop], max_new_tokens=16, do_sample=False)
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.finish_reason == "stop"
+    tokens, [streamed] = collect(guard.stream(PROMPTS[:1], stop=[stop], max_new_tokens=16, do_sample=False))
+    assert "".join(e.text for e in tokens[0]) == streamed.text == cut.text
+
+
+def test_sampling_with_several_choices_scores_each(make_guard):
+    guard = make_guard("qwen2")
+    torch.manual_seed(0)
+    results = guard.generate(PROMPTS[:2], max_new_tokens=6, do_sample=True, num_return_sequences=3)
+    assert len(results) == 6
+    for i, result in enumerate(results):
+        reference = guard.score(PROMPTS[i // 3], result.token_ids)
+        assert result.token_probs == pytest.approx(reference.token_probs, abs=TOL)
+        assert result.prompt_tokens == len(guard.encode(PROMPTS[i // 3]))
+
+
+def test_flagged_spans_cover_tokens_above_threshold(make_guard):
+    guard = make_guard("llama")
+    [result] = guard.generate(PROMPTS[:1], max_new_tokens=12, do_sample=False)
+    threshold = sorted(result.token_probs)[len(result.token_probs) // 2]
+    [result] = guard.generate(PROMPTS[:1], threshold=threshold, max_new_tokens=12, do_sample=False)
+    covered = {i for s in result.flagged_spans for i in range(s.first_token, s.end_token)}
+    assert covered == {i for i, p in enumerate(result.token_probs) if p >= threshold}
+    for span in result.flagged_spans:
+        assert 0 <= span.start <= span.end <= len(result.text)
+        assert span.probability == max(result.token_probs[span.first_token: span.end_token])
+    assert result.verdict == ("flagged" if result.probability >= threshold else "ok")
+
+
+def test_chat_messages_use_the_chat_template(make_guard):
+    guard = make_guard("llama")
+    messages = [{"role": "user", "content": "Where was Ada born?"}]
+    ids = guard.encode(messages)
+    text = guard.tokenizer.decode(ids)
+    assert text.startswith("<|user|>Where was Ada born?<|end|>") and text.endswith("<|assistant|>")
+    [result] = guard.generate([messages], max_new_tokens=4, do_sample=False)
+    assert result.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"action": "block"}, "action"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": -0.1}, "threshold"),
+        ({"threshold": "high"}, "threshold"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"num_beams": 2}, "num_beams"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(make_guard, kwargs, name):
+    guard = make_guard("llama")
+    with pytest.raises(ValueError, match=name):
+        guard.generate(PROMPTS, max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("prompts", [[], "", [""], [3]])
+def test_bad_prompts_raise_value_error(make_guard, prompts):
+    guard = make_guard("llama")
+    with pytest.raises(ValueError, match="prompt"):
+        guard.generate(prompts, max_new_tokens=2)
+
+
+def test_from_pretrained_passes_dtype_and_finds_registered_probe(tiny_dirs, tmp_path):
+    from hguard import Guard, Probe, ProbeNotFoundError, register_probe
+    from hguard import registry
+
+    from conftest import load
+
+    directory = tiny_dirs("llama")
+    model, tokenizer = load(directory)
+    with pytest.raises(ProbeNotFoundError, match="hguard identify"):
+        Guard(model, tokenizer)
+    path = Probe.random(model, 8, seed=3).save(tmp_path / "probe.safetensors")
+    register_probe(path)
+    try:
+        assert Guard(model, tokenizer).probe.count == 8
+        guard = Guard.from_pretrained(directory, dtype=torch.bfloat16)
+        assert guard.model.dtype == torch.bfloat16
+        [result] = guard.generate(PROMPTS[:1], max_new_tokens=4, do_sample=False)
+        assert len(result.token_probs) == len(result.token_ids) > 0
+    finally:
+        registry._registered.remove(path)

@@ -1,0 +1,61 @@
+"""The architecture table, the generic search, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hguard import SITE_TABLE, UnsupportedModelError, resolve
+from hguard.tiny import ARCHITECTURES
+
+from conftest import load
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_resolves_to_its_down_projection(tiny_dirs, arch):
+    model = load(tiny_dirs(arch))[0]
+    sites = resolve(model)
+    assert sites.model_type == arch and sites.num_layers == 2
+    assert sites.intermediate_size == 64 and sites.hidden_size == 32
+    assert sites.down_weight(0).shape == (32, 64)  # [hidden, intermediate] whatever the storage layout
+    assert sites.up_weight(0).shape == (64, 32)
+    z = torch.randn(1, 3, 64)
+    h = sites.down(1)(z)
+    bias = getattr(sites.down(1), "bias", None)
+    expected = z @ sites.down_weight(1).t() + (bias if bias is not None else 0)
+    assert torch.allclose(h, expected, atol=1e-5)
+
+
+def test_table_and_fallback():
+    assert {"llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2"} <= set(SITE_TABLE)
+    assert SITE_TABLE["phi3"].up_fused and "gpt_neox" not in SITE_TABLE
+
+
+def test_generic_search_finds_gpt_neox(tiny_dirs):
+    sites = resolve(load(tiny_dirs("gpt_neox"))[0])
+    assert sites.down_name == "mlp.dense_4h_to_h" and sites.up_name == "mlp.dense_h_to_4h"
+
+
+def test_mixture_of_experts_is_refused_by_name():
+    from hguard.tiny import build_model
+
+    with pytest.raises(UnsupportedModelError, match="'mixtral'.*mixture-of-experts"):
+        resolve(build_model("mixtral"))
+
+
+class _Config:
+    model_type = "weirdnet"
+    num_hidden_layers = 2
+
+
+class _Weird(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = _Config()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+
+
+def test_unknown_architecture_names_the_type():
+    with pytest.raises(UnsupportedModelError, match="'weirdnet'"):
+        resolve(_Weird())
