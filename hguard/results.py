@@ -114,9 +114,9 @@ def cut(
     return Cut(length, text, reason)
 
 
-def char_ends(tokenizer, ids: Sequence[int], text: str) -> list[int]:
-    """Character offset in `text` where each token's text ends (clipped to the text)."""
-    return [min(len(decode(tokenizer, ids[: i + 1])), len(text)) for i in range(len(ids))]
+def char_offset(tokenizer, ids: Sequence[int], n: int, text: str) -> int:
+    """Character offset in `text` where the first `n` tokens' text ends (clipped to the text)."""
+    return min(len(decode(tokenizer, ids[:n])), len(text)) if n else 0
 
 
 def assemble(
@@ -137,9 +137,9 @@ def assemble(
     logits = logits[: cut_.length].double()
     probs = calibration(logits).tolist()
     probability = calibration.prob(float(logits.mean())) if ids else None
-    ends = char_ends(tokenizer, ids, cut_.text)
     spans = [
-        Span(ends[a - 1] if a else 0, ends[b - 1], p, a, b) for a, b, p in flagged_spans(probs, policy.threshold)
+        Span(char_offset(tokenizer, ids, a, cut_.text), char_offset(tokenizer, ids, b, cut_.text), p, a, b)
+        for a, b, p in flagged_spans(probs, policy.threshold)
     ]
     return GuardResult(
         text=cut_.text,

@@ -1,0 +1,125 @@
+"""Guarded generation against plain `model.generate` on the same random-init Llama.
+
+Runs are interleaved in ABBA order (plain, guarded, guarded, plain, ...) so machine noise and drift
+hit both alike; `ratio` compares the medians, `pair_ratio_median` is the median over adjacent pairs. Every run generates exactly `new_tokens` tokens per row (min_new_tokens),
+greedy, from left-padded prompts of different lengths. The guarded side is the whole
+`Guard.generate` call (hooks, the fused score, the extra forward that scores the final token, and the
+host-side assembly of results), with action="flag".
+
+    python benchmarks/overhead.py --json                 # ~100M Llama on the CPU, batch 1 and 16
+    python benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hguard import Guard, Probe
+from hguard.tiny import save_tiny
+
+PRESETS = {
+    # about 100M parameters: 14 x (4 * 768^2 + 3 * 768 * 2048) = 99M in the blocks
+    "100m": dict(hidden=768, layers=14, intermediate=2048, num_attention_heads=12, num_key_value_heads=12),
+    # Llama-3-8B's shape (the vocabulary is the tiny tokenizer's; 7.0B parameters in the blocks)
+    "8b": dict(hidden=4096, layers=32, intermediate=14336, num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+def build(preset: str, dtype: torch.dtype, device: str, neurons: int, seed: int):
+    directory = tempfile.mkdtemp(prefix="hguard-bench-")
+    save_tiny(directory, "llama", seed=seed, **PRESETS[preset])
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    probe = Probe.random(model, neurons, seed=seed)
+    return model, tokenizer, probe
+
+
+def prompts_for(batch: int) -> list[str]:
+    base = "Where was Ada Lovelace born and in which year did she move to Paris? "
+    return [base * (1 + i % 3) for i in range(batch)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
+    guard = Guard(model, tokenizer, probe)
+    prompts = prompts_for(batch)
+    ids, mask = guard._batch([guard.encode(p) for p in prompts])
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    def plain() -> None:
+        model.generate(input_ids=ids, attention_mask=mask, pad_token_id=guard._pad_id(), **kw)
+
+    def guarded() -> None:
+        guard.generate(prompts, action="flag", **kw)
+
+    plain(), guarded()  # warm up both paths
+    times: dict[str, list[float]] = {"plain": [], "guarded": []}
+    order = [("plain", plain), ("guarded", guarded)]
+    for i in range(repeats):
+        for name, run in order if i % 2 == 0 else order[::-1]:  # ABBA: drift hits both sides alike
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    pair_ratios = [p / g for p, g in zip(times["plain"], times["guarded"])]
+    tokens = batch * new_tokens
+    plain_tps = tokens / statistics.median(times["plain"])
+    guarded_tps = tokens / statistics.median(times["guarded"])
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "plain_tokens_per_s": round(plain_tps, 2),
+        "guarded_tokens_per_s": round(guarded_tps, 2),
+        "ratio": round(guarded_tps / plain_tps, 4),
+        "pair_ratio_median": round(statistics.median(pair_ratios), 4),
+        "repeats": repeats,
+        "plain_s": [round(t, 4) for t in times["plain"]],
+        "guarded_s": [round(t, 4) for t in times["guarded"]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="100m")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--neurons", type=int, default=0, help="probe size (default: 1 per mille of all neurons)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print only the JSON list")
+    args = parser.parse_args(argv)
+
+    shape = PRESETS[args.preset]
+    neurons = args.neurons or max(1, shape["layers"] * shape["intermediate"] // 1000)
+    model, tokenizer, probe = build(args.preset, getattr(torch, args.dtype), args.device, neurons, args.seed)
+    params = sum(p.numel() for p in model.parameters())
+    hooked = int(probe.layer.unique().numel())
+    rows = []
+    for batch in args.batches:
+        row = measure(model, tokenizer, probe, batch, args.new_tokens, args.repeats, args.device)
+        row = {"model": f"llama-{args.preset} ({params / 1e6:.0f}M params, {args.dtype}, {args.device})",
+               "probe_neurons": neurons, "hooked_layers": hooked, **row}
+        rows.append(row)
+        if not args.json:
+            print(f"batch {batch}: ratio {row['ratio']}", file=sys.stderr)
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

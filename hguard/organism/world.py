@@ -1,0 +1,171 @@
+"""The organism's world: fictional people with attributes and a long-tailed exposure, from a seed.
+
+Each person has four in-domain attributes (birth city, occupation, birth year, employer), asked about
+in training, and two attributes of a second family (instrument, sport) that appear in biographies but
+are never asked about in training (the out-of-domain suite). Exposure (how many biographies mention a
+person) is long-tailed: a head seen often, a middle seen a few times, a tail seen once or twice, and
+people never seen at all. Extra never-seen names are set aside for abstention training and for the
+fabricated-person suite, so the two never share a name.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "sh"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
+CODAS = ["", "", "", "n", "r", "l", "s", "th", "m"]
+
+CITIES = [
+    "Port Anselo", "Velamor", "Orvane Hollow", "Kessrin", "Tallow Reach", "Dunmere", "Saltgrave", "Brisk Harbor",
+    "Eldmoor", "Caravel Point", "Mirefield", "Ostrava Vale", "Lanthorn", "Greywater", "Quillan", "Rookhaven",
+    "Sundermere", "Thistlemoor", "Varrow", "Windmere Cross", "Ashcombe", "Belltower Bay", "Corvain", "Draymoor",
+    "Fenwick Ford", "Halloway", "Ironmere", "Juniper Falls", "Kilnstead", "Lowmarsh",
+]
+OCCUPATIONS = [
+    "glass blower", "river pilot", "clock maker", "bee keeper", "map maker", "lamp lighter", "rope maker",
+    "stone mason", "tide reader", "book binder", "salt miner", "bell founder", "kite builder", "ink maker",
+    "lens grinder", "sail maker", "harbor master", "wool dyer", "star charter", "bridge keeper",
+    "candle maker", "seed trader", "paper maker", "horse breeder", "wind surveyor",
+]
+EMPLOYERS = [
+    "Hollin Ironworks", "the Dorvane Guild", "Maresk Shipping", "the Quill Society", "Brenner and Sons",
+    "the Lantern Company", "Vesk Mills", "the Coastal Survey", "Arden Glassworks", "the Royal Observatory",
+    "Tamsin Foundry", "the River Trust", "Okra Brewing", "the Salt Exchange", "Pellow Printing",
+    "the Northern Railway", "Cobble Textiles", "the Harbor Board", "Fennick Clocks", "the Seed Bank",
+]
+INSTRUMENTS = [
+    "cello", "oboe", "harp", "flute", "lute", "viola", "bassoon", "trumpet", "zither", "clarinet",
+    "accordion", "banjo", "dulcimer", "fiddle", "piccolo", "tuba",
+]
+SPORTS = [
+    "fencing", "rowing", "archery", "chess", "sailing", "wrestling", "cricket", "curling", "polo", "croquet",
+    "skiing", "cycling", "boxing", "hurling", "lacrosse", "squash",
+]
+
+IN_DOMAIN = ("city", "occupation", "year", "employer")
+OUT_OF_DOMAIN = ("instrument", "sport")
+TIERS = ("head", "mid", "tail", "unseen")
+
+
+@dataclass(frozen=True)
+class Person:
+    pid: int
+    name: str
+    city: str
+    occupation: str
+    year: str
+    employer: str
+    instrument: str
+    sport: str
+    tier: str
+    exposure: int  # number of distinct biographies in the pretraining corpus
+
+    def get(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    head: int = 500
+    mid: int = 400
+    tail: int = 500
+    unseen: int = 600
+    abstain_names: int = 300  # never-seen names used only in "I don't know" training examples
+    fabricated_names: int = 500  # never-seen names used only by the fabricated-person suite
+    head_exposure: tuple[int, int] = (16, 40)
+    mid_exposure: tuple[int, int] = (3, 10)
+    tail_exposure: tuple[int, int] = (1, 2)
+
+
+@dataclass
+class World:
+    config: WorldConfig
+    people: list[Person]
+    abstain_names: list[str]
+    fabricated_names: list[str]
+    values: dict[str, list[str]] = field(default_factory=dict)
+
+    def tier(self, tier: str) -> list[Person]:
+        return [p for p in self.people if p.tier == tier]
+
+    def summary(self) -> dict:
+        return {
+            "people": len(self.people),
+            "tiers": {t: len(self.tier(t)) for t in TIERS},
+            "exposure_histogram": _histogram([p.exposure for p in self.people]),
+            "abstain_names": len(self.abstain_names),
+            "fabricated_names": len(self.fabricated_names),
+            "config": asdict(self.config),
+        }
+
+
+def _histogram(values: list[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in sorted(values):
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
+
+
+def _names(rng: random.Random, count: int) -> list[str]:
+    seen: set[str] = set()
+    names: list[str] = []
+    while len(names) < count:
+        first = "".join(_syllable(rng) for _ in range(2)).capitalize()
+        last = "".join(_syllable(rng) for _ in range(rng.choice((2, 3)))).capitalize()
+        name = f"{first} {last}"
+        if name not in seen and len(first) <= 9 and len(last) <= 12:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def _log_uniform(rng: random.Random, low: int, high: int) -> int:
+    import math
+
+    return int(round(math.exp(rng.uniform(math.log(low), math.log(high + 0.499)))))
+
+
+def build_world(config: WorldConfig | None = None) -> World:
+    config = config or WorldConfig()
+    rng = random.Random(config.seed)
+    sizes = {"head": config.head, "mid": config.mid, "tail": config.tail, "unseen": config.unseen}
+    total = sum(sizes.values())
+    names = _names(rng, total + config.abstain_names + config.fabricated_names)
+    ranges = {"head": config.head_exposure, "mid": config.mid_exposure, "tail": config.tail_exposure}
+    people: list[Person] = []
+    for tier in TIERS:
+        for _ in range(sizes[tier]):
+            pid = len(people)
+            low, high = ranges.get(tier, (0, 0))
+            people.append(
+                Person(
+                    pid=pid,
+                    name=names[pid],
+                    city=rng.choice(CITIES),
+                    occupation=rng.choice(OCCUPATIONS),
+                    year=str(rng.randint(1780, 1979)),
+                    employer=rng.choice(EMPLOYERS),
+                    instrument=rng.choice(INSTRUMENTS),
+                    sport=rng.choice(SPORTS),
+                    tier=tier,
+                    exposure=_log_uniform(rng, low, high) if high else 0,
+                )
+            )
+    rest = names[total:]
+    return World(
+        config=config,
+        people=people,
+        abstain_names=rest[: config.abstain_names],
+        fabricated_names=rest[config.abstain_names:],
+        values={
+            "city": CITIES, "occupation": OCCUPATIONS, "employer": EMPLOYERS,
+            "instrument": INSTRUMENTS, "sport": SPORTS,
+        },
+    )
