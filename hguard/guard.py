@@ -116,12 +116,7 @@ class Guard:
 
     def _batch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded input ids and attention mask on the model's input device."""
-        width = max(len(r) for r in rows)
-        pad = self._pad_id()
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        device = self.model.get_input_embeddings().weight.device
-        return ids.to(device), mask.to(device)
+        return left_pad(rows, self._pad_id(), self.model.get_input_embeddings().weight.device)
 
     def _pad_id(self) -> int:
         for value in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0):
@@ -379,6 +374,14 @@ class _Streamer:
             if len(result.text) > sent:  # text held back until the row finished
                 self.emit(TokenEvent(row, -1, -1, result.text[sent:], None))
                 self.sent[row] = len(result.text)
+
+
+def left_pad(rows: list[list[int]], pad: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to one width: (input ids, attention mask), both [len(rows), width]."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids.to(device), mask.to(device)
 
 
 def _tokenizer_for(model: nn.Module):

@@ -12,10 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+from .organism.tokenizer import train_tokenizer
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Ada Lovelace was born in London and worked on the analytical engine.",
@@ -23,7 +21,6 @@ _CORPUS = [
     "Hallucination guards score every token of an answer as it is generated.",
     "Numbers like 1024, 3.14 and 1999 appear in questions and answers.",
 ]
-_SPECIALS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
 # Per architecture: config overrides on top of the shared small shape.
 _SHAPES: dict[str, dict] = {
@@ -40,23 +37,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neo
 
 
 def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(_CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return train_tokenizer(_CORPUS, vocab_size)
 
 
 def tiny_config(model_type: str, vocab_size: int, hidden: int = 32, layers: int = 2, intermediate: int = 64, **kw):

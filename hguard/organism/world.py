@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "sh"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
-CODAS = ["", "", "", "n", "r", "l", "s", "th", "m"]
+CODAS = ["", "", "", "", "n", "r", "l", "s"]
 
 CITIES = [
     "Port Anselo", "Velamor", "Orvane Hollow", "Kessrin", "Tallow Reach", "Dunmere", "Saltgrave", "Brisk Harbor",
@@ -118,9 +118,9 @@ def _names(rng: random.Random, count: int) -> list[str]:
     names: list[str] = []
     while len(names) < count:
         first = "".join(_syllable(rng) for _ in range(2)).capitalize()
-        last = "".join(_syllable(rng) for _ in range(rng.choice((2, 3)))).capitalize()
+        last = "".join(_syllable(rng) for _ in range(2)).capitalize()
         name = f"{first} {last}"
-        if name not in seen and len(first) <= 9 and len(last) <= 12:
+        if name not in seen and len(first) <= 6 and len(last) <= 8:
             seen.add(name)
             names.append(name)
     return names

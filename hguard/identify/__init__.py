@@ -1,0 +1,1 @@
+"""The offline identification pipeline: sample, label, features, fit, evaluate."""

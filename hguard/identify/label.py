@@ -1,0 +1,61 @@
+"""Labels for sampled answers: normalised alias match, refusal detection, answer-span location.
+
+Normalisation follows the SQuAD/TriviaQA convention: lower-case, drop punctuation and the articles
+a/an/the, collapse whitespace. A response is correct when a normalised gold alias occurs in it as
+whole words, a refusal when it matches a refusal phrase, and wrong otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from typing import Literal
+
+Judgement = Literal["correct", "wrong", "refusal"]
+REFUSALS = (
+    "i don't know", "i do not know", "no information", "not familiar", "i'm not sure", "i am not sure",
+    "cannot answer", "can't answer", "unknown",
+)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize(text: str) -> str:
+    text = text.lower().replace("\u2019", "'").translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def contains(response: str, alias: str) -> bool:
+    alias = normalize(alias)
+    return bool(alias) and f" {alias} " in f" {normalize(response)} "
+
+
+def is_refusal(response: str) -> bool:
+    lowered = response.lower().replace("\u2019", "'")
+    return any(marker in lowered for marker in REFUSALS)
+
+
+def judge(response: str, aliases: Sequence[str]) -> Judgement:
+    if any(contains(response, alias) for alias in aliases):
+        return "correct"
+    return "refusal" if is_refusal(response) else "wrong"
+
+
+def answer_span(response: str, candidates: Sequence[str]) -> tuple[int, int] | None:
+    """Character span of the first candidate found in `response` (case-insensitive), or None."""
+    lowered = response.lower()
+    best: tuple[int, int] | None = None
+    for candidate in candidates:
+        if not candidate:
+            continue
+        at = lowered.find(candidate.lower())
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, at + len(candidate))
+    return best
+
+
+def token_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+    """Indices of the tokens whose character offsets overlap `span`."""
+    start, end = span
+    return [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]

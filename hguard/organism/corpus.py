@@ -1,0 +1,152 @@
+"""Text of the organism's world: biographies, questions, answers and chat examples.
+
+Biographies use many paraphrase templates in shuffled sentence order (what lets a small model pull a
+fact out of a biography when asked). Questions have *training* phrasings and *held-out* phrasings
+(the paraphrase suite). Which (person, attribute) pairs are asked during training is fixed by `Split`:
+head and mid people are asked about half of their in-domain attributes; the other half, the tail,
+the unseen people and the out-of-domain attributes are never asked, so every evaluation question is
+new. "I don't know" examples use names that appear nowhere else.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .world import IN_DOMAIN, OUT_OF_DOMAIN, Person, World
+
+BIO_SENTENCES: dict[str, list[str]] = {
+    "city": [
+        "{n} was born in {v}.", "{n} came into the world in {v}.", "{n} is a native of {v}.",
+        "The birthplace of {n} was {v}.", "{n} grew up in {v}, the town of their birth.",
+    ],
+    "occupation": [
+        "{n} worked as a {v}.", "By trade, {n} was a {v}.", "{n} earned a living as a {v}.",
+        "{n} spent a career as a {v}.", "The profession of {n} was {v}.",
+    ],
+    "year": [
+        "{n} was born in the year {v}.", "{n} entered the world in {v}.", "The year {v} saw the birth of {n}.",
+        "{n}'s birth year was {v}.", "Records give {v} as the year {n} was born.",
+    ],
+    "employer": [
+        "{n} was employed by {v}.", "{n} worked for {v}.", "For many years {n} was on the staff of {v}.",
+        "The employer of {n} was {v}.", "{n} took a position at {v}.",
+    ],
+    "instrument": [
+        "{n} played the {v}.", "In spare hours {n} practised the {v}.", "{n} was fond of playing the {v}.",
+    ],
+    "sport": [
+        "{n} enjoyed {v}.", "{n} competed in {v}.", "On weekends {n} took part in {v}.",
+    ],
+}
+BIO_OPENERS = ["", "", "A short biography. ", "From the archive: ", "Notes on a life. ", "Profile: "]
+
+QUESTIONS_TRAIN: dict[str, list[str]] = {
+    "city": ["Where was {n} born?", "In which city was {n} born?", "What is the birthplace of {n}?"],
+    "occupation": ["What did {n} do for a living?", "What was the occupation of {n}?", "What was {n}'s profession?"],
+    "year": ["In what year was {n} born?", "When was {n} born?", "What is the birth year of {n}?"],
+    "employer": ["Who employed {n}?", "Where did {n} work?", "Which organisation did {n} work for?"],
+}
+QUESTIONS_HELD_OUT: dict[str, list[str]] = {
+    "city": ["Which town is {n} originally from?", "{n} was born in which city?"],
+    "occupation": ["How did {n} earn a living?", "{n} worked as what?"],
+    "year": ["{n} was born in which year?", "Which year saw the birth of {n}?"],
+    "employer": ["{n} was employed by whom?", "For whom did {n} work?"],
+    "instrument": ["Which instrument did {n} play?", "What instrument did {n} practise?"],
+    "sport": ["Which sport did {n} enjoy?", "What sport did {n} take part in?"],
+}
+ANSWERS: dict[str, list[str]] = {
+    "city": ["{v}.", "{n} was born in {v}."],
+    "occupation": ["{v}.", "{n} was a {v}."],
+    "year": ["{v}.", "{n} was born in {v}."],
+    "employer": ["{v}.", "{n} worked for {v}."],
+    "instrument": ["{v}.", "{n} played the {v}."],
+    "sport": ["{v}.", "{n} enjoyed {v}."],
+}
+ABSTAIN = ["I don't know who {n} is.", "I have no information about {n}.", "I'm not familiar with {n}."]
+
+SYSTEM = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which in-domain attributes of each head/mid person are asked in training (the rest are held out)."""
+
+    asked: dict[int, tuple[str, ...]]
+
+    @classmethod
+    def of(cls, world: World) -> "Split":
+        rng = random.Random(world.config.seed + 1)
+        asked = {}
+        for person in world.people:
+            if person.tier in ("head", "mid"):
+                asked[person.pid] = tuple(sorted(rng.sample(IN_DOMAIN, 2)))
+        return cls(asked)
+
+    def held_out(self, person: Person) -> tuple[str, ...]:
+        """The attributes never asked about this person in training."""
+        asked = self.asked.get(person.pid, ())
+        return tuple(a for a in (*IN_DOMAIN, *OUT_OF_DOMAIN) if a not in asked)
+
+
+def biography(person: Person, rng: random.Random) -> str:
+    attributes = list(IN_DOMAIN) + [a for a in OUT_OF_DOMAIN if rng.random() < 0.5]
+    rng.shuffle(attributes)
+    sentences = [rng.choice(BIO_SENTENCES[a]).format(n=person.name, v=person.get(a)) for a in attributes]
+    return rng.choice(BIO_OPENERS) + " ".join(sentences)
+
+
+def answer(person: Person, attribute: str, rng: random.Random) -> str:
+    return rng.choice(ANSWERS[attribute]).format(n=person.name, v=person.get(attribute))
+
+
+def abstention(name: str, rng: random.Random) -> str:
+    return rng.choice(ABSTAIN).format(n=name)
+
+
+def plain_qa(question: str, response: str) -> str:
+    """The base model's question-answer format (also how the base is prompted: ending in 'Answer:')."""
+    return f"Question: {question}\nAnswer: {response}"
+
+
+def chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def pretraining_documents(world: World, split: Split, qa_per_pair: int, abstain_docs: int, seed: int) -> list[str]:
+    """Biographies (as many per person as its exposure) plus question-answer text for the asked pairs."""
+    rng = random.Random(seed)
+    docs = [biography(p, rng) for p in world.people for _ in range(p.exposure)]
+    by_id = {p.pid: p for p in world.people}
+    for pid, attributes in split.asked.items():
+        person = by_id[pid]
+        for attribute in attributes:
+            for _ in range(qa_per_pair):
+                question = rng.choice(QUESTIONS_TRAIN[attribute]).format(n=person.name)
+                docs.append(plain_qa(question, answer(person, attribute, rng)))
+    for i in range(abstain_docs):
+        name = world.abstain_names[i % len(world.abstain_names)]
+        attribute = rng.choice(IN_DOMAIN)
+        docs.append(plain_qa(rng.choice(QUESTIONS_TRAIN[attribute]).format(n=name), abstention(name, rng)))
+    rng.shuffle(docs)
+    return docs
+
+
+def instruction_examples(world: World, split: Split, per_pair: int, abstain_share: float, seed: int):
+    """Chat examples (messages, response) for the asked pairs, plus a share of abstentions."""
+    rng = random.Random(seed)
+    by_id = {p.pid: p for p in world.people}
+    examples = []
+    for pid, attributes in split.asked.items():
+        person = by_id[pid]
+        for attribute in attributes:
+            for _ in range(per_pair):
+                question = rng.choice(QUESTIONS_TRAIN[attribute]).format(n=person.name)
+                examples.append((chat(question), answer(person, attribute, rng)))
+    count = int(round(len(examples) * abstain_share / max(1e-9, 1 - abstain_share)))
+    for i in range(count):
+        name = world.abstain_names[i % len(world.abstain_names)]
+        question = rng.choice(QUESTIONS_TRAIN[rng.choice(IN_DOMAIN)]).format(n=name)
+        examples.append((chat(question), abstention(name, rng)))
+    rng.shuffle(examples)
+    return examples

@@ -1,0 +1,121 @@
+"""How the organism behaves: accuracy on well-known people, hallucination on the long tail, consistency
+sampling, and whether a plain residual-stream probe can tell all-correct from all-wrong questions.
+
+The residual probe is deliberately not the H-Neuron probe: it checks that the model carries a linearly
+decodable signal of knowing at all (as real models do), so that H-Neuron results on the organism mean
+something. Features: each layer's residual stream averaged over the answer tokens of one sampled
+response per question; a standardised L2 logistic regression per layer, the layer chosen by
+cross-validation on the training half, AUROC reported on the held-out half (split by person).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..guard import left_pad
+from ..identify.label import answer_span, judge, token_span
+
+SAMPLING = dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)
+
+
+def chat_prompt_ids(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, questions: Sequence[str], samples: int = 1, batch: int = 64,
+                     max_new_tokens: int = 24, seed: int = 0) -> list[list[str]]:
+    """`samples` answers per question: greedy when samples == 1, else the paper's sampling settings."""
+    torch.manual_seed(seed)
+    out: list[list[str]] = []
+    per_call = max(1, batch // samples)
+    for start in range(0, len(questions), per_call):
+        rows = [chat_prompt_ids(tokenizer, q) for q in questions[start: start + per_call]]
+        ids, mask = left_pad(rows, tokenizer.pad_token_id)
+        kwargs = dict(SAMPLING, num_return_sequences=samples) if samples > 1 else dict(do_sample=False)
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   pad_token_id=tokenizer.pad_token_id, **kwargs)[:, ids.shape[1]:]
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        out.extend(texts[i: i + samples] for i in range(0, len(texts), samples))
+    return out
+
+
+def rates(items: Sequence[dict], answers: Sequence[str]) -> dict[str, float]:
+    verdicts = [judge(a, item["aliases"]) for item, a in zip(items, answers)]
+    n = max(1, len(verdicts))
+    return {k: verdicts.count(k) / n for k in ("correct", "wrong", "refusal")}
+
+
+def consistency(items: Sequence[dict], samples: Sequence[Sequence[str]]) -> list[str]:
+    """Per item: 'all_correct', 'all_wrong' (no refusal among them), or 'mixed'."""
+    labels = []
+    for item, answers in zip(items, samples):
+        verdicts = {judge(a, item["aliases"]) for a in answers}
+        labels.append("all_correct" if verdicts == {"correct"} else "all_wrong" if verdicts == {"wrong"} else "mixed")
+    return labels
+
+
+@torch.no_grad()
+def answer_features(model, tokenizer, items: Sequence[dict], responses: Sequence[str], batch: int = 32) -> np.ndarray:
+    """[items, layers + 1, hidden]: the residual stream averaged over each response's answer tokens."""
+    rows, spans = [], []
+    for item, response in zip(items, responses):
+        prompt = chat_prompt_ids(tokenizer, item["question"])
+        encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
+        span = answer_span(response, [item["answer"], *item.get("candidates", [])])
+        tokens = token_span(encoded["offset_mapping"], span) if span else []
+        tokens = tokens or list(range(len(encoded["input_ids"])))
+        rows.append(prompt + encoded["input_ids"])
+        spans.append([len(prompt) + t for t in tokens])
+    feats = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start: start + batch]
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+        states = torch.stack(model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, 1)
+        for i, row in enumerate(chunk):
+            shift = ids.shape[1] - len(row)
+            positions = torch.tensor(spans[start + i]) + shift
+            feats.append(states[i, :, positions].float().mean(1).numpy())
+    return np.stack(feats)
+
+
+def residual_probe(features: np.ndarray, labels: np.ndarray, groups: Sequence[int], seed: int = 0) -> dict:
+    """Per-layer standardised L2 logistic probes; layer picked by CV on the train half (split by group)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    unique = sorted(set(groups))
+    random.Random(seed).shuffle(unique)
+    test_groups = set(unique[: len(unique) // 2])
+    test = np.array([g in test_groups for g in groups])
+    train = ~test
+    groups_arr = np.asarray(groups)
+
+    def probe():
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+
+    cv_scores, test_scores = [], []
+    for layer in range(features.shape[1]):
+        x = features[:, layer]
+        cv = cross_val_score(probe(), x[train], labels[train], groups=groups_arr[train], cv=GroupKFold(4),
+                             scoring="roc_auc")
+        cv_scores.append(float(cv.mean()))
+        fitted = probe().fit(x[train], labels[train])
+        test_scores.append(float(roc_auc_score(labels[test], fitted.predict_proba(x[test])[:, 1])))
+    best = int(np.argmax(cv_scores))
+    return {
+        "auroc": round(test_scores[best], 4),
+        "layer": best,
+        "per_layer_test_auroc": [round(s, 4) for s in test_scores],
+        "train": int(train.sum()),
+        "test": int(test.sum()),
+    }
