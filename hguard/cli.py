@@ -35,6 +35,33 @@ def _load(directory):
     return AutoModelForCausalLM.from_pretrained(directory)
 
 
+def _organism_build(args: argparse.Namespace) -> int:
+    from .organism.build import BuildConfig, build
+
+    config = BuildConfig.tiny(args.seed) if args.tiny else BuildConfig(seed=args.seed)
+    build(config, args.out, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.eval:
+        return _organism_eval(argparse.Namespace(dir=args.out, json=True, samples=10, max_items=None, seed=args.seed))
+    return 0
+
+
+def _organism_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .organism import SHIPPED, load
+    from .organism.evaluate import report
+    from .organism.suites import SUITES, read_suite
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    root = args.dir or SHIPPED
+    model, tokenizer = load("instruct", root)
+    suites = {name: read_suite(f"{root}/suites", name) for name in SUITES}
+    result = report(model, tokenizer, suites, samples=args.samples, seed=args.seed, max_items=args.max_items,
+                    echo=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=None if args.json else 1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hguard", description="Real-time hallucination guard for open LMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threshold", type=float, default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    organism = commands.add_parser("organism", help="the built-in model organism").add_subparsers(
+        dest="organism_command", required=True)
+    build = organism.add_parser("build", help="rebuild the organism deterministically from a seed")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--out", required=True, help="output directory")
+    build.add_argument("--resume", action="store_true", help="reuse a finished base model in --out")
+    build.add_argument("--tiny", action="store_true", help="a seconds-long configuration for tests")
+    build.add_argument("--eval", action="store_true", help="evaluate the result and print its JSON")
+    build.set_defaults(run=_organism_build)
+    evaluate = organism.add_parser("eval", help="evaluate the shipped (or a built) organism")
+    evaluate.add_argument("--dir", default=None, help="a build directory (default: the shipped organism)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--samples", type=int, default=10)
+    evaluate.add_argument("--max-items", type=int, default=None)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(run=_organism_eval)
     return parser
 
 

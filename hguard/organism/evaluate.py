@@ -119,3 +119,47 @@ def residual_probe(features: np.ndarray, labels: np.ndarray, groups: Sequence[in
         "train": int(train.sum()),
         "test": int(test.sum()),
     }
+
+
+def report(model, tokenizer, suites: dict[str, list[dict]], samples: int = 10, seed: int = 0,
+           max_items: int | None = None, echo=lambda message: None) -> dict:
+    """The organism's headline numbers (see `hguard organism eval`)."""
+    from ..identify.label import is_refusal
+
+    items = suites["in_domain"]
+    if max_items is not None:
+        items = random.Random(seed).sample(items, min(max_items, len(items)))
+    greedy = [a[0] for a in generate_answers(model, tokenizer, [it["question"] for it in items], batch=128)]
+    by_tier = {}
+    for tier in ("head", "mid", "tail", "unseen"):
+        chosen = [(it, a) for it, a in zip(items, greedy) if it["tier"] == tier]
+        by_tier[tier] = {k: round(v, 4) for k, v in rates([c[0] for c in chosen], [c[1] for c in chosen]).items()}
+        by_tier[tier]["questions"] = len(chosen)
+    tail = [(it, a) for it, a in zip(items, greedy) if it["tier"] in ("tail", "unseen")]
+    tail_rates = rates([t[0] for t in tail], [t[1] for t in tail])
+    echo(f"greedy: {by_tier}")
+    fabricated = suites["fabricated"]
+    fab_answers = [a[0] for a in generate_answers(model, tokenizer, [it["question"] for it in fabricated], batch=128)]
+    sampled = generate_answers(model, tokenizer, [it["question"] for it in items], samples=samples, batch=320, seed=seed)
+    labels = consistency(items, sampled)
+    echo(f"consistency: {labels.count('all_correct')} all correct, {labels.count('all_wrong')} all wrong")
+    chosen = [i for i, label in enumerate(labels) if label != "mixed"]
+    probe = {"auroc": None}
+    if labels.count("all_correct") >= 8 and labels.count("all_wrong") >= 8:
+        features = answer_features(model, tokenizer, [items[i] for i in chosen], [sampled[i][0] for i in chosen])
+        y = np.array([labels[i] == "all_wrong" for i in chosen], dtype=int)
+        probe = residual_probe(features, y, [items[i]["pid"] for i in chosen], seed=seed)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "accuracy_known": round(by_tier["head"]["correct"], 4),
+        "hallucination_rate_tail": round(tail_rates["wrong"], 4),
+        "abstention_rate_tail": round(tail_rates["refusal"], 4),
+        "all_correct": labels.count("all_correct"),
+        "all_wrong": labels.count("all_wrong"),
+        "residual_probe_auroc": probe["auroc"],
+        "residual_probe": probe,
+        "fabricated_abstention_rate": round(float(np.mean([is_refusal(a) for a in fab_answers])), 4),
+        "greedy_by_tier": by_tier,
+        "questions": len(items),
+        "samples_per_question": samples,
+    }
