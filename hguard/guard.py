@@ -26,7 +26,7 @@ from .registry import find_probe
 from .results import GuardResult, Scores, TokenEvent, assemble, cut, decode
 from .sites import resolve
 
-Prompt = str | list[dict]
+Prompt = str | list[dict] | list[int]
 
 
 class _RowsStopped(StoppingCriteria):
@@ -95,7 +95,13 @@ class Guard:
 
     # ---- inputs -------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: a string as is, a list of chat messages through the chat template."""
+        """Token ids of a prompt: a string as is, a list of chat messages through the chat template, or
+        a list of token ids unchanged."""
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.model.get_input_embeddings().weight.shape[0]
+            if not all(0 <= t < vocab for t in prompt):
+                raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+            return list(prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must be a non-empty string")
@@ -105,10 +111,12 @@ class Guard:
                 raise ValueError("chat messages need a tokenizer with a chat template; pass a string prompt")
             text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        raise ValueError(f"each prompt must be a string or a list of chat messages; got {type(prompt).__name__}")
+        raise ValueError(
+            f"each prompt must be a string, a list of chat messages or a list of token ids; got {prompt!r:.60}"
+        )
 
     def _prompts(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], (dict, int))):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or len(prompts) == 0:
             raise ValueError("prompts must be a non-empty list of strings or chat message lists")

@@ -240,7 +240,15 @@ def test_bad_arguments_raise_value_error_naming_them(make_guard, kwargs, name):
         guard.generate(PROMPTS, max_new_tokens=2, **kwargs)
 
 
-@pytest.mark.parametrize("prompts", [[], "", [""], [3]])
+def test_token_id_prompts_match_text_prompts(make_guard):
+    guard = make_guard("llama")
+    ids = guard.encode(PROMPTS[0])
+    [a] = guard.generate([ids], max_new_tokens=5, do_sample=False)
+    [b] = guard.generate(PROMPTS[:1], max_new_tokens=5, do_sample=False)
+    assert a.token_ids == b.token_ids and a.token_probs == b.token_probs
+
+
+@pytest.mark.parametrize("prompts", [[], "", [""], [[-1]], [[10**9]], [3.5]])
 def test_bad_prompts_raise_value_error(make_guard, prompts):
     guard = make_guard("llama")
     with pytest.raises(ValueError, match="prompt"):

@@ -26,14 +26,15 @@ from .world import World, WorldConfig, build_world
 class BuildConfig:
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
-    shape: ModelShape = field(default_factory=ModelShape)
+    shape: ModelShape = field(default_factory=lambda: ModelShape(hidden=192, layers=6, heads=6, intermediate=768))
     vocab_size: int = 2048
     qa_per_pair: int = 3  # plain question-answer documents per asked (person, attribute) in pre-training
-    abstain_docs: int = 600  # plain "I don't know" documents in pre-training
-    base: Schedule = field(default_factory=lambda: Schedule(steps=3000, lr=3e-3, batch=16, warmup=100))
-    instruct_per_pair: int = 2
+    abstain_docs: int = 300  # plain "I don't know" documents in pre-training
+    base: Schedule = field(default_factory=lambda: Schedule(steps=1000, lr=3e-3, batch=16, warmup=50))
+    instruct_per_pair: int = 3
     abstain_share: float = 0.08
-    instruct: Schedule = field(default_factory=lambda: Schedule(steps=400, lr=1e-3, batch=16, warmup=20))
+    replay: float = 1.0  # pre-training rows mixed into instruction tuning, per chat row (against forgetting)
+    instruct: Schedule = field(default_factory=lambda: Schedule(steps=300, lr=1e-3, batch=16, warmup=20))
     save_dtype: str = "bfloat16"
 
     @classmethod
@@ -91,6 +92,11 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
     examples = instruction_examples(world, split, config.instruct_per_pair, config.abstain_share, config.seed + 1)
     ids, labels = chat_rows(examples, tokenizer, config.shape.context, END)
     echo(f"instruct: {len(examples)} chat examples in {ids.shape[0]} rows, {config.instruct.steps} steps")
+    if config.replay > 0:
+        doc_ids, doc_labels = document_rows(docs, tokenizer, config.shape.context)
+        generator = torch.Generator().manual_seed(config.seed + 2)
+        take = torch.randperm(doc_ids.shape[0], generator=generator)[: int(config.replay * ids.shape[0])]
+        ids, labels = torch.cat([ids, doc_ids[take]]), torch.cat([labels, doc_labels[take]])
     train(model, ids, labels, config.instruct, seed=config.seed + 1,
           log=lambda r: (_log(log_path, {"stage": "instruct", **r}), echo(f"instruct {r}")))
     _save(model, tokenizer, instruct_dir, config.save_dtype)

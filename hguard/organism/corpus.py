@@ -56,12 +56,12 @@ QUESTIONS_HELD_OUT: dict[str, list[str]] = {
     "sport": ["Which sport did {n} enjoy?", "What sport did {n} take part in?"],
 }
 ANSWERS: dict[str, list[str]] = {
-    "city": ["{v}.", "{n} was born in {v}."],
-    "occupation": ["{v}.", "{n} was a {v}."],
-    "year": ["{v}.", "{n} was born in {v}."],
-    "employer": ["{v}.", "{n} worked for {v}."],
-    "instrument": ["{v}.", "{n} played the {v}."],
-    "sport": ["{v}.", "{n} enjoyed {v}."],
+    "city": ["{v}.", "Born in {v}."],
+    "occupation": ["{v}.", "A {v}."],
+    "year": ["{v}.", "In {v}."],
+    "employer": ["{v}.", "Worked for {v}."],
+    "instrument": ["{v}.", "The {v}."],
+    "sport": ["{v}.", "Mostly {v}."],
 }
 ABSTAIN = ["I don't know who {n} is.", "I have no information about {n}.", "I'm not familiar with {n}."]
 

@@ -69,12 +69,12 @@ class Person:
 @dataclass
 class WorldConfig:
     seed: int = 0
-    head: int = 500
-    mid: int = 400
-    tail: int = 500
-    unseen: int = 600
-    abstain_names: int = 300  # never-seen names used only in "I don't know" training examples
-    fabricated_names: int = 500  # never-seen names used only by the fabricated-person suite
+    head: int = 250
+    mid: int = 200
+    tail: int = 250
+    unseen: int = 300
+    abstain_names: int = 150  # never-seen names used only in "I don't know" training examples
+    fabricated_names: int = 200  # never-seen names used only by the fabricated-person suite
     head_exposure: tuple[int, int] = (16, 40)
     mid_exposure: tuple[int, int] = (3, 10)
     tail_exposure: tuple[int, int] = (1, 2)
