@@ -62,6 +62,23 @@ def _organism_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.app import ServerSettings, build_app
+    from .server.serving import GuardDefaults
+
+    settings = ServerSettings(
+        model=args.model, probe=args.probe, served_model_name=args.served_model_name, api_key=args.api_key,
+        dtype=args.dtype, device_map=args.device_map, max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        defaults=GuardDefaults(action=None if args.action == "off" else args.action, threshold=args.threshold,
+                               alpha=args.alpha, max_tokens=args.max_tokens),
+    )
+    uvicorn.run(build_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hguard", description="Real-time hallucination guard for open LMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threshold", type=float, default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    serve = commands.add_parser("serve", help="the OpenAI-compatible guard server")
+    serve.add_argument("--model", default=None, help="local directory or hub id (default: the built-in organism)")
+    serve.add_argument("--probe", default=None, help="probe file (default: a known probe matching the model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/")
+    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="rows generated together")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    serve.add_argument("--action", default="flag", choices=["flag", "abstain", "dampen", "off"])
+    serve.add_argument("--threshold", type=float, default=None)
+    serve.add_argument("--alpha", type=float, default=None)
+    serve.add_argument("--max-tokens", type=int, default=256, help="default completion length")
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
 
     organism = commands.add_parser("organism", help="the built-in model organism").add_subparsers(
         dest="organism_command", required=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from contextlib import nullcontext
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -30,19 +30,31 @@ Prompt = str | list[dict] | list[int]
 
 
 class _RowsStopped(StoppingCriteria):
-    """Stops the rows the policy abstained on (a device tensor), and every row once `cancel` is set."""
+    """Stops rows the policy abstained on (a device tensor), rows past their own length limit, rows a
+    caller cancelled, and every row once `cancel` is set. Host-side decisions cost a tiny host-to-device
+    copy, never a device-to-host wait."""
 
-    def __init__(self, monitor: Monitor | None, cancel: threading.Event) -> None:
-        self.monitor = monitor
-        self.cancel = cancel
+    def __init__(self, monitor: Monitor | None, cancel: threading.Event, limits: list[int] | None,
+                 prompt_width: int, cancelled_rows: Callable[[], Collection[int]] | None) -> None:
+        self.monitor, self.cancel = monitor, cancel
+        self.limits, self.prompt_width, self.cancelled_rows = limits, prompt_width, cancelled_rows
+        self.kept: dict[int, int] = {}  # row -> generated tokens it had when a host-side decision stopped it
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        rows, device = input_ids.shape[0], input_ids.device
         if self.cancel.is_set():
-            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            return torch.ones(rows, dtype=torch.bool, device=device)
         stopped = self.monitor.stopped() if self.monitor is not None else None
-        if stopped is None:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        return stopped.clone()
+        stopped = stopped.clone() if stopped is not None else torch.zeros(rows, dtype=torch.bool, device=device)
+        length = input_ids.shape[1] - self.prompt_width
+        host = set(self.cancelled_rows()) if self.cancelled_rows is not None else set()
+        if self.limits is not None:
+            host |= {i for i, limit in enumerate(self.limits) if length >= limit}
+        for row in host:
+            self.kept.setdefault(row, length)
+        if host:
+            stopped |= torch.tensor([i in host for i in range(rows)], device=device)
+        return stopped
 
 
 class Guard:
@@ -206,10 +218,12 @@ class Guard:
         threshold: float | None = None,
         alpha: float | None = None,
         stop: Sequence[str] | None = None,
+        cancelled_rows: Callable[[], Collection[int]] | None = None,
         **generate_kwargs,
     ) -> Iterator[TokenEvent | GuardResult]:
         """Like `generate`, but yields each token as a TokenEvent as soon as its score exists (one step
-        after it was sampled), then one GuardResult per choice. Closing the iterator stops generation."""
+        after it was sampled), then one GuardResult per choice. Closing the iterator stops generation;
+        `cancelled_rows` (polled every step) stops single rows, for a server whose client left."""
         policy = self.policy(action, threshold, alpha)
         rows = self._prompts(prompts)
         events: queue.Queue = queue.Queue()
@@ -219,7 +233,8 @@ class Guard:
         def work() -> None:
             try:
                 with self._lock:
-                    results = self._run(rows, policy, list(stop or []), generate_kwargs, events.put, cancel)
+                    results = self._run(rows, policy, list(stop or []), generate_kwargs, events.put, cancel,
+                                        cancelled_rows)
                 for item in results:
                     events.put(item)
             except BaseException as error:  # re-raised in the consumer
@@ -238,19 +253,32 @@ class Guard:
             cancel.set()
             thread.join()
 
-    def _run(self, rows, policy, stop, generate_kwargs, on_step, cancel) -> list[GuardResult]:
+    def _run(self, rows, policy, stop, generate_kwargs, on_step, cancel, cancelled_rows=None) -> list[GuardResult]:
         for key in ("streamer", "return_dict_in_generate", "stop_strings"):
             if key in generate_kwargs:
                 raise ValueError(f"{key!r} is set by the guard; use Guard.stream / stop= instead")
         if generate_kwargs.get("num_beams", 1) != 1:
             raise ValueError(f"num_beams must be 1 with the guard (got {generate_kwargs['num_beams']})")
+        limits = generate_kwargs.pop("max_new_tokens", None)
+        if isinstance(limits, (list, tuple)):
+            if len(limits) != len(rows) or generate_kwargs.get("num_return_sequences", 1) != 1:
+                raise ValueError("max_new_tokens as a list needs one limit per prompt (and num_return_sequences 1)")
+            if not all(isinstance(n, int) and n >= 1 for n in limits):
+                raise ValueError(f"max_new_tokens must be positive integers; got {limits!r}")
+            generate_kwargs["max_new_tokens"] = max(limits)
+            limits = list(limits)
+        else:
+            if limits is not None:
+                generate_kwargs["max_new_tokens"] = limits
+            limits = None
         ids, mask = self._batch(rows)
         prompt_width = ids.shape[1]
         monitor = Monitor(self.bound, policy) if policy is not None else None
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
-        criteria.append(_RowsStopped(monitor, cancel or threading.Event()))
+        rows_stopped = _RowsStopped(monitor, cancel or threading.Event(), limits, prompt_width, cancelled_rows)
+        criteria.append(rows_stopped)
         eos_ids = self._eos_ids()
-        streamer = _Streamer(self, monitor, on_step, eos_ids, stop) if on_step is not None else None
+        streamer = _Streamer(self, monitor, on_step, eos_ids, stop, limits) if on_step is not None else None
         kwargs = dict(generate_kwargs)
         kwargs.setdefault("pad_token_id", self._pad_id())
         if stop:
@@ -272,7 +300,10 @@ class Guard:
                 if monitor is not None and policy.action == "abstain" and monitor.trigger_token is not None
                 else [-1] * len(generated)
             )
-            cuts = [cut(self.tokenizer, g, eos_ids, stop, a) for g, a in zip(generated, abstain_at)]
+            cuts = [
+                cut(self.tokenizer, g[: rows_stopped.kept.get(i, len(g))], eos_ids, stop, a)
+                for i, (g, a) in enumerate(zip(generated, abstain_at))
+            ]
             if monitor is not None and max(c.length for c in cuts) > monitor.scored:
                 full_mask = torch.cat(
                     [mask.repeat_interleave(copies, dim=0), torch.ones_like(sequences[:, prompt_width:])], dim=1
@@ -312,9 +343,10 @@ class _Streamer:
     final results (the last token, scored by the extra forward), so the streamed text equals the result.
     """
 
-    def __init__(self, guard: Guard, monitor: Monitor | None, emit, eos_ids: set[int], stop: list[str]):
+    def __init__(self, guard: Guard, monitor: Monitor | None, emit, eos_ids: set[int], stop: list[str],
+                 limits: list[int] | None):
         self.guard, self.monitor, self.emit = guard, monitor, emit
-        self.eos_ids, self.stop = eos_ids, stop
+        self.eos_ids, self.stop, self.limits = eos_ids, stop, limits
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.calls = 0
         self.pending: list[int] | None = None
@@ -367,7 +399,7 @@ class _Streamer:
                 text = text[: max(sent, keep)]
         self.emit(TokenEvent(row, len(ids) - 1, token, text[sent:], probability))
         self.sent[row] = max(sent, len(text))
-        if final:
+        if final or (self.limits is not None and len(ids) >= self.limits[row]):
             self.finished.add(row)
 
     def flush(self, results: list[GuardResult]) -> None:

@@ -275,3 +275,22 @@ def test_from_pretrained_passes_dtype_and_finds_registered_probe(tiny_dirs, tmp_
         assert len(result.token_probs) == len(result.token_ids) > 0
     finally:
         registry._registered.remove(path)
+
+
+def test_per_row_length_limits_and_cancelled_rows(make_guard):
+    guard = make_guard("llama")
+    full = guard.generate(PROMPTS, max_new_tokens=9, do_sample=False, action="flag")
+    limits = [3, 9, 1, 5]
+    limited = guard.generate(PROMPTS, max_new_tokens=limits, do_sample=False)
+    for a, b, n in zip(full, limited, limits):
+        assert b.token_ids == a.token_ids[:n] and b.token_probs == pytest.approx(a.token_probs[:n], abs=1e-6)
+        assert b.finish_reason == ("length" if len(b.token_ids) == n else "stop")
+    tokens, results = collect(guard.stream(PROMPTS, max_new_tokens=limits, do_sample=False))
+    for row, n in enumerate(limits):
+        assert len([e for e in tokens[row] if e.token_id >= 0]) == len(results[row].token_ids) <= n
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        guard.generate(PROMPTS, max_new_tokens=[3, 4])
+    # a row cancelled from the start stops after its first token; the others are untouched
+    tokens, results = collect(guard.stream(PROMPTS[:2], max_new_tokens=8, do_sample=False, cancelled_rows=lambda: {0}))
+    assert results[1].token_ids == full[1].token_ids[:8]
+    assert len(results[0].token_ids) <= 1

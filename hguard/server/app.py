@@ -1,0 +1,122 @@
+"""build_app(settings) -> FastAPI: the model is loaded in the lifespan, errors are rendered in one place.
+
+Every error leaves as the OpenAI error body `{"error": {"message", "type", "param", "code"}}`:
+validation problems are 400 naming the field (an unknown field is named as unsupported), a missing or
+wrong API key 401, an unknown route or model 404, an oversized body 413, a full queue 429 with
+Retry-After, a server that is not ready 503. Nothing a client sends produces a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..guard import Guard
+from .engine import Engine
+from .routes import router
+from .serving import APIError, GuardDefaults, Serving
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    model: str | None = None  # local directory or hub id; None: the built-in organism
+    probe: str | None = None
+    served_model_name: str | None = None
+    api_key: str | None = None
+    dtype: str | None = None
+    device_map: str | None = None
+    max_batch_size: int = 32
+    max_queue: int = 256
+    defaults: GuardDefaults = field(default_factory=GuardDefaults)
+
+
+def load_guard(settings: ServerSettings) -> Guard:
+    import torch
+
+    kwargs = {}
+    if settings.dtype:
+        kwargs["dtype"] = settings.dtype if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    if settings.device_map:
+        kwargs["device_map"] = settings.device_map
+    if settings.model is None:
+        from ..organism import path
+
+        return Guard.from_pretrained(path("instruct"), probe=settings.probe, dtype=torch.float32)
+    return Guard.from_pretrained(settings.model, probe=settings.probe, **kwargs)
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(APIError(status, message, type_, param, code).body(), status_code=status, headers=headers)
+
+
+def _validation_message(error: dict) -> tuple[str, str | None]:
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if error.get("type") == "extra_forbidden":
+        return f"Unrecognized or unsupported request argument: {param}", param
+    if error.get("type") == "json_invalid":
+        return "The request body is not valid JSON", None
+    return f"{param or 'body'}: {error.get('msg', 'invalid value')}", param
+
+
+def build_app(settings: ServerSettings | None = None, guard: Guard | None = None) -> FastAPI:
+    """The OpenAI-compatible app. Pass `guard` to serve an already loaded model (tests, notebooks)."""
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loaded = guard or load_guard(settings)
+        engine = Engine(loaded, settings.max_batch_size, settings.max_queue)
+        engine.start()
+        name = settings.served_model_name or settings.model or "hguard-organism"
+        app.state.serving = Serving(loaded, engine, name, settings.defaults)
+        try:
+            yield
+        finally:
+            app.state.serving = None
+            engine.stop()
+
+    app = FastAPI(title="hguard", version="0.1.0", lifespan=lifespan)
+    app.state.serving = None
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def guard_the_door(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+                return _error(401, "Incorrect or missing API key", "invalid_request_error", code="invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError):
+        message, param = _validation_message(error.errors()[0] if error.errors() else {})
+        return _error(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return _error(error.status_code, str(error.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):  # a bug of ours, never the client's input
+        return _error(500, f"internal error: {type(error).__name__}", "server_error")
+
+    return app

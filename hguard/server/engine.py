@@ -1,0 +1,173 @@
+"""Engine: a bounded queue of generation jobs, batched dynamically onto one model.
+
+The engine knows nothing about HTTP. A job is one request's prompt rows (a prompt repeated n times)
+with its sampling and guard settings. One worker thread takes the oldest job and every waiting job
+that can share its `generate` call (same sampling settings, stop strings and guard policy; different
+length limits are fine, each row has its own), up to `max_batch_size` rows, and streams the batch
+through `Guard.stream`. Events go back to each job's asyncio queue on the event loop. A job whose
+client left is cancelled row by row, so its slot stops costing anything at the next step, and a batch
+whose jobs are all cancelled ends at once. A full queue refuses new jobs (the server answers 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..guard import Guard
+from ..results import GuardResult, TokenEvent
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue is at its bound; retry later."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What must be equal for two jobs to share one `generate` call."""
+
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    action: str | None
+    threshold: float | None
+    alpha: float | None
+
+
+@dataclass(eq=False)
+class Job:
+    rows: list[list[int]]
+    max_new_tokens: int
+    settings: Settings
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+DONE = object()
+
+
+class Engine:
+    def __init__(self, guard: Guard, max_batch_size: int = 32, max_queue: int = 256) -> None:
+        self.guard = guard
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="hguard-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            for job in [*self._waiting, *self._running]:
+                job.cancelled.set()
+            self._condition.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- submission ---------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._condition:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue holds {self.max_queue} requests; retry later")
+            self._waiting.append(job)
+            self._condition.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _next_batch(self) -> list[Job]:
+        with self._condition:
+            while not self._waiting and not self._stopping:
+                self._condition.wait()
+            if self._stopping:
+                return []
+            first = self._waiting.popleft()
+            batch, rows = [first], len(first.rows)
+            if first.settings.seed is None:  # a seeded job runs alone, so its samples are reproducible
+                for job in list(self._waiting):
+                    if job.settings == first.settings and rows + len(job.rows) <= self.max_batch_size:
+                        self._waiting.remove(job)
+                        batch.append(job)
+                        rows += len(job.rows)
+            batch = [job for job in batch if not job.cancelled.is_set()]
+            self._running = batch
+            return batch
+
+    def _work(self) -> None:
+        while not self._stopping:
+            batch = self._next_batch()
+            if batch:
+                try:
+                    self._run(batch)
+                except BaseException as error:  # reported to every job of the batch
+                    for job in batch:
+                        job.send(error)
+                finally:
+                    for job in batch:
+                        job.send(DONE)
+                    self._running = []
+
+    def _run(self, batch: list[Job]) -> None:
+        owners: list[tuple[Job, int]] = [(job, i) for job in batch for i in range(len(job.rows))]
+        rows = [row for job in batch for row in job.rows]
+        limits = [job.max_new_tokens for job in batch for _ in job.rows]
+        settings = batch[0].settings
+        start = time.perf_counter()
+        for job in batch:
+            job.started = start
+        kwargs: dict[str, Any] = {"max_new_tokens": limits}
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+
+        def cancelled_rows() -> set[int]:
+            return {i for i, (job, _) in enumerate(owners) if job.cancelled.is_set()}
+
+        stream = self.guard.stream(
+            rows, action=settings.action, threshold=settings.threshold, alpha=settings.alpha,
+            stop=list(settings.stop), cancelled_rows=cancelled_rows, **kwargs,
+        )
+        try:
+            for item in stream:
+                row = item.row
+                job, index = owners[row]
+                if job.cancelled.is_set():
+                    if all(j.cancelled.is_set() for j in batch):
+                        break  # closing the stream ends the generation
+                    continue
+                if isinstance(item, GuardResult):
+                    item.row = index
+                else:
+                    item = TokenEvent(index, item.index, item.token_id, item.text, item.probability)
+                job.send(item)
+        finally:
+            stream.close()

@@ -1,0 +1,170 @@
+"""The OpenAI wire format, with hguard's extensions, as pydantic models.
+
+Requests accept the OpenAI fields hguard implements and refuse every other field by name (400), so a
+client never believes an option took effect when it did not. The `guard` object is the extension
+(the OpenAI SDK sends it with `extra_body`). Responses add `hallucination` to each choice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# OpenAI fields hguard accepts but that change nothing here (bookkeeping, not generation).
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+
+
+class GuardOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["flag", "abstain", "dampen"] | None = None
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    alpha: float | None = Field(default=None, ge=0.0, le=10.0)
+    token_scores: bool = False
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    guard: GuardOptions = Field(default_factory=GuardOptions)
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, value):
+        if value:
+            raise ValueError("logprobs is not supported by this server yet")
+        return value
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=0, description="not supported yet")
+    echo: bool = Field(default=False, description="only false is supported")
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, value):
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+    def prompts(self) -> list:
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [prompt]
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        return list(prompt)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+# ---- responses ------------------------------------------------------------------------------------
+class Span(BaseModel):
+    start: int
+    end: int
+    probability: float
+
+
+class Hallucination(BaseModel):
+    probability: float | None
+    verdict: Literal["ok", "flagged", "abstained", "dampened"]
+    action: str | None
+    flagged_spans: list[Span] = []
+    token_scores: list[float] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

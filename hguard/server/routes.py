@@ -1,0 +1,70 @@
+"""HTTP routes: thin, they validate, hand the work to `Serving`, and shape the HTTP reply."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .engine import QueueFull
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .serving import APIError, Serving
+
+router = APIRouter()
+
+
+def _serving(request: Request) -> Serving:
+    serving = getattr(request.app.state, "serving", None)
+    if serving is None:
+        raise APIError(503, "the model is not loaded yet", "service_unavailable")
+    return serving
+
+
+def _submit(serving: Serving, job) -> None:
+    try:
+        serving.engine.submit(job)
+    except QueueFull as error:
+        raise APIError(429, str(error), "rate_limit_exceeded", headers={"Retry-After": "1"}) from error
+
+
+async def _complete(http: Request, body, chat: bool):
+    serving = _serving(http)
+    job = serving.chat_job(body) if chat else serving.completion_job(body)
+    _submit(serving, job)
+    if body.stream:
+        async def events():
+            try:
+                async for event in serving.stream(body, job, chat):
+                    yield event
+            finally:
+                job.cancelled.set()  # the client left (or the stream ended): free the rows
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        results = await serving.results(job)
+    finally:
+        job.cancelled.set()
+    return JSONResponse(serving.response(body, job, results, chat))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http: Request):
+    return await _complete(http, body, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request):
+    return await _complete(http, body, chat=False)
+
+
+@router.get("/v1/models")
+async def models(http: Request):
+    serving = _serving(http)
+    return {"object": "list", "data": [{"id": serving.model_name, "object": "model", "created": 0,
+                                        "owned_by": "hguard"}]}
+
+
+@router.get("/health")
+async def health(http: Request):
+    serving = _serving(http)
+    return {"status": "ok", "queue_depth": serving.engine.queue_depth, "running": serving.engine.running}

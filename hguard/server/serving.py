@@ -1,0 +1,195 @@
+"""Serving: OpenAI requests in, engine jobs out, and engine events back as OpenAI responses.
+
+`Serving` owns the guard's defaults (action, threshold, alpha, abstention message) and the context
+limit; it turns a validated request into a `Job`, and the job's events into one response body or a
+sequence of Server-Sent Events. Routes stay thin and never see tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..guard import Guard
+from ..results import GuardResult, TokenEvent
+from .engine import DONE, Engine, Job, Settings
+from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now
+
+
+class APIError(Exception):
+    """An error the client caused or must handle; rendered as the OpenAI error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class GuardDefaults:
+    action: str | None = "flag"
+    threshold: float | None = None
+    alpha: float | None = None
+    abstain_message: str = "I'm not confident enough to answer that."
+    max_tokens: int = 256
+
+
+class Serving:
+    def __init__(self, guard: Guard, engine: Engine, model_name: str, defaults: GuardDefaults) -> None:
+        self.guard, self.engine, self.model_name, self.defaults = guard, engine, model_name, defaults
+        config = guard.model.config
+        self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+
+    # ---- request -> job -----------------------------------------------------------------------
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def _job(self, request, prompts: list, max_new: int | None) -> Job:
+        self._check_model(request.model)
+        rows = []
+        for prompt in prompts:
+            try:
+                ids = self.guard.encode(prompt)
+            except ValueError as error:
+                raise APIError(400, str(error), param="prompt") from error
+            rows.append(ids)
+        max_new = max_new or self.defaults.max_tokens
+        longest = max(len(r) for r in rows)
+        if self.context is not None and longest + max_new > self.context:
+            raise APIError(
+                400, f"This model's maximum context length is {self.context} tokens. However, you requested "
+                f"{longest + max_new} tokens ({longest} in the prompt, {max_new} for the completion).",
+                param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        options = request.guard
+        settings = Settings(
+            temperature=request.temperature, top_p=request.top_p, stop=tuple(request.stop or ()), seed=request.seed,
+            action=options.action or self.defaults.action,
+            threshold=options.threshold if options.threshold is not None else self.defaults.threshold,
+            alpha=options.alpha if options.alpha is not None else self.defaults.alpha,
+        )
+        rows = [row for row in rows for _ in range(request.n)]
+        return Job(rows=rows, max_new_tokens=max_new, settings=settings, loop=asyncio.get_running_loop())
+
+    def chat_job(self, request: ChatCompletionRequest) -> Job:
+        try:
+            messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                        for m in request.messages]
+        except ValueError as error:
+            raise APIError(422, str(error), param="messages") from error
+        return self._job(request, [messages], request.max_new_tokens())
+
+    def completion_job(self, request: CompletionRequest) -> Job:
+        try:
+            prompts = request.prompts()
+        except ValueError as error:
+            raise APIError(400, str(error), param="prompt") from error
+        return self._job(request, prompts, request.max_new_tokens())
+
+    # ---- job -> response ----------------------------------------------------------------------
+    def _hallucination(self, result: GuardResult, token_scores: bool) -> dict:
+        return {
+            "probability": result.probability,
+            "verdict": result.verdict,
+            "action": result.action,
+            "flagged_spans": [{"start": s.start, "end": s.end, "probability": s.probability}
+                              for s in result.flagged_spans],
+            **({"token_scores": result.token_probs} if token_scores else {}),
+        }
+
+    def _finish(self, result: GuardResult) -> tuple[str, str]:
+        if result.finish_reason == "abstain":
+            return self.defaults.abstain_message, "content_filter"
+        return result.text, result.finish_reason
+
+    async def results(self, job: Job) -> list[GuardResult]:
+        results: list[GuardResult] = []
+        while (item := await job.events.get()) is not DONE:
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, GuardResult):
+                results.append(item)
+        return sorted(results, key=lambda r: r.row)
+
+    def response(self, request, job: Job, results: list[GuardResult], chat: bool) -> dict:
+        prompt_tokens = len(job.rows[0]) if job.rows else 0
+        choices = []
+        for i, result in enumerate(results):
+            text, finish = self._finish(result)
+            choice = {"index": i, "finish_reason": finish,
+                      "hallucination": self._hallucination(result, request.guard.token_scores)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+                choice["logprobs"] = None
+            else:
+                choice["text"] = text
+                choice["logprobs"] = None
+            choices.append(choice)
+        completion = sum(len(r.token_ids) for r in results)
+        prompt_total = sum(len(job.rows[k * request.n]) for k in range(len(job.rows) // request.n))
+        return {
+            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_total or prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": (prompt_total or prompt_tokens) + completion},
+        }
+
+    async def stream(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
+        """Server-Sent Events in the OpenAI chunk format; an error mid-stream is an error event."""
+        cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            body = {"id": cid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
+            if usage is not None or (request.stream_options and request.stream_options.include_usage):
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        def delta(index: int, text: str, extra: dict | None = None, finish: str | None = None) -> dict:
+            choice: dict = {"index": index, "finish_reason": finish, "logprobs": None}
+            if chat:
+                choice["delta"] = {"content": text} if text or finish is None else {}
+            else:
+                choice["text"] = text
+            if extra:
+                choice["hallucination"] = extra
+            return choice
+
+        if chat:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                          "logprobs": None} for i in range(len(job.rows))])
+        completion = 0
+        try:
+            while (item := await job.events.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, TokenEvent):
+                    scores = [item.probability] if item.probability is not None else []
+                    yield chunk([delta(item.row, item.text, {"token_scores": scores})])
+                else:
+                    completion += len(item.token_ids)
+                    text, finish = self._finish(item)
+                    tail = text if finish == "content_filter" else ""
+                    yield chunk([delta(item.row, tail, self._hallucination(item, request.guard.token_scores),
+                                       finish)])
+        except Exception as error:  # the stream has started: report in-band, then end it
+            body = APIError(500, f"generation failed: {error}", "server_error").body()
+            yield f"data: {json.dumps(body)}\n\n"
+        else:
+            if request.stream_options and request.stream_options.include_usage:
+                prompt = sum(len(job.rows[k * request.n]) for k in range(len(job.rows) // request.n))
+                yield chunk([], {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion})
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,187 @@
+"""The OpenAI-compatible server, driven by the official `openai` SDK over loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from hguard import Guard, Probe
+from hguard.server.app import ServerSettings, build_app
+from hguard.server.serving import GuardDefaults
+
+from conftest import load
+
+KEY = "sk-test"
+MESSAGES = [{"role": "user", "content": "Where was Ada born?"}]
+
+
+class LiveServer:
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def guard(tiny_dirs):
+    model, tokenizer = load(tiny_dirs("llama"))
+    return Guard(model, tokenizer, Probe.random(model, 12, seed=1))
+
+
+@pytest.fixture(scope="module")
+def live(guard):
+    settings = ServerSettings(served_model_name="tiny", api_key=KEY, max_batch_size=8, max_queue=16,
+                              defaults=GuardDefaults(max_tokens=16, abstain_message="Not sure."))
+    with LiveServer(build_app(settings, guard=guard)) as server:
+        yield server
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_chat_non_stream_matches_the_library(client, guard):
+    response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
+                                              extra_body={"guard": {"token_scores": True}})
+    choice = response.choices[0]
+    [expected] = guard.generate([MESSAGES], max_new_tokens=6, do_sample=False)
+    assert choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    report = choice.model_extra["hallucination"]
+    assert report["probability"] == pytest.approx(expected.probability, abs=1e-6)
+    assert report["token_scores"] == pytest.approx(expected.token_probs, abs=1e-6)
+    assert report["verdict"] == expected.verdict and report["action"] == "flag"
+    assert response.usage.completion_tokens == len(expected.token_ids)
+    assert response.usage.prompt_tokens == expected.prompt_tokens
+
+
+def test_chat_stream_equals_non_stream(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    summary = finals[0].choices[0].model_extra["hallucination"]
+    assert summary["probability"] == pytest.approx(whole.choices[0].model_extra["hallucination"]["probability"])
+    scores = [s for c in chunks if c.choices for s in c.choices[0].model_extra.get("hallucination", {}).get(
+        "token_scores", [])]
+    assert len(scores) == whole.usage.completion_tokens
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+
+
+def test_text_completions_stream_and_not(client):
+    whole = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=5, temperature=0)
+    streamed = list(client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=5,
+                                              temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert whole.object == "text_completion"
+
+
+def test_guard_actions_through_extra_body(client):
+    abstained = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                               extra_body={"guard": {"action": "abstain", "threshold": 0.0}})
+    assert abstained.choices[0].finish_reason == "content_filter"
+    assert abstained.choices[0].message.content == "Not sure."
+    assert abstained.choices[0].model_extra["hallucination"]["verdict"] == "abstained"
+    dampened = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                              extra_body={"guard": {"action": "dampen", "threshold": 0.0,
+                                                                    "alpha": 0.0}})
+    assert dampened.choices[0].model_extra["hallucination"]["verdict"] == "dampened"
+    flagged = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                             extra_body={"guard": {"action": "flag", "threshold": 0.0}})
+    report = flagged.choices[0].model_extra["hallucination"]
+    assert report["verdict"] == "flagged" and report["flagged_spans"]
+    span = report["flagged_spans"][0]
+    assert 0 <= span["start"] <= span["end"] <= len(flagged.choices[0].message.content)
+
+
+def test_n_stop_and_seed(client):
+    several = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, n=3,
+                                             seed=7)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    again = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, n=3,
+                                           seed=7)
+    assert [c.message.content for c in several.choices] == [c.message.content for c in again.choices]
+    greedy = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    text = greedy.choices[0].message.content
+    stop = text[2:4]
+    cut = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(client, live):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert httpx.get(f"{live.url}/health").json()["status"] == "ok"
+
+
+def test_errors_have_the_right_sdk_class(client, live):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, logit_bias={"1": 5})
+    with pytest.raises(openai.BadRequestError, match="guard.threshold"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"guard": {"threshold": 2}})
+    with pytest.raises(openai.BadRequestError, match="guard.action"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"guard": {"action": "block"}})
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 600}])
+    assert error.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, temperature="hot")
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    raw = httpx.post(f"{live.url}/v1/chat/completions", content=b"{not json", headers=headers)
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
+    big = httpx.post(f"{live.url}/v1/chat/completions", content=b"x" * (5 * 1024 * 1024), headers=headers)
+    assert big.status_code == 413 and "error" in big.json()
+    assert httpx.get(f"{live.url}/v1/nothing", headers=headers).status_code == 404
+
+
+def test_full_queue_answers_429_with_retry_after(guard):
+    settings = ServerSettings(served_model_name="tiny", max_queue=0)
+    with LiveServer(build_app(settings, guard=guard)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as error:
+            client.chat.completions.create(model="tiny", messages=MESSAGES)
+        assert error.value.response.headers["retry-after"] == "1"
+
+
+def test_a_client_that_leaves_frees_its_slot(client, live):
+    kwargs = dict(model="tiny", messages=MESSAGES, temperature=0, max_tokens=400)
+    start = time.perf_counter()
+    client.chat.completions.create(**kwargs, extra_body={"guard": {"action": "flag"}})
+    full = time.perf_counter() - start
+    stream = client.chat.completions.create(stream=True, **kwargs)
+    next(iter(stream))
+    stream.close()  # the client disconnects after the first chunk
+    start = time.perf_counter()
+    quick = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=2)
+    waited = time.perf_counter() - start
+    assert quick.choices[0].message.content is not None
+    assert waited < 0.5 * full, (waited, full)
