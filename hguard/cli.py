@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         model=args.model, probe=args.probe, served_model_name=args.served_model_name, api_key=args.api_key,
         dtype=args.dtype, device_map=args.device_map, max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
+        max_queue=args.max_queue, upstream=args.upstream,
         defaults=GuardDefaults(action=None if args.action == "off" else args.action, threshold=args.threshold,
                                alpha=args.alpha, max_tokens=args.max_tokens),
     )
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threshold", type=float, default=None)
     serve.add_argument("--alpha", type=float, default=None)
     serve.add_argument("--max-tokens", type=int, default=256, help="default completion length")
+    serve.add_argument("--upstream", default=None, help="proxy mode: forward to this OpenAI-compatible URL and "
+                       "score the answers with the local copy of the weights given by --model")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)

@@ -185,3 +185,70 @@ def test_a_client_that_leaves_frees_its_slot(client, live):
     waited = time.perf_counter() - start
     assert quick.choices[0].message.content is not None
     assert waited < 0.5 * full, (waited, full)
+
+
+@pytest.fixture(scope="module")
+def proxied(live, guard):
+    settings = ServerSettings(served_model_name="tiny", upstream=live.url, upstream_api_key=KEY,
+                              defaults=GuardDefaults(max_tokens=16, abstain_message="Not sure."))
+    with LiveServer(build_app(settings, guard=guard)) as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def test_proxy_scores_equal_hosting_mode(client, proxied, guard):
+    # proxy mode re-tokenises the upstream's text; pick a prompt whose answer re-tokenises to the very
+    # tokens that were generated (the random model also emits byte soup that does not)
+    messages = [{"role": "user", "content": "Numbers like 1024"}]
+    [library] = guard.generate([messages], max_new_tokens=8, do_sample=False)
+    assert guard.tokenizer(library.text, add_special_tokens=False)["input_ids"] == library.token_ids
+    kwargs = dict(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                  extra_body={"guard": {"token_scores": True}})
+    hosted = client.chat.completions.create(**kwargs).choices[0]
+    forwarded = proxied.chat.completions.create(**kwargs).choices[0]
+    assert forwarded.message.content == hosted.message.content
+    a, b = hosted.model_extra["hallucination"], forwarded.model_extra["hallucination"]
+    assert b["probability"] == pytest.approx(a["probability"], abs=1e-4)
+    assert b["token_scores"] == pytest.approx(a["token_scores"], abs=1e-4)
+    chunks = list(proxied.chat.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == hosted.message.content
+    streamed = [s for c in chunks if c.choices for s in c.choices[0].model_extra.get("hallucination", {}).get(
+        "token_scores", [])]
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    assert final.choices[0].model_extra["hallucination"]["probability"] == pytest.approx(a["probability"], abs=1e-4)
+    assert len(streamed) >= len(a["token_scores"]) - 1
+
+
+def test_proxy_refuses_dampen_and_abstains(proxied):
+    with pytest.raises(openai.BadRequestError, match="dampen"):
+        proxied.chat.completions.create(model="tiny", messages=MESSAGES,
+                                        extra_body={"guard": {"action": "dampen"}})
+    cut = proxied.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0,
+                                          extra_body={"guard": {"action": "abstain", "threshold": 0.0}})
+    assert cut.choices[0].finish_reason == "content_filter" and cut.choices[0].message.content == "Not sure."
+
+
+def test_proxy_upstream_down_is_502_and_slow_is_504(guard):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()  # nothing listens there now
+    settings = ServerSettings(served_model_name="tiny", upstream=f"http://127.0.0.1:{port}")
+    with LiveServer(build_app(settings, guard=guard)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as error:
+            client.chat.completions.create(model="tiny", messages=MESSAGES)
+        assert error.value.status_code == 502
+    slow = socket.socket()  # accepts connections, never answers
+    slow.bind(("127.0.0.1", 0))
+    slow.listen()
+    settings = ServerSettings(served_model_name="tiny", upstream=f"http://127.0.0.1:{slow.getsockname()[1]}",
+                              upstream_timeout=0.5)
+    with LiveServer(build_app(settings, guard=guard)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as error:
+            client.chat.completions.create(model="tiny", messages=MESSAGES)
+        assert error.value.status_code == 504
+        with pytest.raises(openai.InternalServerError) as error:
+            list(client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True))
+        assert error.value.status_code == 504
+    slow.close()

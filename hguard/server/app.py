@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..guard import Guard
 from .engine import Engine
+from .proxy import Proxy
 from .routes import router
 from .serving import APIError, GuardDefaults, Serving
 
@@ -35,6 +36,9 @@ class ServerSettings:
     device_map: str | None = None
     max_batch_size: int = 32
     max_queue: int = 256
+    upstream: str | None = None  # proxy mode: an OpenAI-compatible server to forward to
+    upstream_timeout: float = 60.0
+    upstream_api_key: str | None = None
     defaults: GuardDefaults = field(default_factory=GuardDefaults)
 
 
@@ -79,14 +83,21 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
         engine.start()
         name = settings.served_model_name or settings.model or "hguard-organism"
         app.state.serving = Serving(loaded, engine, name, settings.defaults)
+        if settings.upstream:
+            app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,
+                                    settings.upstream_api_key)
         try:
             yield
         finally:
             app.state.serving = None
+            if app.state.proxy is not None:
+                await app.state.proxy.close()
+                app.state.proxy = None
             engine.stop()
 
     app = FastAPI(title="hguard", version="0.1.0", lifespan=lifespan)
     app.state.serving = None
+    app.state.proxy = None
     app.include_router(router)
 
     @app.middleware("http")

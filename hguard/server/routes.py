@@ -28,6 +28,12 @@ def _submit(serving: Serving, job) -> None:
 
 async def _complete(http: Request, body, chat: bool):
     serving = _serving(http)
+    proxy = http.app.state.proxy
+    if proxy is not None:
+        if body.stream:
+            return StreamingResponse(await proxy.stream(body, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await proxy.complete(body, chat))
     job = serving.chat_job(body) if chat else serving.completion_job(body)
     _submit(serving, job)
     if body.stream:

@@ -1,0 +1,189 @@
+"""Proxy mode: forward OpenAI requests to an upstream server (vLLM, or any compatible one) and score
+what it returns with a local copy of the same weights, in a teacher-forced pass.
+
+The upstream's text is re-tokenised with the local tokenizer; the scores describe those tokens (for
+greedy text from the same tokenizer they are the upstream's tokens). While streaming, the response so
+far is re-scored as chunks arrive and each chunk carries the scores of the tokens that became final;
+abstain cuts the stream once the running probability reaches the threshold. Dampen needs the
+upstream's activations, so it is refused (400). An unreachable upstream is 502, a slow one 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+
+from ..guard import Guard
+from ..policy import Policy, flagged_spans, verdict
+from .serving import APIError, GuardDefaults
+
+
+class Proxy:
+    def __init__(self, guard: Guard, upstream: str, model_name: str, defaults: GuardDefaults,
+                 timeout: float = 60.0, api_key: str | None = None) -> None:
+        self.guard, self.model_name, self.defaults = guard, model_name, defaults
+        self.upstream = upstream.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(timeout=timeout, headers=headers)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def policy(self, request) -> Policy:
+        options = request.guard
+        action = options.action or self.defaults.action or "flag"
+        if action == "dampen":
+            raise APIError(400, "guard.action 'dampen' needs the model's activations, which a proxied upstream "
+                           "does not expose; use 'flag' or 'abstain', or host the model", param="guard.action")
+        threshold = options.threshold if options.threshold is not None else self.defaults.threshold
+        return self.guard.policy(action, threshold)
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def _forward_body(self, request) -> dict:
+        body = request.model_dump(exclude_none=True, exclude={"guard"})
+        body.pop("user", None)
+        return body
+
+    def _prompt(self, request, chat: bool):
+        if chat:
+            return [{"role": m.role, "content": m.text()} for m in request.messages]
+        prompts = request.prompts()
+        if len(prompts) != 1:
+            raise APIError(400, "proxy mode scores one prompt per request", param="prompt")
+        return prompts[0]
+
+    async def _post(self, path: str, body: dict, stream: bool):
+        try:
+            request = self.client.build_request("POST", f"{self.upstream}{path}", json=body)
+            response = await self.client.send(request, stream=stream)
+        except httpx.TimeoutException as error:
+            raise APIError(504, f"the upstream at {self.upstream} timed out", "upstream_timeout") from error
+        except httpx.HTTPError as error:
+            raise APIError(502, f"the upstream at {self.upstream} is unreachable: {error}", "upstream_error") from error
+        if response.status_code >= 400:
+            payload = (await response.aread()) if stream else response.content
+            try:
+                error = json.loads(payload)["error"]
+                message = error.get("message", "upstream error")
+            except (ValueError, KeyError, TypeError):
+                message = payload.decode(errors="replace")[:500]
+            status = response.status_code if response.status_code < 500 else 502
+            raise APIError(status, f"upstream: {message}", "upstream_error")
+        return response
+
+    async def _score(self, prompt, text: str):
+        if not text:
+            return None
+        return await asyncio.to_thread(self.guard.score, prompt, text)
+
+    def _report(self, policy: Policy, scores, text: str, token_scores: bool, abstained: bool) -> dict:
+        if scores is None:
+            return {"probability": None, "verdict": "ok", "action": policy.action, "flagged_spans": []}
+        probability = scores.probability
+        ids = scores.token_ids
+        decode = self.guard.tokenizer.decode
+        spans = [
+            {"start": min(len(decode(ids[:a])), len(text)), "end": min(len(decode(ids[:b])), len(text)),
+             "probability": p}
+            for a, b, p in flagged_spans(scores.token_probs, policy.threshold)
+        ]
+        report = {"probability": probability, "verdict": verdict(policy, probability, abstained),
+                  "action": policy.action, "flagged_spans": spans}
+        if token_scores:
+            report["token_scores"] = scores.token_probs
+        return report
+
+    async def complete(self, request, chat: bool) -> dict:
+        self._check_model(request.model)
+        policy = self.policy(request)
+        prompt = self._prompt(request, chat)
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        response = await self._post(path, self._forward_body(request), stream=False)
+        try:
+            body = response.json()
+        except ValueError as error:
+            raise APIError(502, "the upstream answered with something that is not JSON", "upstream_error") from error
+        for choice in body.get("choices", []):
+            text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+            text = text or ""
+            scores = await self._score(prompt, text)
+            abstained = policy.action == "abstain" and scores is not None and scores.probability >= policy.threshold
+            choice["hallucination"] = self._report(policy, scores, text, request.guard.token_scores, abstained)
+            if abstained:
+                choice["finish_reason"] = "content_filter"
+                if chat:
+                    choice["message"]["content"] = self.defaults.abstain_message
+                else:
+                    choice["text"] = self.defaults.abstain_message
+        body["model"] = self.model_name
+        return body
+
+    async def stream(self, request, chat: bool) -> AsyncIterator[str]:
+        self._check_model(request.model)
+        policy = self.policy(request)
+        prompt = self._prompt(request, chat)
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        response = await self._post(path, self._forward_body(request), stream=True)
+        return self._relay(response, request, policy, prompt, chat)
+
+    async def _relay(self, response, request, policy: Policy, prompt, chat: bool) -> AsyncIterator[str]:
+        texts: dict[int, str] = {}
+        sent: dict[int, int] = {}  # tokens whose scores were already sent, per choice
+        stopped: set[int] = set()
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data.strip() == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    continue
+                chunk["model"] = self.model_name
+                keep = []
+                for choice in chunk.get("choices", []):
+                    index = choice.get("index", 0)
+                    if index in stopped:
+                        continue
+                    piece = ((choice.get("delta") or {}).get("content") if chat else choice.get("text")) or ""
+                    texts[index] = texts.get(index, "") + piece
+                    scores = await self._score(prompt, texts[index])
+                    final = choice.get("finish_reason") is not None
+                    if scores is not None:
+                        # all but the last token are stable under re-tokenisation until the choice ends
+                        ready = len(scores.token_ids) if final else max(0, len(scores.token_ids) - 1)
+                        new = scores.token_probs[sent.get(index, 0): ready]
+                        sent[index] = max(sent.get(index, 0), ready)
+                        choice["hallucination"] = {"token_scores": new}
+                        running = scores.probability
+                        if policy.action == "abstain" and running >= policy.threshold and not final:
+                            choice["finish_reason"] = "content_filter"
+                            final = True
+                            stopped.add(index)
+                    if final:
+                        choice["hallucination"] = {
+                            **self._report(policy, scores, texts[index], request.guard.token_scores,
+                                           choice["finish_reason"] == "content_filter"),
+                            "token_scores": choice.get("hallucination", {}).get("token_scores", []),
+                        }
+                    keep.append(choice)
+                if keep or not chunk.get("choices"):
+                    chunk["choices"] = keep
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if len(stopped) >= request.n:
+                    break  # every choice abstained: stop reading (closing the response ends the upstream's work)
+        except httpx.HTTPError as error:
+            body = APIError(502, f"the upstream stream failed: {error}", "upstream_error").body()
+            yield f"data: {json.dumps(body)}\n\n"
+        finally:
+            await response.aclose()
+        yield "data: [DONE]\n\n"
