@@ -252,3 +252,53 @@ def test_proxy_upstream_down_is_502_and_slow_is_504(guard):
             list(client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True))
         assert error.value.status_code == 504
     slow.close()
+
+
+def _bodies():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+                        st.text(max_size=20))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                            st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                          max_leaves=6)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]),
+                                     "content": st.one_of(st.text(max_size=30), values)})
+    fields = {
+        "model": st.one_of(st.just("tiny"), values),
+        "messages": st.one_of(st.lists(message, max_size=3), values),
+        "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(-3, 500), max_size=5), values),
+        "max_tokens": st.one_of(st.integers(-2, 8), values),
+        "temperature": st.one_of(st.floats(-1, 3), values),
+        "top_p": st.one_of(st.floats(-1, 2), values),
+        "n": st.one_of(st.integers(-1, 3), values),
+        "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=5), values),
+        "seed": st.one_of(st.integers(), values),
+        "stream": st.one_of(st.booleans(), values),
+        "guard": st.one_of(st.fixed_dictionaries({}, optional={
+            "action": st.sampled_from(["flag", "abstain", "dampen", "x"]), "threshold": st.floats(-1, 2),
+            "alpha": st.floats(-1, 20), "token_scores": st.booleans()}), values),
+        "junk": values,
+    }
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+def test_no_request_produces_a_5xx(live):
+    from hypothesis import HealthCheck, given, settings
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=_bodies(), path=__import__("hypothesis").strategies.sampled_from(
+        ["/v1/chat/completions", "/v1/completions"]))
+    def check(body, path):
+        try:
+            response = httpx.post(f"{live.url}{path}", json=body, headers=headers, timeout=60)
+        except ValueError:  # hypothesis made something JSON cannot carry (nan is fine, this is not)
+            return
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+
+    check()
