@@ -84,6 +84,7 @@ class Guard:
         Policy(threshold=self.threshold)  # validate
         self.bound = probe.bind(model)
         self._lock = threading.Lock()
+        self.step_timer: Callable[[float], None] | None = None  # e.g. a metrics histogram's observe
 
     @classmethod
     def from_pretrained(
@@ -273,7 +274,7 @@ class Guard:
             limits = None
         ids, mask = self._batch(rows)
         prompt_width = ids.shape[1]
-        monitor = Monitor(self.bound, policy) if policy is not None else None
+        monitor = Monitor(self.bound, policy, step_timer=self.step_timer) if policy is not None else None
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
         rows_stopped = _RowsStopped(monitor, cancel or threading.Event(), limits, prompt_width, cancelled_rows)
         criteria.append(rows_stopped)

@@ -11,8 +11,9 @@ generated token s - 1. `score_last_tokens` runs the one extra forward that the f
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -25,7 +26,8 @@ from .probe import BoundProbe, LayerTerm
 class Monitor:
     """Per-token probe logits for one batch; `policy=None` records the score only (teacher forcing)."""
 
-    def __init__(self, bound: BoundProbe, policy: Policy | None = None, *, stop_early: bool = False) -> None:
+    def __init__(self, bound: BoundProbe, policy: Policy | None = None, *, stop_early: bool = False,
+                 step_timer: Callable[[float], None] | None = None) -> None:
         self.bound = bound
         self.policy = policy
         self.calibration = bound.probe.calibration
@@ -38,6 +40,8 @@ class Monitor:
         self.triggered: torch.Tensor | None = None  # [batch] bool: the policy has acted on this row
         self.trigger_token: torch.Tensor | None = None  # [batch] generated index that triggered, or -1
         self.factor: torch.Tensor | float = 1.0  # what H-Neurons are multiplied by (per row for dampen)
+        self.step_timer = step_timer  # receives the host seconds spent in hooks per forward, if set
+        self._hook_seconds = 0.0
         if policy is not None and policy.action == "scale":
             self.factor = float(policy.alpha)
 
@@ -66,6 +70,7 @@ class Monitor:
 
     def _post_hook(self, term: LayerTerm, first: bool, last: bool):
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            started = time.perf_counter() if self.step_timer is not None else 0.0
             if self.policy is None or self.forwards > 0:  # the prompt's positions are never scored
                 z = args[0] if self.policy is None else args[0][:, -1:]
                 h = output if self.policy is None else output[:, -1:]
@@ -73,8 +78,13 @@ class Monitor:
                 self._acc = part if first else self._acc + part
             if last:
                 self._end_forward()
-                if self.stop_early:
-                    raise StopForward
+            if self.step_timer is not None:
+                self._hook_seconds += time.perf_counter() - started
+                if last:
+                    self.step_timer(self._hook_seconds)
+                    self._hook_seconds = 0.0
+            if last and self.stop_early:
+                raise StopForward
 
         return post
 

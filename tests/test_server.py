@@ -302,3 +302,25 @@ def test_no_request_produces_a_5xx(live):
             assert set(error) == {"message", "type", "param", "code"}
 
     check()
+
+
+def test_metrics_parse_and_every_series_has_model_name(client, live):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0,
+                                   extra_body={"guard": {"action": "abstain", "threshold": 0.0}})
+    list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, stream=True))
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=MESSAGES)
+    text = httpx.get(f"{live.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = [s for f in families.values() for s in f.samples]
+    assert samples and all(s.labels.get("model_name") == "tiny" for s in samples)
+    assert all(name.startswith("hguard_") and ":" not in name for name in families)
+    value = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples}
+    assert value[("hguard_abstentions_total", (("model_name", "tiny"),))] >= 1
+    statuses = {s.labels["status"] for s in families["hguard_requests"].samples if s.name == "hguard_requests_total"}
+    assert {"200", "404"} <= statuses
+    assert value[("hguard_tokens_scored_total", (("model_name", "tiny"),))] > 0
+    assert any(s.name == "hguard_probe_step_seconds_count" and s.value > 0 for s in samples)
+    assert any(s.name == "hguard_time_to_first_token_seconds_count" and s.value > 0 for s in samples)

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..guard import Guard
+from ..metrics import Metrics
 from .engine import Engine
 from .proxy import Proxy
 from .routes import router
@@ -39,6 +40,7 @@ class ServerSettings:
     upstream: str | None = None  # proxy mode: an OpenAI-compatible server to forward to
     upstream_timeout: float = 60.0
     upstream_api_key: str | None = None
+    metrics: bool = True
     defaults: GuardDefaults = field(default_factory=GuardDefaults)
 
 
@@ -79,10 +81,13 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loaded = guard or load_guard(settings)
-        engine = Engine(loaded, settings.max_batch_size, settings.max_queue)
-        engine.start()
         name = settings.served_model_name or settings.model or "hguard-organism"
-        app.state.serving = Serving(loaded, engine, name, settings.defaults)
+        metrics = Metrics(name) if settings.metrics else None
+        if metrics is not None:
+            loaded.step_timer = metrics.labels(metrics.probe_step).observe
+        engine = Engine(loaded, settings.max_batch_size, settings.max_queue, metrics)
+        engine.start()
+        app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
         if settings.upstream:
             app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,
                                     settings.upstream_api_key)
@@ -90,6 +95,7 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
             yield
         finally:
             app.state.serving = None
+            loaded.step_timer = None
             if app.state.proxy is not None:
                 await app.state.proxy.close()
                 app.state.proxy = None
@@ -112,12 +118,24 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
                 return _error(401, "Incorrect or missing API key", "invalid_request_error", code="invalid_api_key")
         return await call_next(request)
 
+    def refused(request: Request, status: int) -> None:
+        serving = request.app.state.serving
+        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}.get(request.url.path)
+        if serving is not None and endpoint is not None:
+            serving.record(endpoint, status)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
+        refused(request, error.status)
+        if error.type in ("upstream_error", "upstream_timeout") and request.app.state.serving is not None:
+            metrics = request.app.state.serving.metrics
+            if metrics is not None:
+                metrics.labels(metrics.upstream_errors, kind=str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
+        refused(request, 400)
         message, param = _validation_message(error.errors()[0] if error.errors() else {})
         return _error(400, message, "invalid_request_error", param)
 

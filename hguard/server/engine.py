@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..guard import Guard
+from ..metrics import Metrics
 from ..results import GuardResult, TokenEvent
 
 
@@ -60,8 +61,10 @@ DONE = object()
 
 
 class Engine:
-    def __init__(self, guard: Guard, max_batch_size: int = 32, max_queue: int = 256) -> None:
+    def __init__(self, guard: Guard, max_batch_size: int = 32, max_queue: int = 256,
+                 metrics: Metrics | None = None) -> None:
         self.guard = guard
+        self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._waiting: deque[Job] = deque()
@@ -90,6 +93,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests; retry later")
             self._waiting.append(job)
+            self._gauges()
             self._condition.notify()
 
     @property
@@ -117,7 +121,13 @@ class Engine:
                         rows += len(job.rows)
             batch = [job for job in batch if not job.cancelled.is_set()]
             self._running = batch
+            self._gauges()
             return batch
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.labels(self.metrics.queue_depth).set(len(self._waiting))
+            self.metrics.labels(self.metrics.running).set(len(self._running))
 
     def _work(self) -> None:
         while not self._stopping:
@@ -132,6 +142,7 @@ class Engine:
                     for job in batch:
                         job.send(DONE)
                     self._running = []
+                    self._gauges()
 
     def _run(self, batch: list[Job]) -> None:
         owners: list[tuple[Job, int]] = [(job, i) for job in batch for i in range(len(job.rows))]
@@ -141,6 +152,7 @@ class Engine:
         start = time.perf_counter()
         for job in batch:
             job.started = start
+        timing = _Timing(self.metrics, batch)
         kwargs: dict[str, Any] = {"max_new_tokens": limits}
         if settings.temperature > 0:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
@@ -166,8 +178,50 @@ class Engine:
                     continue
                 if isinstance(item, GuardResult):
                     item.row = index
+                    timing.result(job, item, self.guard.threshold if settings.threshold is None else settings.threshold)
                 else:
                     item = TokenEvent(index, item.index, item.token_id, item.text, item.probability)
+                    timing.token(job)
                 job.send(item)
         finally:
             stream.close()
+
+
+class _Timing:
+    """Latency and guard outcomes of one batch, recorded into Metrics (a no-op without them)."""
+
+    def __init__(self, metrics: Metrics | None, batch: list[Job]) -> None:
+        self.metrics = metrics
+        self.last: dict[int, float] = {}
+        if metrics is not None:
+            for job in batch:
+                metrics.labels(metrics.queue_time).observe(job.started - job.enqueued)
+
+    def token(self, job: Job) -> None:
+        if self.metrics is None:
+            return
+        now = time.perf_counter()
+        previous = self.last.get(id(job))
+        if previous is None:
+            self.metrics.labels(self.metrics.time_to_first_token).observe(now - job.enqueued)
+        else:
+            self.metrics.labels(self.metrics.inter_token_latency).observe(now - previous)
+        self.last[id(job)] = now
+
+    def result(self, job: Job, result: GuardResult, threshold: float) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.labels(m.generation_tokens).inc(len(result.token_ids))
+        if result.token_probs:
+            m.labels(m.tokens_scored).inc(len(result.token_probs))
+            m.labels(m.flagged_tokens).inc(sum(p >= threshold for p in result.token_probs))
+            histogram = m.labels(m.token_probability)
+            for p in result.token_probs:
+                histogram.observe(p)
+        if result.probability is not None:
+            m.labels(m.response_probability).observe(result.probability)
+        if result.verdict == "abstained":
+            m.labels(m.abstentions).inc()
+        elif result.verdict == "dampened":
+            m.labels(m.dampened).inc()

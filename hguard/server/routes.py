@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..metrics import CONTENT_TYPE_LATEST
 
 from .engine import QueueFull
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -50,6 +52,7 @@ async def _complete(http: Request, body, chat: bool):
         results = await serving.results(job)
     finally:
         job.cancelled.set()
+    serving.record("chat" if chat else "completions", 200, job, results, body.n)
     return JSONResponse(serving.response(body, job, results, chat))
 
 
@@ -68,6 +71,14 @@ async def models(http: Request):
     serving = _serving(http)
     return {"object": "list", "data": [{"id": serving.model_name, "object": "model", "created": 0,
                                         "owned_by": "hguard"}]}
+
+
+@router.get("/metrics")
+async def metrics(http: Request):
+    serving = _serving(http)
+    if serving.metrics is None:
+        raise APIError(404, "metrics are disabled on this server", "not_found_error")
+    return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..guard import Guard
 from ..results import GuardResult, TokenEvent
+from ..metrics import Metrics
 from .engine import DONE, Engine, Job, Settings
 from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now
 
@@ -40,9 +42,14 @@ class GuardDefaults:
     max_tokens: int = 256
 
 
+_SEVERITY = {"ok": 0, "flagged": 1, "dampened": 2, "abstained": 3}
+
+
 class Serving:
-    def __init__(self, guard: Guard, engine: Engine, model_name: str, defaults: GuardDefaults) -> None:
+    def __init__(self, guard: Guard, engine: Engine, model_name: str, defaults: GuardDefaults,
+                 metrics: Metrics | None = None) -> None:
         self.guard, self.engine, self.model_name, self.defaults = guard, engine, model_name, defaults
+        self.metrics = metrics
         config = guard.model.config
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
 
@@ -95,6 +102,24 @@ class Serving:
             raise APIError(400, str(error), param="prompt") from error
         return self._job(request, prompts, request.max_new_tokens())
 
+    # ---- accounting ---------------------------------------------------------------------------
+    @staticmethod
+    def prompt_tokens(job: Job, n: int) -> int:
+        return sum(len(job.rows[k]) for k in range(0, len(job.rows), n))
+
+    def record(self, endpoint: str, status: int, job: Job | None = None, results: list[GuardResult] = (),
+               n: int = 1) -> None:
+        """One finished request (or a refused one, without a job) into the metrics."""
+        m = self.metrics
+        if m is None:
+            return
+        action = (job.settings.action or "off") if job is not None else ""
+        verdict = max((r.verdict for r in results), key=_SEVERITY.get, default="") if results else ""
+        m.labels(m.requests, endpoint=endpoint, status=str(status), action=action, verdict=verdict).inc()
+        if job is not None:
+            m.labels(m.prompt_tokens).inc(self.prompt_tokens(job, n))
+            m.labels(m.request_latency).observe(time.perf_counter() - job.enqueued)
+
     # ---- job -> response ----------------------------------------------------------------------
     def _hallucination(self, result: GuardResult, token_scores: bool) -> dict:
         return {
@@ -121,7 +146,6 @@ class Serving:
         return sorted(results, key=lambda r: r.row)
 
     def response(self, request, job: Job, results: list[GuardResult], chat: bool) -> dict:
-        prompt_tokens = len(job.rows[0]) if job.rows else 0
         choices = []
         for i, result in enumerate(results):
             text, finish = self._finish(result)
@@ -135,15 +159,14 @@ class Serving:
                 choice["logprobs"] = None
             choices.append(choice)
         completion = sum(len(r.token_ids) for r in results)
-        prompt_total = sum(len(job.rows[k * request.n]) for k in range(len(job.rows) // request.n))
+        prompt = self.prompt_tokens(job, request.n)
         return {
             "id": new_id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion" if chat else "text_completion",
             "created": now(),
             "model": self.model_name,
             "choices": choices,
-            "usage": {"prompt_tokens": prompt_total or prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": (prompt_total or prompt_tokens) + completion},
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
 
     async def stream(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
@@ -171,6 +194,8 @@ class Serving:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                           "logprobs": None} for i in range(len(job.rows))])
         completion = 0
+        results: list[GuardResult] = []
+        endpoint = "chat" if chat else "completions"
         try:
             while (item := await job.events.get()) is not DONE:
                 if isinstance(item, BaseException):
@@ -179,17 +204,20 @@ class Serving:
                     scores = [item.probability] if item.probability is not None else []
                     yield chunk([delta(item.row, item.text, {"token_scores": scores})])
                 else:
+                    results.append(item)
                     completion += len(item.token_ids)
                     text, finish = self._finish(item)
                     tail = text if finish == "content_filter" else ""
                     yield chunk([delta(item.row, tail, self._hallucination(item, request.guard.token_scores),
                                        finish)])
         except Exception as error:  # the stream has started: report in-band, then end it
+            self.record(endpoint, 500, job)
             body = APIError(500, f"generation failed: {error}", "server_error").body()
             yield f"data: {json.dumps(body)}\n\n"
         else:
+            self.record(endpoint, 200, job, results, request.n)
             if request.stream_options and request.stream_options.include_usage:
-                prompt = sum(len(job.rows[k * request.n]) for k in range(len(job.rows) // request.n))
+                prompt = self.prompt_tokens(job, request.n)
                 yield chunk([], {"prompt_tokens": prompt, "completion_tokens": completion,
                                  "total_tokens": prompt + completion})
         yield "data: [DONE]\n\n"
