@@ -51,6 +51,14 @@ class Metrics:
                                     STEP_BUCKETS)
         self.queue_depth = Gauge("hguard_queue_depth", "Requests waiting", m, registry=r)
         self.running = Gauge("hguard_running_requests", "Requests being generated", m, registry=r)
+        # create every series up front, so dashboards show zeros instead of "no data" before the first event
+        for metric in (self.prompt_tokens, self.generation_tokens, self.tokens_scored, self.flagged_tokens,
+                       self.abstentions, self.dampened, self.response_probability, self.token_probability,
+                       self.time_to_first_token, self.inter_token_latency, self.request_latency, self.queue_time,
+                       self.probe_step, self.queue_depth, self.running):
+            self.labels(metric)
+        for kind in ("502", "504"):
+            self.labels(self.upstream_errors, kind=kind)
 
     def labels(self, metric, **labels):
         return metric.labels(model_name=self.model_name, **labels)
