@@ -1,0 +1,160 @@
+"""Load on the OpenAI-compatible server over loopback: concurrent streaming clients, guard on vs off.
+
+Three servers share one model in this process: guard on (dynamic batching), guard off (dynamic
+batching, no hooks), and guard on with a batch size of one (requests served one by one). Rounds
+alternate on/off in ABBA order so machine noise hits both alike; the one-by-one server runs once.
+Each client streams chat completions of at most `--max-tokens` tokens, greedy; throughput counts the
+completion tokens each stream's usage chunk reports.
+
+    python benchmarks/server_load.py --json                       # 32 clients, 200 requests per side
+    python benchmarks/server_load.py --json --model path/to/model --probe probe.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def build_guard(model: str | None, probe: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hguard import Guard, Probe
+    from hguard.tiny import save_tiny
+
+    if model is None:
+        try:
+            from hguard.organism import path
+
+            model = str(path("instruct"))
+        except FileNotFoundError:
+            model = str(save_tiny(tempfile.mkdtemp(), "llama", hidden=192, layers=6, intermediate=768,
+                                  num_attention_heads=6, num_key_value_heads=6))
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    chosen = probe or Probe.random(loaded, max(1, loaded.config.num_hidden_layers * loaded.config.intermediate_size // 1000))
+    return Guard(loaded, tokenizer, chosen), model
+
+
+async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int, index: int) -> tuple[float, int, bool]:
+    body = {"model": "bench", "messages": [{"role": "user", "content": f"Where was person {index} born?"}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    tokens, ok = 0, False
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                return time.perf_counter() - start, 0, False
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    ok = True
+                elif line.startswith("data: "):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        return time.perf_counter() - start, tokens, False
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError:
+        return time.perf_counter() - start, tokens, False
+    return time.perf_counter() - start, tokens, ok
+
+
+async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    latencies: list[float] = []
+    tokens = failed = 0
+    counter = iter(range(requests))
+    limits = httpx.Limits(max_connections=clients + 4)
+
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker() -> None:
+            nonlocal tokens, failed
+            for index in counter:
+                seconds, count, ok = await one_request(client, url, max_tokens, index)
+                latencies.append(seconds)
+                tokens += count
+                failed += 0 if ok else 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {"requests": requests, "failed": failed, "wall_s": wall, "tokens": tokens, "latencies": latencies}
+
+
+def summarise(runs: list[dict]) -> dict:
+    latencies = sorted(x for run in runs for x in run["latencies"])
+    wall = sum(run["wall_s"] for run in runs)
+    tokens = sum(run["tokens"] for run in runs)
+    return {
+        "requests": sum(run["requests"] for run in runs),
+        "failed": sum(run["failed"] for run in runs),
+        "p50_latency_s": round(statistics.median(latencies), 4),
+        "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 4),
+        "tokens_per_s": round(tokens / wall, 2),
+        "tokens": tokens,
+        "round_tokens_per_s": [round(run["tokens"] / run["wall_s"], 2) for run in runs],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=200, help="per side (guard on / off)")
+    parser.add_argument("--rounds", type=int, default=4, help="ABBA rounds the requests are split into")
+    parser.add_argument("--sequential-requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--probe", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from hguard.server.app import ServerSettings, build_app
+    from hguard.server.serving import GuardDefaults
+    from test_server import LiveServer
+
+    guard, model = build_guard(args.model, args.probe)
+
+    def settings(action, batch):
+        return ServerSettings(served_model_name="bench", max_batch_size=batch, max_queue=args.clients * 4,
+                              defaults=GuardDefaults(action=action, max_tokens=args.max_tokens))
+
+    per_round = max(1, args.requests // args.rounds)
+    results: dict[str, list[dict]] = {"on": [], "off": []}
+    with LiveServer(build_app(settings("flag", args.clients), guard=guard)) as on, \
+            LiveServer(build_app(settings(None, args.clients), guard=guard)) as off, \
+            LiveServer(build_app(settings("flag", 1), guard=guard)) as one:
+        asyncio.run(load(on.url, 4, 8, args.max_tokens))  # warm up
+        asyncio.run(load(off.url, 4, 8, args.max_tokens))
+        for r in range(args.rounds):
+            order = [("on", on), ("off", off)] if r % 2 == 0 else [("off", off), ("on", on)]
+            for name, server in order:
+                results[name].append(asyncio.run(load(server.url, args.clients, per_round, args.max_tokens)))
+        sequential = asyncio.run(load(one.url, args.clients, args.sequential_requests, args.max_tokens))
+    on_s, off_s, seq_s = summarise(results["on"]), summarise(results["off"]), summarise([sequential])
+    report = {
+        "model": model,
+        "clients": args.clients,
+        "max_tokens": args.max_tokens,
+        "guard_on": on_s,
+        "guard_off": off_s,
+        "one_by_one_guard_on": seq_s,
+        "on_over_off_throughput": round(on_s["tokens_per_s"] / off_s["tokens_per_s"], 4),
+        "batched_over_one_by_one": round(on_s["tokens_per_s"] / seq_s["tokens_per_s"], 2),
+    }
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
