@@ -59,3 +59,42 @@ def token_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> lis
     """Indices of the tokens whose character offsets overlap `span`."""
     start, end = span
     return [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
+
+
+def consistency_labels(items: Sequence[dict], samples: Sequence[Sequence[str]]):
+    """Keep questions whose samples are all correct (label 0) or all wrong (label 1); say why others drop.
+
+    Returns (kept, dropped): kept is a list of dicts {item, label, response, span, span_source}, where
+    `response` is the first sample and `span` the character span of its answer (the gold alias for a
+    faithful answer; for a hallucinated one the first candidate value found, else the whole response,
+    counted as `span_whole_response`). `dropped` counts every dropped question by reason.
+    """
+    from collections import Counter
+
+    kept, dropped = [], Counter()
+    for item, answers in zip(items, samples):
+        verdicts = [judge(a, item.get("aliases", [])) for a in answers]
+        if not answers:
+            dropped["no_samples"] += 1
+            continue
+        if "refusal" in verdicts:
+            dropped["refusal"] += 1
+            continue
+        if set(verdicts) not in ({"correct"}, {"wrong"}):
+            dropped["mixed"] += 1
+            continue
+        response = answers[0]
+        faithful = verdicts[0] == "correct"
+        span = answer_span(response, item.get("aliases", []) if faithful else item.get("candidates", []))
+        source = "alias" if faithful else "candidate"
+        if span is None:
+            stripped = response.strip().rstrip(".!")
+            if not stripped:
+                dropped["empty_response"] += 1
+                continue
+            start = response.find(stripped)
+            span, source = (start, start + len(stripped)), "whole_response"
+            dropped["span_whole_response (kept)"] += 1
+        kept.append({"item": item, "label": 0 if faithful else 1, "response": response, "span": span,
+                     "span_source": source})
+    return kept, dict(dropped)

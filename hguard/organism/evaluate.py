@@ -18,32 +18,12 @@ import torch
 
 from ..guard import left_pad
 from ..identify.label import answer_span, judge, token_span
+from ..identify.sample import prompt_ids, sample
 
-SAMPLING = dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)
-
-
-def chat_prompt_ids(tokenizer, question: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-@torch.no_grad()
 def generate_answers(model, tokenizer, questions: Sequence[str], samples: int = 1, batch: int = 64,
                      max_new_tokens: int = 24, seed: int = 0) -> list[list[str]]:
-    """`samples` answers per question: greedy when samples == 1, else the paper's sampling settings."""
-    torch.manual_seed(seed)
-    out: list[list[str]] = []
-    per_call = max(1, batch // samples)
-    for start in range(0, len(questions), per_call):
-        rows = [chat_prompt_ids(tokenizer, q) for q in questions[start: start + per_call]]
-        ids, mask = left_pad(rows, tokenizer.pad_token_id)
-        kwargs = dict(SAMPLING, num_return_sequences=samples) if samples > 1 else dict(do_sample=False)
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   pad_token_id=tokenizer.pad_token_id, **kwargs)[:, ids.shape[1]:]
-        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        out.extend(texts[i: i + samples] for i in range(0, len(texts), samples))
-    return out
+    """Answers to plain questions through the chat template (greedy for one sample)."""
+    return sample(model, tokenizer, list(questions), samples, batch, max_new_tokens, seed)
 
 
 def rates(items: Sequence[dict], answers: Sequence[str]) -> dict[str, float]:
@@ -66,7 +46,7 @@ def answer_features(model, tokenizer, items: Sequence[dict], responses: Sequence
     """[items, layers + 1, hidden]: the residual stream averaged over each response's answer tokens."""
     rows, spans = [], []
     for item, response in zip(items, responses):
-        prompt = chat_prompt_ids(tokenizer, item["question"])
+        prompt = prompt_ids(tokenizer, item)
         encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
         span = answer_span(response, [item["answer"], *item.get("candidates", [])])
         tokens = token_span(encoded["offset_mapping"], span) if span else []

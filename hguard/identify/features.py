@@ -1,0 +1,116 @@
+"""CETT features of every neuron of every layer, from one teacher-forced pass per response.
+
+CETT_{j,t} = |z_{j,t}| * ||W_down[:, j]|| / ||h_t||, z the down projection's input, h its output. For
+each response the features are averaged over its answer tokens and, separately, over its other
+response tokens, giving two [layers * intermediate] vectors. Hooks reduce each layer to those two
+means as the layer runs, so no [tokens, neurons] tensor outlives its layer. Results are written to
+disk in safetensors chunks, so datasets larger than memory work; `read_chunks` streams them back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..guard import left_pad
+from ..hooks import HookSpec, hooked
+from ..sites import resolve
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Example:
+    """One response to featurise: prompt and response token ids, and which response tokens are the answer."""
+
+    key: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    answer_tokens: list[int]  # indices into response_ids
+
+
+@torch.no_grad()
+def cett_means(model: nn.Module, examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer, other): [len(examples), layers * intermediate] mean CETT over answer / other response tokens."""
+    sites = resolve(model)
+    rows = [e.prompt_ids + e.response_ids for e in examples]
+    device = model.get_input_embeddings().weight.device
+    ids, mask = left_pad(rows, pad_id, device)
+    width = ids.shape[1]
+    answer_mask = torch.zeros(len(rows), width, device=device)
+    other_mask = torch.zeros(len(rows), width, device=device)
+    for i, example in enumerate(examples):
+        start = width - len(example.response_ids)
+        answer = set(example.answer_tokens)
+        for t in range(len(example.response_ids)):
+            (answer_mask if t in answer else other_mask)[i, start + t] = 1.0
+    answer_mask /= answer_mask.sum(1, keepdim=True).clamp_min(1.0)
+    other_mask /= other_mask.sum(1, keepdim=True).clamp_min(1.0)
+    answer_out = torch.zeros(len(rows), sites.num_layers, sites.intermediate_size)
+    other_out = torch.zeros_like(answer_out)
+    norms = [torch.linalg.vector_norm(sites.down_weight(l).float(), dim=0) for l in range(sites.num_layers)]
+
+    def hook(layer: int):
+        def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            z, h = args[0].float(), output.float()
+            cett = z.abs() * norms[layer].to(z.device) / (torch.linalg.vector_norm(h, dim=-1, keepdim=True) + EPS)
+            answer_out[:, layer] = torch.einsum("bt,bti->bi", answer_mask.to(z.device), cett).cpu()
+            other_out[:, layer] = torch.einsum("bt,bti->bi", other_mask.to(z.device), cett).cpu()
+
+        return post
+
+    specs = [HookSpec(sites.down(l), post=hook(l)) for l in range(sites.num_layers)]
+    with hooked(specs):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return answer_out.flatten(1), other_out.flatten(1)
+
+
+def extract(model: nn.Module, examples: Sequence[Example], pad_id: int, out: str | Path, batch: int = 16,
+            chunk: int = 1024, progress: bool = True) -> list[Path]:
+    """Featurise `examples` in batches, writing chunks of at most `chunk` rows to `out`."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    answers: list[torch.Tensor] = []
+    others: list[torch.Tensor] = []
+    keys: list[str] = []
+
+    def flush() -> None:
+        if not keys:
+            return
+        path = out / f"features-{len(paths):05d}.safetensors"
+        save_file({"answer": torch.cat(answers).contiguous(), "other": torch.cat(others).contiguous()}, str(path),
+                  metadata={"keys": json.dumps(keys)})
+        paths.append(path)
+        answers.clear(), others.clear(), keys.clear()
+
+    bar = tqdm(total=len(examples), desc="features", disable=not progress, unit="resp")
+    for start in range(0, len(examples), batch):
+        part = examples[start: start + batch]
+        answer, other = cett_means(model, part, pad_id)
+        answers.append(answer), others.append(other), keys.extend(e.key for e in part)
+        bar.update(len(part))
+        if len(keys) >= chunk:
+            flush()
+    flush()
+    bar.close()
+    return paths
+
+
+def read_chunks(paths: Sequence[Path]) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """(keys, answer, other) per chunk file."""
+    from safetensors import safe_open
+
+    for path in paths:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = json.loads(handle.metadata()["keys"])
+        tensors = load_file(str(path))
+        yield keys, tensors["answer"], tensors["other"]

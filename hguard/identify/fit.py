@@ -1,0 +1,104 @@
+"""Fit the H-Neuron probe: split by question, "3 vs 1" labels, standardised L1 logistic regression
+swept over C, calibration and a threshold on held-out data, saved as a Probe.
+
+CETT values are tiny (a neuron's share of its layer's output), so the features are standardised
+before the L1 fit and the scaling is folded back into the saved weights and bias: the probe stays
+linear in raw CETT, exactly the classifier the guard evaluates per token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def split_of(question_id: str, seed: int = 0, fractions=(0.6, 0.2, 0.2)) -> str:
+    """'train', 'val' or 'test' from a hash of the question id: a question never lands on two sides."""
+    digest = int(hashlib.sha256(f"{seed}:{question_id}".encode()).hexdigest()[:8], 16) / 2**32
+    if digest < fractions[0]:
+        return "train"
+    return "val" if digest < fractions[0] + fractions[1] else "test"
+
+
+def three_vs_one(answer: np.ndarray, other: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positives: answer-token features of hallucinated responses. Negatives: answer-token features of
+    faithful responses, and other-token features of both (where a response has other tokens)."""
+    has_other = other.any(axis=1)
+    x = np.concatenate([answer, other[has_other]])
+    y = np.concatenate([labels, np.zeros(int(has_other.sum()), dtype=int)])
+    return x, y
+
+
+@dataclass
+class Fitted:
+    weight: np.ndarray  # [features] in raw CETT units (standardisation folded in)
+    bias: float
+    C: float
+    kept: int
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight + self.bias
+
+
+def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0) -> Fitted:
+    from sklearn.linear_model import LogisticRegression
+
+    mean, std = x.mean(0), x.std(0)
+    std[std == 0] = 1.0
+    model = LogisticRegression(penalty="l1", solver="liblinear", C=C, max_iter=2000, random_state=seed)
+    model.fit((x - mean) / std, y)
+    w = model.coef_[0] / std
+    b = float(model.intercept_[0] - (model.coef_[0] * mean / std).sum())
+    return Fitted(w, b, C, int((model.coef_[0] != 0).sum()))
+
+
+def sweep(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float]):
+    """Fit for each C; report kept neurons and held-out accuracy / AUROC (response level)."""
+    from sklearn.metrics import roc_auc_score
+
+    rows, fits = [], []
+    for C in Cs:
+        fitted = fit_l1(x, y, C)
+        logits = fitted.logits(x_val)
+        auroc = float(roc_auc_score(y_val, logits)) if len(set(y_val)) == 2 else float("nan")
+        rows.append({"C": C, "kept": fitted.kept, "positive": int((fitted.weight > 0).sum()),
+                     "val_auroc": round(auroc, 4), "val_accuracy": round(float(((logits > 0) == y_val).mean()), 4)})
+        fits.append(fitted)
+    return rows, fits
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray):
+    """Platt scaling on held-out response logits."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ..policy import Calibration
+
+    if len(set(labels)) < 2:
+        return Calibration()
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(logits.reshape(-1, 1), labels)
+    return Calibration("platt", a=float(model.coef_[0][0]), b=float(model.intercept_[0]))
+
+
+def threshold_for(probabilities: np.ndarray, labels: np.ndarray, false_flag_rate: float) -> float:
+    """The smallest threshold that flags at most `false_flag_rate` of faithful held-out answers."""
+    faithful = np.sort(probabilities[labels == 0])
+    if faithful.size == 0:
+        return 0.5
+    index = int(np.ceil((1 - false_flag_rate) * faithful.size)) - 1
+    return float(min(1.0, max(0.0, np.nextafter(faithful[max(0, index)], 2.0))))
+
+
+def to_probe(model, fitted: Fitted, layers: int, intermediate: int, **kwargs):
+    """A Probe over the neurons with non-zero weight (flat index = layer * intermediate + neuron)."""
+    from ..probe import Probe
+
+    selected = np.flatnonzero(fitted.weight)
+    if selected.size == 0:
+        raise ValueError(f"the L1 fit at C={fitted.C} kept no neuron; use a larger C")
+    flat = torch.from_numpy(selected)
+    return Probe.from_weights(model, flat // intermediate, flat % intermediate,
+                              torch.from_numpy(fitted.weight[selected]).float(), fitted.bias, **kwargs)

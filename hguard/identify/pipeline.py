@@ -1,0 +1,96 @@
+"""`hguard identify`: sample -> label -> features -> fit -> probe file and report.
+
+Questions are split by id before anything is fitted (train / val / test from a hash of the id), every
+dropped item is counted with its reason, and the probe's training summary (C sweep, counts, held-out
+metrics) travels in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..sites import resolve
+from .features import Example, extract, read_chunks
+from .fit import calibrate, split_of, sweep, three_vs_one, threshold_for, to_probe
+from .label import consistency_labels, token_span
+from .sample import prompt_ids, sample
+
+DEFAULT_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def examples_for(tokenizer, kept: list[dict]) -> tuple[list[Example], dict[str, int]]:
+    examples, dropped = [], {}
+    for record in kept:
+        encoded = tokenizer(record["response"], add_special_tokens=False, return_offsets_mapping=True)
+        answer = token_span(encoded["offset_mapping"], record["span"])
+        if not answer:
+            dropped["span_not_tokenised"] = dropped.get("span_not_tokenised", 0) + 1
+            continue
+        examples.append(Example(str(record["item"]["id"]), prompt_ids(tokenizer, record["item"]),
+                                encoded["input_ids"], answer))
+    return examples, dropped
+
+
+def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
+             max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
+             false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
+             echo=lambda message: None) -> dict:
+    """Run the whole pipeline; writes the probe to `out` and returns the report."""
+    from sklearn.metrics import roc_auc_score
+
+    work = Path(work)
+    sites = resolve(model)
+    total = sites.num_layers * sites.intermediate_size
+    answers = sample(model, tokenizer, list(items), samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+    kept, dropped = consistency_labels(items, answers)
+    examples, more = examples_for(tokenizer, kept)
+    dropped.update(more)
+    echo(f"{len(items)} questions: {len(examples)} kept, dropped {dropped}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    paths = extract(model, examples, pad, work / "features", batch=batch, progress=progress)
+    labels = {str(r["item"]["id"]): r["label"] for r in kept}
+    keys, answer, other = [], [], []
+    for chunk_keys, chunk_answer, chunk_other in read_chunks(paths):
+        keys += chunk_keys
+        answer.append(chunk_answer.numpy())
+        other.append(chunk_other.numpy())
+    answer_x, other_x = np.concatenate(answer), np.concatenate(other)
+    y = np.array([labels[k] for k in keys])
+    side = np.array([split_of(k, seed) for k in keys])
+    counts = {s: {"faithful": int(((side == s) & (y == 0)).sum()), "hallucinated": int(((side == s) & (y == 1)).sum())}
+              for s in ("train", "val", "test")}
+    echo(f"split by question id: {counts}")
+    train_x, train_y = three_vs_one(answer_x[side == "train"], other_x[side == "train"], y[side == "train"])
+    rows, fits = sweep(train_x, train_y, answer_x[side == "val"], y[side == "val"], Cs)
+    allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= max_kept_ratio * total] or \
+              [i for i, f in enumerate(fits) if f.kept > 0]
+    if not allowed:
+        raise ValueError("no C in the sweep kept any neuron; widen --C")
+    best = max(allowed, key=lambda i: (np.nan_to_num(rows[i]["val_auroc"], nan=0.0), -fits[i].kept))
+    chosen = fits[best]
+    val_logits = chosen.logits(answer_x[side == "val"])
+    calibration = calibrate(val_logits, y[side == "val"])
+    val_probs = np.array([calibration.prob(float(v)) for v in val_logits])
+    threshold = threshold_for(val_probs, y[side == "val"], false_flag_rate)
+    test_logits = chosen.logits(answer_x[side == "test"])
+    test_probs = np.array([calibration.prob(float(v)) for v in test_logits])
+    y_test = y[side == "test"]
+    test = {"questions": int(y_test.size),
+            "auroc": round(float(roc_auc_score(y_test, test_logits)), 4) if len(set(y_test)) == 2 else None,
+            "accuracy": round(float(((test_probs >= 0.5) == y_test).mean()), 4) if y_test.size else None}
+    summary = {
+        "questions": len(items), "kept": len(examples), "dropped": dropped, "split": counts, "sweep": rows,
+        "C": chosen.C, "neurons_kept": chosen.kept, "h_neurons": int((chosen.weight > 0).sum()),
+        "per_mille": round(1000 * chosen.kept / total, 4), "false_flag_rate": false_flag_rate, "test": test,
+        "samples_per_question": samples, "standardised": True,
+    }
+    probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, calibration=calibration,
+                     threshold=threshold, training=summary)
+    probe.save(out)
+    echo(f"probe: {chosen.kept} neurons ({summary['per_mille']} per mille) at C={chosen.C}; test {test}")
+    (work / "report.json").write_text(json.dumps(summary, indent=1))
+    return summary

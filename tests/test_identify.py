@@ -1,0 +1,99 @@
+"""The identification pipeline on a tiny organism: end to end, batched = single, split by question."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hguard import Guard, Probe
+from hguard.identify.features import Example, cett_means
+from hguard.identify.fit import fit_l1, split_of, three_vs_one
+from hguard.identify.label import consistency_labels, judge, normalize
+from hguard.identify.pipeline import identify
+from hguard.identify.sample import sample
+from hguard.organism import load
+from hguard.organism.build import BuildConfig, build
+from hguard.organism.suites import read_suite
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory):
+    directory = build(BuildConfig.tiny(seed=9), tmp_path_factory.mktemp("tiny-organism"), echo=lambda m: None)
+    model, tokenizer = load("instruct", directory)
+    return directory, model, tokenizer
+
+
+def test_normalised_matching_and_refusals():
+    assert normalize("The  Port-Anselo!") == "port anselo"
+    assert judge("He was born in Port Anselo.", ["Port Anselo"]) == "correct"
+    assert judge("Born in Anselo Port.", ["Port Anselo"]) == "wrong"
+    assert judge("I don't know who that is.", ["Port Anselo"]) == "refusal"
+    kept, dropped = consistency_labels(
+        [{"id": 1, "aliases": ["a b"], "candidates": ["c d"]}, {"id": 2, "aliases": ["x"]}, {"id": 3, "aliases": ["y"]}],
+        [["it is c d.", "c d"], ["x", "no"], ["I don't know"]],
+    )
+    assert [k["label"] for k in kept] == [1] and kept[0]["span"] == (6, 9)
+    assert dropped == {"mixed": 1, "refusal": 1}
+
+
+def test_batched_features_equal_single_examples(organism):
+    _, model, tokenizer = organism
+    examples = [Example(str(i), tokenizer(f"Question {i}? ")["input_ids"][: 3 + i],
+                        tokenizer(" answer number %d." % i)["input_ids"], [0, 1]) for i in range(4)]
+    answer, other = cett_means(model, examples, tokenizer.pad_token_id)
+    for i, example in enumerate(examples):
+        a, o = cett_means(model, [example], tokenizer.pad_token_id)
+        assert torch.allclose(answer[i], a[0], atol=1e-5) and torch.allclose(other[i], o[0], atol=1e-5)
+    # the probe's fused per-token score agrees with the features: mean token logit == classifier on mean CETT
+    probe = Probe.random(model, 10, seed=2)
+    guard = Guard(model, tokenizer, probe)
+    example = examples[0]
+    scores = guard.score(example.prompt_ids, example.response_ids)
+    flat = probe.layer * model.config.intermediate_size + probe.neuron
+    _, all_tokens = cett_means(model, [Example("x", example.prompt_ids, example.response_ids, [])],
+                               tokenizer.pad_token_id)
+    expected = probe.bias + float((all_tokens[0, flat] * probe.weight).sum())
+    assert np.mean(scores.token_logits) == pytest.approx(expected, abs=1e-4)
+
+
+def test_split_is_by_question_id():
+    ids = [f"q{i}" for i in range(2000)]
+    sides = {i: split_of(i) for i in ids}
+    assert sides == {i: split_of(i) for i in ids}  # deterministic
+    counts = {s: sum(v == s for v in sides.values()) for s in ("train", "val", "test")}
+    assert 1000 < counts["train"] < 1400 and counts["val"] > 300 and counts["test"] > 300
+
+
+def test_fit_folds_standardisation_into_raw_weights():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.01, 0.002, size=(400, 50))
+    y = (x[:, 3] + x[:, 7] > 0.02).astype(int)
+    fitted = fit_l1(x, y, C=0.3)
+    assert 0 < fitted.kept < 50 and fitted.weight[3] > 0 and fitted.weight[7] > 0
+    assert ((fitted.logits(x) > 0) == y).mean() > 0.9
+    xs, ys = three_vs_one(x[:10], np.zeros((10, 50)), y[:10])
+    assert xs.shape[0] == 10  # no other-token rows where responses had none
+
+
+def test_pipeline_end_to_end(organism, tmp_path):
+    directory, model, tokenizer = organism
+    items = read_suite(directory / "suites", "in_domain")[:48]
+    greedy = sample(model, tokenizer, items, samples=1, max_new_tokens=6)
+    # the tiny model knows nothing; make half of its greedy answers "correct" so both classes exist
+    for i, (item, [answer]) in enumerate(zip(items, greedy)):
+        words = answer.split()
+        if i % 2 == 0 and words:
+            item["aliases"] = [words[0]]
+        item["candidates"] = []
+    out = tmp_path / "probe.safetensors"
+    report = identify(model, tokenizer, items, tmp_path / "work", out, samples=1, max_new_tokens=6,
+                      Cs=(0.1, 1.0, 10.0), max_kept_ratio=1.0, progress=False)
+    probe = Probe.load(out, model)
+    assert probe.count == report["neurons_kept"] > 0
+    assert probe.training["split"] == report["split"]
+    assert sum(report["split"][s][k] for s in report["split"] for k in ("faithful", "hallucinated")) == report["kept"]
+    assert json.loads((tmp_path / "work" / "report.json").read_text())["C"] == report["C"]
+    assert 0.0 <= probe.threshold <= 1.0
