@@ -33,6 +33,15 @@ def three_vs_one(answer: np.ndarray, other: np.ndarray, labels: np.ndarray) -> t
     return x, y
 
 
+def _l1_arguments() -> dict:
+    """scikit-learn 1.8 replaced penalty="l1" by l1_ratio=1; ask for L1 the way the installed one wants."""
+    import sklearn
+
+    major, minor = (int(p) for p in sklearn.__version__.split(".")[:2])
+    return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
+
+
+
 @dataclass
 class Fitted:
     weight: np.ndarray  # [features] in raw CETT units (standardisation folded in)
@@ -49,7 +58,7 @@ def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0) -> Fitted:
 
     mean, std = x.mean(0), x.std(0)
     std[std == 0] = 1.0
-    model = LogisticRegression(penalty="l1", solver="liblinear", C=C, max_iter=2000, random_state=seed)
+    model = LogisticRegression(solver="liblinear", C=C, max_iter=2000, random_state=seed, **_l1_arguments())
     model.fit((x - mean) / std, y)
     w = model.coef_[0] / std
     b = float(model.intercept_[0] - (model.coef_[0] * mean / std).sum())
