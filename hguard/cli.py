@@ -79,6 +79,35 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _identify(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .identify.pipeline import identify
+
+    if args.model == "organism":
+        from .organism import load
+
+        model, tokenizer = load("instruct")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    with open(args.data) as handle:
+        items = [json.loads(line) for line in handle if line.strip()]
+    for i, item in enumerate(items):  # TriviaQA-style fields are accepted as they are
+        item.setdefault("id", item.get("question_id", i))
+        if "aliases" not in item:
+            answer = item.get("answer")
+            item["aliases"] = answer.get("aliases", [answer.get("value")]) if isinstance(answer, dict) else [answer]
+    if args.limit:
+        items = items[: args.limit]
+    work = args.work or tempfile.mkdtemp(prefix="hguard-identify-")
+    report = identify(model, tokenizer, items, work, args.out, samples=args.samples, seed=args.seed,
+                      echo=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hguard", description="Real-time hallucination guard for open LMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
+
+    ident = commands.add_parser("identify", help="find the H-Neurons of a model and fit its probe")
+    ident.add_argument("--model", required=True, help="local directory, hub id, or 'organism'")
+    ident.add_argument("--data", required=True, help="JSONL of questions (question, answer aliases)")
+    ident.add_argument("--out", required=True, help="probe file to write (.safetensors)")
+    ident.add_argument("--samples", type=int, default=10)
+    ident.add_argument("--limit", type=int, default=None)
+    ident.add_argument("--work", default=None, help="directory for features and the report")
+    ident.add_argument("--seed", type=int, default=0)
+    ident.set_defaults(run=_identify)
 
     organism = commands.add_parser("organism", help="the built-in model organism").add_subparsers(
         dest="organism_command", required=True)
