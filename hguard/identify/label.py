@@ -37,6 +37,9 @@ def is_refusal(response: str) -> bool:
 
 
 def judge(response: str, aliases: Sequence[str]) -> Judgement:
+    """correct / wrong / refusal; an empty answer says nothing, so it counts as a refusal."""
+    if not normalize(response):
+        return "refusal"
     if any(contains(response, alias) for alias in aliases):
         return "correct"
     return "refusal" if is_refusal(response) else "wrong"

@@ -60,7 +60,7 @@ def answer_features(model, tokenizer, items: Sequence[dict], responses: Sequence
         states = torch.stack(model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, 1)
         for i, row in enumerate(chunk):
             shift = ids.shape[1] - len(row)
-            positions = torch.tensor(spans[start + i]) + shift
+            positions = torch.tensor(spans[start + i], dtype=torch.long) + shift
             feats.append(states[i, :, positions].float().mean(1).numpy())
     return np.stack(feats)
 
