@@ -20,7 +20,7 @@ from torch import nn
 
 from .hooks import HookSpec, StopForward, hooked, stoppable
 from .policy import Policy
-from .probe import BoundProbe, LayerTerm
+from .probe import EPS, BoundProbe, LayerTerm
 
 
 class Monitor:
@@ -36,6 +36,9 @@ class Monitor:
         self.step_logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
         self.full_logits: torch.Tensor | None = None  # teacher forcing: [batch, positions]
         self._acc: torch.Tensor | None = None
+        self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, selected z [batch, 1, k_l]
+        self._norms: list[torch.Tensor] = []  # ... and ||h|| [batch, 1]
+        self._fast = policy is not None and bound.single_device
         self._running: torch.Tensor | None = None  # [batch] sum of logits so far
         self.triggered: torch.Tensor | None = None  # [batch] bool: the policy has acted on this row
         self.trigger_token: torch.Tensor | None = None  # [batch] generated index that triggered, or -1
@@ -71,7 +74,13 @@ class Monitor:
     def _post_hook(self, term: LayerTerm, first: bool, last: bool):
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             started = time.perf_counter() if self.step_timer is not None else 0.0
-            if self.policy is None or self.forwards > 0:  # the prompt's positions are never scored
+            if self._fast and self.forwards > 0:  # decoding: two ops here, the rest once per step
+                z, h = args[0], output
+                if z.shape[1] != 1:
+                    z, h = z[:, -1:], h[:, -1:]
+                self._z.append(z.index_select(-1, term.index))
+                self._norms.append(torch.linalg.vector_norm(h, dim=-1))
+            elif self.policy is None or self.forwards > 0:  # the prompt's positions are never scored
                 z = args[0] if self.policy is None else args[0][:, -1:]
                 h = output if self.policy is None else output[:, -1:]
                 part = term.logit(z, h)
@@ -93,12 +102,20 @@ class Monitor:
         if self.policy is None:
             self.full_logits = self._acc + self.bound.bias
         elif self.forwards > 0:
-            logit = self._acc[:, -1] + self.bound.bias
+            logit = self._combine() if self._fast else self._acc[:, -1] + self.bound.bias
             self.step_logits.append(logit)
             if self.policy.watches:
                 self._watch(logit, token=self.forwards - 1)
         self._acc = None
         self.forwards += 1
+
+    def _combine(self) -> torch.Tensor:
+        """[batch] logit of this step from the gathered z and norms: sum_j w_j |z_j| / ||h_l(j)|| + b."""
+        z = torch.cat(self._z, dim=-1)[:, 0].float().abs()  # [batch, k]
+        norms = torch.cat(self._norms, dim=-1).float() + EPS  # [batch, hooked layers]
+        self._z.clear()
+        self._norms.clear()
+        return (z * self.bound.weight / norms.index_select(1, self.bound.column_term)).sum(-1) + self.bound.bias
 
     def _watch(self, logit: torch.Tensor, token: int) -> None:
         if self._running is None:

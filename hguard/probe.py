@@ -30,6 +30,7 @@ from .sites import Sites, resolve
 
 FORMAT = "hguard.probe"
 VERSION = "1"
+EPS = 1e-6  # added to ||h|| in every CETT denominator (guard, scorer and feature extraction alike)
 NORM_RTOL = 2e-2  # column norms must agree this closely (covers bf16/fp16 copies of the same weights)
 _ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size")
 _TENSORS = ("layer", "neuron", "weight", "column_norm", "bias")
@@ -252,7 +253,7 @@ class LayerTerm:
     weight: torch.Tensor  # [k_l] probe weight * column norm (fp32)
     h_index: torch.Tensor  # [m_l] the H-Neurons among them (the ones dampen/scale touch)
 
-    def logit(self, z: torch.Tensor, h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    def logit(self, z: torch.Tensor, h: torch.Tensor, eps: float = EPS) -> torch.Tensor:
         """sum_j w_j |z_j| ||W_j|| / ||h||, per position: z [B, T, I], h [B, T, H] -> [B, T] fp32."""
         dot = z.index_select(-1, self.index).abs().float() @ self.weight
         return dot / (torch.linalg.vector_norm(h.float(), dim=-1) + eps)
@@ -286,3 +287,13 @@ class BoundProbe:
                     h_index=neurons[probe.weight[rows] > 0].to(device),
                 )
             )
+        # The decoding fast path gathers every layer's selected z and ||h|| and combines them once per
+        # step; it needs all hooked layers on one device (not so under a multi-device device_map).
+        devices = {term.index.device for term in self.terms}
+        self.single_device = len(devices) == 1
+        self.weight = torch.cat([term.weight for term in self.terms]) if self.single_device else None  # [k]
+        self.column_term = (  # [k]: which hooked layer (term) each selected neuron belongs to
+            torch.cat([torch.full((t.index.numel(),), i, dtype=torch.long) for i, t in enumerate(self.terms)])
+            .to(next(iter(devices)))
+            if self.single_device else None
+        )

@@ -20,9 +20,8 @@ from torch import nn
 
 from ..guard import left_pad
 from ..hooks import HookSpec, hooked
+from ..probe import EPS
 from ..sites import resolve
-
-EPS = 1e-6
 
 
 @dataclass(frozen=True)
