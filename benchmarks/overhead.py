@@ -1,7 +1,8 @@
 """Guarded generation against plain `model.generate` on the same random-init Llama.
 
 Runs are interleaved in ABBA order (plain, guarded, guarded, plain, ...) so machine noise and drift
-hit both alike; `ratio` compares the medians, `pair_ratio_median` is the median over adjacent pairs. Every run generates exactly `new_tokens` tokens per row (min_new_tokens),
+hit both alike; `ratio` compares the medians, `pair_ratio_median` is the median over adjacent pairs, and `cpu_time_ratio` compares the
+median process CPU time (less exposed to a shared machine's neighbours than wall time). Every run generates exactly `new_tokens` tokens per row (min_new_tokens),
 greedy, from left-padded prompts of different lengths. The guarded side is the whole
 `Guard.generate` call (hooks, the fused score, the extra forward that scores the final token, and the
 host-side assembly of results), with action="flag".
@@ -66,14 +67,16 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
 
     plain(), guarded()  # warm up both paths
     times: dict[str, list[float]] = {"plain": [], "guarded": []}
+    cpu: dict[str, list[float]] = {"plain": [], "guarded": []}
     order = [("plain", plain), ("guarded", guarded)]
     for i in range(repeats):
         for name, run in order if i % 2 == 0 else order[::-1]:  # ABBA: drift hits both sides alike
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     pair_ratios = [p / g for p, g in zip(times["plain"], times["guarded"])]
     tokens = batch * new_tokens
     plain_tps = tokens / statistics.median(times["plain"])
@@ -85,6 +88,8 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
         "guarded_tokens_per_s": round(guarded_tps, 2),
         "ratio": round(guarded_tps / plain_tps, 4),
         "pair_ratio_median": round(statistics.median(pair_ratios), 4),
+        # CPU seconds of this process: on a shared VM, time stolen by neighbours does not count here
+        "cpu_time_ratio": round(statistics.median(cpu["plain"]) / statistics.median(cpu["guarded"]), 4),
         "repeats": repeats,
         "plain_s": [round(t, 4) for t in times["plain"]],
         "guarded_s": [round(t, 4) for t in times["guarded"]],
