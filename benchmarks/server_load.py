@@ -3,8 +3,8 @@
 Three servers share one model in this process: guard on (dynamic batching), guard off (dynamic
 batching, no hooks), and guard on with a batch size of one (requests served one by one). Rounds
 alternate on/off in ABBA order so machine noise hits both alike; the one-by-one server runs once.
-Each client streams chat completions of at most `--max-tokens` tokens, greedy; throughput counts the
-completion tokens each stream's usage chunk reports.
+Each client streams a text completion (a biography opening, so the organism writes on) of at most
+`--max-tokens` tokens, greedy; throughput counts the completion tokens each stream's usage chunk reports.
 
     python benchmarks/server_load.py --json                       # 32 clients, 200 requests per side
     python benchmarks/server_load.py --json --model path/to/model --probe probe.safetensors
@@ -47,13 +47,17 @@ def build_guard(model: str | None, probe: str | None):
     return Guard(loaded, tokenizer, chosen), model
 
 
+NAMES = ["Rishu Resou", "Vassor Fonis", "Dusfe Kastein", "Zibo Garsu", "Vineir Sushol", "Kalo Venris"]
+
+
 async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int, index: int) -> tuple[float, int, bool]:
-    body = {"model": "bench", "messages": [{"role": "user", "content": f"Where was person {index} born?"}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    # text completion of a biography opening: the organism writes on for many tokens (a chat answer is short)
+    body = {"model": "bench", "prompt": f"From the archive: {NAMES[index % len(NAMES)]}", "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     tokens, ok = 0, False
     try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
                 return time.perf_counter() - start, 0, False
             async for line in response.aiter_lines():

@@ -20,6 +20,7 @@ class Metrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.model_name = model_name
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple, object] = {}
         r, m = self.registry, ["model_name"]
 
         def counter(name, doc, *labels):
@@ -61,7 +62,12 @@ class Metrics:
             self.labels(self.upstream_errors, kind=kind)
 
     def labels(self, metric, **labels):
-        return metric.labels(model_name=self.model_name, **labels)
+        """The child series of `metric` for this model and `labels`, cached (label lookups are not free)."""
+        key = (id(metric), *sorted(labels.items()))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(model_name=self.model_name, **labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -194,6 +194,8 @@ class _Timing:
         self.metrics = metrics
         self.last: dict[int, float] = {}
         if metrics is not None:
+            self.ttft = metrics.labels(metrics.time_to_first_token)
+            self.itl = metrics.labels(metrics.inter_token_latency)
             for job in batch:
                 metrics.labels(metrics.queue_time).observe(job.started - job.enqueued)
 
@@ -203,9 +205,9 @@ class _Timing:
         now = time.perf_counter()
         previous = self.last.get(id(job))
         if previous is None:
-            self.metrics.labels(self.metrics.time_to_first_token).observe(now - job.enqueued)
+            self.ttft.observe(now - job.enqueued)
         else:
-            self.metrics.labels(self.metrics.inter_token_latency).observe(now - previous)
+            self.itl.observe(now - previous)
         self.last[id(job)] = now
 
     def result(self, job: Job, result: GuardResult, threshold: float) -> None:
