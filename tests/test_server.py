@@ -324,3 +324,12 @@ def test_metrics_parse_and_every_series_has_model_name(client, live):
     assert value[("hguard_tokens_scored_total", (("model_name", "tiny"),))] > 0
     assert any(s.name == "hguard_probe_step_seconds_count" and s.value > 0 for s in samples)
     assert any(s.name == "hguard_time_to_first_token_seconds_count" and s.value > 0 for s in samples)
+
+
+def test_default_length_fits_the_context(guard):
+    settings = ServerSettings(served_model_name="tiny", defaults=GuardDefaults(max_tokens=10_000))
+    with LiveServer(build_app(settings, guard=guard)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+        response = client.completions.create(model="tiny", prompt="The quick brown fox")
+        context = guard.model.config.max_position_embeddings
+        assert 0 < response.usage.completion_tokens <= context - response.usage.prompt_tokens

@@ -68,12 +68,15 @@ class Serving:
             except ValueError as error:
                 raise APIError(400, str(error), param="prompt") from error
             rows.append(ids)
-        max_new = max_new or self.defaults.max_tokens
         longest = max(len(r) for r in rows)
-        if self.context is not None and longest + max_new > self.context:
+        if max_new is None:  # as vLLM does: the default length never overflows the context
+            max_new = self.defaults.max_tokens
+            if self.context is not None:
+                max_new = min(max_new, self.context - longest)
+        if self.context is not None and (max_new < 1 or longest + max_new > self.context):
             raise APIError(
                 400, f"This model's maximum context length is {self.context} tokens. However, you requested "
-                f"{longest + max_new} tokens ({longest} in the prompt, {max_new} for the completion).",
+                f"{longest + max(max_new, 1)} tokens ({longest} in the prompt, {max(max_new, 1)} for the completion).",
                 param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
                 code="context_length_exceeded",
             )
