@@ -333,3 +333,15 @@ def test_default_length_fits_the_context(guard):
         response = client.completions.create(model="tiny", prompt="The quick brown fox")
         context = guard.model.config.max_position_embeddings
         assert 0 < response.usage.completion_tokens <= context - response.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("field, value", [("top_logprobs", 2), ("logprobs", True)])
+def test_unimplemented_fields_are_refused_by_name(client, field, value):
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", 1), ("echo", True)])
+def test_unimplemented_completion_fields_are_refused_by_name(client, field, value):
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.completions.create(model="tiny", prompt="Hi", **{field: value})

@@ -32,6 +32,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _refuse_if_set(value, info):
+    """Fields of the OpenAI API this server parses but does not implement yet: only their off value passes."""
+    if value:
+        raise ValueError(f"{info.field_name} is not supported by this server yet")
+    return value
+
+
 class _Sampling(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -91,14 +98,9 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs is not supported by this server yet")
-        return value
+    _not_yet = field_validator("logprobs", "top_logprobs")(lambda value, info: _refuse_if_set(value, info))
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -106,15 +108,10 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=0, description="not supported yet")
-    echo: bool = Field(default=False, description="only false is supported")
+    logprobs: int | None = None
+    echo: bool = False
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    _not_yet = field_validator("logprobs", "echo")(lambda value, info: _refuse_if_set(value, info))
 
     def prompts(self) -> list:
         prompt = self.prompt
