@@ -255,6 +255,7 @@ class Guard:
             thread.join()
 
     def _run(self, rows, policy, stop, generate_kwargs, on_step, cancel, cancelled_rows=None) -> list[GuardResult]:
+        stop = [s for s in stop if s]  # an empty stop string would end every row at once
         for key in ("streamer", "return_dict_in_generate", "stop_strings"):
             if key in generate_kwargs:
                 raise ValueError(f"{key!r} is set by the guard; use Guard.stream / stop= instead")
@@ -311,10 +312,10 @@ class Guard:
                 )
                 score_last_tokens(self.model, monitor, sequences, full_mask, out.cache)
         logits = monitor.token_logits().cpu() if monitor is not None and monitor.scored else None
-        triggered = (
-            monitor.triggered.cpu().tolist()
-            if monitor is not None and monitor.triggered is not None
-            else [False] * len(cuts)
+        trigger_token = (
+            monitor.trigger_token.cpu().tolist()
+            if monitor is not None and monitor.trigger_token is not None
+            else [-1] * len(cuts)
         )
         results = [
             assemble(
@@ -324,7 +325,7 @@ class Guard:
                 logits[i] if logits is not None else None,
                 self.probe.calibration,
                 policy,
-                bool(triggered[i]) and (policy.action != "abstain" or c.finish_reason == "abstain"),
+                0 <= trigger_token[i] < c.length,  # the policy acted on a token of the answer itself
                 len(rows[i // copies]),
                 i,
             )

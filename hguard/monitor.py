@@ -45,6 +45,8 @@ class Monitor:
         self.factor: torch.Tensor | float = 1.0  # what H-Neurons are multiplied by (per row for dampen)
         self.step_timer = step_timer  # receives the host seconds spent in hooks per forward, if set
         self._hook_seconds = 0.0
+        self._alpha: torch.Tensor | None = None
+        self._ones: torch.Tensor | None = None
         if policy is not None and policy.action == "scale":
             self.factor = float(policy.alpha)
 
@@ -128,8 +130,10 @@ class Monitor:
         self.trigger_token = torch.where(fired, token, self.trigger_token)
         self.triggered |= fired
         if self.policy.action == "dampen":
-            alpha = torch.tensor(self.policy.alpha, dtype=logit.dtype, device=logit.device)
-            self.factor = torch.where(self.triggered, alpha, torch.ones_like(alpha))
+            if self._alpha is None:  # built once per generation, reused every step
+                self._alpha = torch.full_like(logit, self.policy.alpha)
+                self._ones = torch.ones_like(logit)
+            self.factor = torch.where(self.triggered, self._alpha, self._ones)
 
     # ---- results ------------------------------------------------------------------------------
     @property

@@ -294,3 +294,10 @@ def test_per_row_length_limits_and_cancelled_rows(make_guard):
     tokens, results = collect(guard.stream(PROMPTS[:2], max_new_tokens=8, do_sample=False, cancelled_rows=lambda: {0}))
     assert results[1].token_ids == full[1].token_ids[:8]
     assert len(results[0].token_ids) <= 1
+
+
+def test_empty_stop_strings_are_ignored(make_guard):
+    guard = make_guard("llama")
+    plain = guard.generate(PROMPTS[:2], max_new_tokens=6, do_sample=False)
+    empty = guard.generate(PROMPTS[:2], max_new_tokens=6, do_sample=False, stop=[""])
+    assert [r.token_ids for r in empty] == [r.token_ids for r in plain]

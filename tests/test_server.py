@@ -345,3 +345,13 @@ def test_unimplemented_fields_are_refused_by_name(client, field, value):
 def test_unimplemented_completion_fields_are_refused_by_name(client, field, value):
     with pytest.raises(openai.BadRequestError, match=field):
         client.completions.create(model="tiny", prompt="Hi", **{field: value})
+
+
+def test_proxy_turns_bad_client_input_into_4xx(proxied):
+    with pytest.raises(openai.UnprocessableEntityError):
+        proxied.chat.completions.create(model="tiny", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}])
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        proxied.completions.create(model="tiny", prompt=[10**9])
+    with pytest.raises(openai.NotFoundError):
+        proxied.chat.completions.create(model="other", messages=MESSAGES)

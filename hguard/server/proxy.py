@@ -18,7 +18,8 @@ import httpx
 
 from ..guard import Guard
 from ..policy import Policy, flagged_spans, verdict
-from .serving import APIError, GuardDefaults
+from ..results import char_offset
+from .serving import APIError, GuardDefaults, check_model, encode_prompt, messages_of
 
 
 class Proxy:
@@ -41,23 +42,22 @@ class Proxy:
         threshold = options.threshold if options.threshold is not None else self.defaults.threshold
         return self.guard.policy(action, threshold)
 
-    def _check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
-                           param="model", code="model_not_found")
-
     def _forward_body(self, request) -> dict:
         body = request.model_dump(exclude_none=True, exclude={"guard"})
         body.pop("user", None)
         return body
 
-    def _prompt(self, request, chat: bool):
+    def _prompt(self, request, chat: bool) -> list[int]:
+        """The prompt's token ids, encoded once per request (client errors become 400/422 here)."""
         if chat:
-            return [{"role": m.role, "content": m.text()} for m in request.messages]
-        prompts = request.prompts()
+            return encode_prompt(self.guard, messages_of(request))
+        try:
+            prompts = request.prompts()
+        except ValueError as error:
+            raise APIError(400, str(error), param="prompt") from error
         if len(prompts) != 1:
             raise APIError(400, "proxy mode scores one prompt per request", param="prompt")
-        return prompts[0]
+        return encode_prompt(self.guard, prompts[0])
 
     async def _post(self, path: str, body: dict, stream: bool):
         try:
@@ -87,10 +87,9 @@ class Proxy:
         if scores is None:
             return {"probability": None, "verdict": "ok", "action": policy.action, "flagged_spans": []}
         probability = scores.probability
-        ids = scores.token_ids
-        decode = self.guard.tokenizer.decode
+        ids, tokenizer = scores.token_ids, self.guard.tokenizer
         spans = [
-            {"start": min(len(decode(ids[:a])), len(text)), "end": min(len(decode(ids[:b])), len(text)),
+            {"start": char_offset(tokenizer, ids, a, text), "end": char_offset(tokenizer, ids, b, text),
              "probability": p}
             for a, b, p in flagged_spans(scores.token_probs, policy.threshold)
         ]
@@ -101,7 +100,7 @@ class Proxy:
         return report
 
     async def complete(self, request, chat: bool) -> dict:
-        self._check_model(request.model)
+        check_model(request.model, self.model_name)
         policy = self.policy(request)
         prompt = self._prompt(request, chat)
         path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -126,7 +125,7 @@ class Proxy:
         return body
 
     async def stream(self, request, chat: bool) -> AsyncIterator[str]:
-        self._check_model(request.model)
+        check_model(request.model, self.model_name)
         policy = self.policy(request)
         prompt = self._prompt(request, chat)
         path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -144,7 +143,12 @@ class Proxy:
                 data = line[len("data: "):]
                 if data.strip() == "[DONE]":
                     break
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    body = APIError(502, "the upstream sent a malformed stream event", "upstream_error").body()
+                    yield f"data: {json.dumps(body)}\n\n"
+                    break
                 if "error" in chunk:
                     yield f"data: {json.dumps(chunk)}\n\n"
                     continue

@@ -33,6 +33,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def check_model(name: str, served: str) -> None:
+    if name != served:
+        raise APIError(404, f"The model `{name}` does not exist. This server serves `{served}`.",
+                       param="model", code="model_not_found")
+
+
+def messages_of(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The chat as the tokenizer's template wants it (text only; 'developer' is a system message)."""
+    try:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
+    except ValueError as error:
+        raise APIError(422, str(error), param="messages") from error
+
+
+def encode_prompt(guard: Guard, prompt) -> list[int]:
+    try:
+        return guard.encode(prompt)
+    except ValueError as error:
+        raise APIError(400, str(error), param="prompt") from error
+
+
 @dataclass
 class GuardDefaults:
     action: str | None = "flag"
@@ -54,20 +75,9 @@ class Serving:
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
 
     # ---- request -> job -----------------------------------------------------------------------
-    def _check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
-                           param="model", code="model_not_found")
-
     def _job(self, request, prompts: list, max_new: int | None) -> Job:
-        self._check_model(request.model)
-        rows = []
-        for prompt in prompts:
-            try:
-                ids = self.guard.encode(prompt)
-            except ValueError as error:
-                raise APIError(400, str(error), param="prompt") from error
-            rows.append(ids)
+        check_model(request.model, self.model_name)
+        rows = [encode_prompt(self.guard, prompt) for prompt in prompts]
         longest = max(len(r) for r in rows)
         if max_new is None:  # as vLLM does: the default length never overflows the context
             max_new = self.defaults.max_tokens
@@ -91,12 +101,7 @@ class Serving:
         return Job(rows=rows, max_new_tokens=max_new, settings=settings, loop=asyncio.get_running_loop())
 
     def chat_job(self, request: ChatCompletionRequest) -> Job:
-        try:
-            messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                        for m in request.messages]
-        except ValueError as error:
-            raise APIError(422, str(error), param="messages") from error
-        return self._job(request, [messages], request.max_new_tokens())
+        return self._job(request, [messages_of(request)], request.max_new_tokens())
 
     def completion_job(self, request: CompletionRequest) -> Job:
         try:
