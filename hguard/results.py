@@ -108,8 +108,14 @@ def cut(
     if hits:
         at = min(hits)[0]
         text = text[:at]
-        # the token that completed the stop string is the first one whose prefix contains the stop string
-        length = next(n for n in range(1, length + 1) if any(s in decode(tokenizer, ids[:n]) for _, s in hits))
+        # the token that completed the stop string: the shortest prefix containing one (a binary search,
+        # since a longer prefix contains whatever a shorter one does)
+        low, high = 1, length
+        while low < high:
+            middle = (low + high) // 2
+            prefix = decode(tokenizer, ids[:middle])
+            low, high = (low, middle) if any(s in prefix for _, s in hits) else (middle + 1, high)
+        length = low
         reason = "stop"
     return Cut(length, text, reason)
 

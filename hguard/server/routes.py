@@ -50,6 +50,9 @@ async def _complete(http: Request, body, chat: bool):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         results = await serving.results(job)
+    except Exception:
+        serving.record("chat" if chat else "completions", 500, job)
+        raise
     finally:
         job.cancelled.set()
     serving.record("chat" if chat else "completions", 200, job, results, body.n)
