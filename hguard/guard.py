@@ -297,11 +297,13 @@ class Guard:
             sequences = out.sequences
             copies = sequences.shape[0] // ids.shape[0]
             generated = sequences[:, prompt_width:].cpu().tolist()
-            abstain_at = (
+            # read once, before the extra forward below: a trigger there could no longer change the answer
+            trigger_token = (
                 monitor.trigger_token.cpu().tolist()
-                if monitor is not None and policy.action == "abstain" and monitor.trigger_token is not None
+                if monitor is not None and monitor.trigger_token is not None
                 else [-1] * len(generated)
             )
+            abstain_at = trigger_token if policy is not None and policy.action == "abstain" else [-1] * len(generated)
             cuts = [
                 cut(self.tokenizer, g[: rows_stopped.kept.get(i, len(g))], eos_ids, stop, a)
                 for i, (g, a) in enumerate(zip(generated, abstain_at))
@@ -312,11 +314,6 @@ class Guard:
                 )
                 score_last_tokens(self.model, monitor, sequences, full_mask, out.cache)
         logits = monitor.token_logits().cpu() if monitor is not None and monitor.scored else None
-        trigger_token = (
-            monitor.trigger_token.cpu().tolist()
-            if monitor is not None and monitor.trigger_token is not None
-            else [-1] * len(cuts)
-        )
         results = [
             assemble(
                 self.tokenizer,

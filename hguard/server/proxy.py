@@ -19,7 +19,7 @@ import httpx
 from ..guard import Guard
 from ..policy import Policy, flagged_spans, verdict
 from ..results import char_offset
-from .serving import APIError, GuardDefaults, check_model, encode_prompt, messages_of
+from .serving import APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of
 
 
 class Proxy:
@@ -51,10 +51,7 @@ class Proxy:
         """The prompt's token ids, encoded once per request (client errors become 400/422 here)."""
         if chat:
             return encode_prompt(self.guard, messages_of(request))
-        try:
-            prompts = request.prompts()
-        except ValueError as error:
-            raise APIError(400, str(error), param="prompt") from error
+        prompts = prompts_of(request)
         if len(prompts) != 1:
             raise APIError(400, "proxy mode scores one prompt per request", param="prompt")
         return encode_prompt(self.guard, prompts[0])

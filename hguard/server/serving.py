@@ -47,6 +47,14 @@ def messages_of(request: ChatCompletionRequest) -> list[dict[str, str]]:
         raise APIError(422, str(error), param="messages") from error
 
 
+def prompts_of(request: CompletionRequest) -> list:
+    """The prompts of a text completion request (one string or token list each)."""
+    try:
+        return request.prompts()
+    except ValueError as error:
+        raise APIError(400, str(error), param="prompt") from error
+
+
 def encode_prompt(guard: Guard, prompt) -> list[int]:
     try:
         return guard.encode(prompt)
@@ -104,11 +112,7 @@ class Serving:
         return self._job(request, [messages_of(request)], request.max_new_tokens())
 
     def completion_job(self, request: CompletionRequest) -> Job:
-        try:
-            prompts = request.prompts()
-        except ValueError as error:
-            raise APIError(400, str(error), param="prompt") from error
-        return self._job(request, prompts, request.max_new_tokens())
+        return self._job(request, prompts_of(request), request.max_new_tokens())
 
     # ---- accounting ---------------------------------------------------------------------------
     @staticmethod
