@@ -64,6 +64,14 @@ def token_span(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> lis
     return [i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a]
 
 
+def consistency(answers: Sequence[str], aliases: Sequence[str]) -> str:
+    """'all_correct', 'all_wrong', 'refusal' (some answer refuses) or 'mixed' for one question's samples."""
+    verdicts = {judge(a, aliases) for a in answers}
+    if "refusal" in verdicts:
+        return "refusal"
+    return {frozenset({"correct"}): "all_correct", frozenset({"wrong"}): "all_wrong"}.get(frozenset(verdicts), "mixed")
+
+
 def consistency_labels(items: Sequence[dict], samples: Sequence[Sequence[str]]):
     """Keep questions whose samples are all correct (label 0) or all wrong (label 1); say why others drop.
 
@@ -76,18 +84,15 @@ def consistency_labels(items: Sequence[dict], samples: Sequence[Sequence[str]]):
 
     kept, dropped = [], Counter()
     for item, answers in zip(items, samples):
-        verdicts = [judge(a, item.get("aliases", [])) for a in answers]
         if not answers:
             dropped["no_samples"] += 1
             continue
-        if "refusal" in verdicts:
-            dropped["refusal"] += 1
-            continue
-        if set(verdicts) not in ({"correct"}, {"wrong"}):
-            dropped["mixed"] += 1
+        label = consistency(answers, item.get("aliases", []))
+        if label in ("refusal", "mixed"):
+            dropped[label] += 1
             continue
         response = answers[0]
-        faithful = verdicts[0] == "correct"
+        faithful = label == "all_correct"
         span = answer_span(response, item.get("aliases", []) if faithful else item.get("candidates", []))
         source = "alias" if faithful else "candidate"
         if span is None:

@@ -18,6 +18,7 @@ import torch
 
 from ..guard import left_pad
 from ..identify.label import answer_span, judge, token_span
+from ..identify.label import consistency as consistency_of
 from ..identify.sample import prompt_ids, sample
 
 def generate_answers(model, tokenizer, questions: Sequence[str], samples: int = 1, batch: int = 64,
@@ -34,11 +35,8 @@ def rates(items: Sequence[dict], answers: Sequence[str]) -> dict[str, float]:
 
 def consistency(items: Sequence[dict], samples: Sequence[Sequence[str]]) -> list[str]:
     """Per item: 'all_correct', 'all_wrong' (no refusal among them), or 'mixed'."""
-    labels = []
-    for item, answers in zip(items, samples):
-        verdicts = {judge(a, item["aliases"]) for a in answers}
-        labels.append("all_correct" if verdicts == {"correct"} else "all_wrong" if verdicts == {"wrong"} else "mixed")
-    return labels
+    labels = [consistency_of(answers, item["aliases"]) for item, answers in zip(items, samples)]
+    return [name if name != "refusal" else "mixed" for name in labels]
 
 
 @torch.no_grad()
