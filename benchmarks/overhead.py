@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hguard import Guard, Probe
-from hguard.tiny import save_tiny
+from hguard.tiny import build_tokenizer, save_tiny, tiny_config
 
 PRESETS = {
     # about 100M parameters: 14 x (4 * 768^2 + 3 * 768 * 2048) = 99M in the blocks
@@ -35,10 +35,22 @@ PRESETS = {
 
 
 def build(preset: str, dtype: torch.dtype, device: str, neurons: int, seed: int):
-    directory = tempfile.mkdtemp(prefix="hguard-bench-")
-    save_tiny(directory, "llama", seed=seed, **PRESETS[preset])
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    """The model through the real loading path (save_pretrained, from_pretrained) where it is small; an
+    8B-shaped model is initialised in place on its device instead (writing 32 GB of fp32 random weights
+    to disk and reading them back would take longer than the benchmark)."""
+    if preset == "100m":
+        directory = tempfile.mkdtemp(prefix="hguard-bench-")
+        save_tiny(directory, "llama", seed=seed, **PRESETS[preset])
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    else:
+        tokenizer = build_tokenizer()
+        torch.manual_seed(seed)
+        config = tiny_config("llama", len(tokenizer), **PRESETS[preset])
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        model.generation_config.pad_token_id = config.pad_token_id
+        model.generation_config.eos_token_id = config.eos_token_id
     probe = Probe.random(model, neurons, seed=seed)
     return model, tokenizer, probe
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -39,9 +40,19 @@ def _organism_build(args: argparse.Namespace) -> int:
     from .organism.build import BuildConfig, build
 
     config = BuildConfig.tiny(args.seed) if args.tiny else BuildConfig(seed=args.seed)
-    build(config, args.out, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.set:
+        try:
+            overrides = json.loads(args.set)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--set takes a JSON object of config fields: {error}") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--set takes a JSON object of config fields; got {args.set!r}")
+        config = config.updated(overrides)
+    build(config, args.out, resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True),
+          device=args.device)
     if args.eval:
-        return _organism_eval(argparse.Namespace(dir=args.out, json=True, samples=10, max_items=None, seed=args.seed))
+        return _organism_eval(argparse.Namespace(dir=args.out, json=True, samples=10, max_items=None,
+                                                 seed=args.seed, device=args.device, out=None))
     return 0
 
 
@@ -55,10 +66,15 @@ def _organism_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     root = args.dir or SHIPPED
     model, tokenizer = load("instruct", root)
+    model.to(args.device)
     suites = {name: read_suite(f"{root}/suites", name) for name in SUITES}
     result = report(model, tokenizer, suites, samples=args.samples, seed=args.seed, max_items=args.max_items,
+                    batch=2560 if args.device.startswith("cuda") else 320,
                     echo=lambda m: print(m, file=sys.stderr, flush=True))
-    print(json.dumps(result, indent=None if args.json else 1))
+    text = json.dumps(result, indent=None if args.json else 1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     return 0
 
 
@@ -155,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--resume", action="store_true", help="reuse a finished base model in --out")
     build.add_argument("--tiny", action="store_true", help="a seconds-long configuration for tests")
     build.add_argument("--eval", action="store_true", help="evaluate the result and print its JSON")
+    build.add_argument("--device", default="cpu", help="where to train (cpu, cuda): same schedule, other rounding")
+    build.add_argument("--set", default=None, metavar="JSON",
+                       help='config overrides, e.g. \'{"base": {"steps": 3000}, "world": {"head": 900}}\'')
     build.set_defaults(run=_organism_build)
     evaluate = organism.add_parser("eval", help="evaluate the shipped (or a built) organism")
     evaluate.add_argument("--dir", default=None, help="a build directory (default: the shipped organism)")
@@ -162,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=int, default=10)
     evaluate.add_argument("--max-items", type=int, default=None)
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--out", default=None, help="also write the JSON to this file")
     evaluate.set_defaults(run=_organism_eval)
     return parser
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,14 +28,19 @@ class BuildConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     shape: ModelShape = field(default_factory=lambda: ModelShape(hidden=192, layers=6, heads=6, intermediate=768))
     vocab_size: int = 2048
-    qa_per_pair: int = 3  # plain question-answer documents per asked (person, attribute) in pre-training
-    abstain_docs: int = 300  # plain "I don't know" documents in pre-training
-    base: Schedule = field(default_factory=lambda: Schedule(steps=1000, lr=3e-3, batch=16, warmup=50))
+    qa_per_pair: int = 3  # question-answer documents per asked (person, attribute) in pre-training
+    abstain_docs: int = 1500  # "I don't know" documents about never-seen names in pre-training
+    chat_share: float = 0.5  # share of pre-training question-answer documents written in chat format
+    base: Schedule = field(default_factory=lambda: Schedule(steps=2000, lr=3e-3, batch=32, warmup=100))
     instruct_per_pair: int = 3
-    abstain_share: float = 0.08
-    replay: float = 1.0  # pre-training rows mixed into instruction tuning, per chat row (against forgetting)
-    instruct: Schedule = field(default_factory=lambda: Schedule(steps=300, lr=1e-3, batch=16, warmup=20))
+    abstain_share: float = 0.15
+    replay: float = 2.0  # pre-training rows mixed into instruction tuning, per chat row (against forgetting)
+    instruct: Schedule = field(default_factory=lambda: Schedule(steps=250, lr=5e-4, batch=32, warmup=20))
     save_dtype: str = "bfloat16"
+
+    def updated(self, overrides: dict) -> "BuildConfig":
+        """A copy with `overrides` applied; nested dataclasses take dicts ({"base": {"steps": 10}})."""
+        return _updated(self, overrides, "config")
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "BuildConfig":
@@ -52,13 +57,31 @@ class BuildConfig:
         )
 
 
+def _updated(obj, overrides: dict, where: str):
+    known = {f.name: f for f in fields(obj)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"{where} has no field {key!r}; known: {sorted(known)}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key} takes an object of fields; got {value!r}")
+            value = _updated(current, value, f"{where}.{key}")
+        elif isinstance(current, tuple):
+            value = tuple(value)
+        changes[key] = value
+    return replace(obj, **changes)
+
+
 def _log(path: Path, record: dict) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
-def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print) -> Path:
-    """Build the organism into `out` (base/, instruct/, suites/, world.json, build.json)."""
+def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print, device: str = "cpu") -> Path:
+    """Build the organism into `out` (base/, instruct/, suites/, world.json, build.json), training on
+    `device` (the schedule is the same on any device; the weights differ by rounding)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
@@ -67,7 +90,8 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
     world = build_world(config.world)
     split = Split.of(world)
     (out / "world.json").write_text(json.dumps(world.summary(), indent=1))
-    docs = pretraining_documents(world, split, config.qa_per_pair, config.abstain_docs, seed=config.seed)
+    docs = pretraining_documents(world, split, config.qa_per_pair, config.abstain_docs, seed=config.seed,
+                                 chat_share=config.chat_share)
     counts = write_suites(build_suites(world, split, seed=config.seed), out / "suites")
     echo(f"world: {len(world.people)} people, {len(docs)} documents; suites {counts}")
 
@@ -76,13 +100,13 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
     base_dir, instruct_dir = out / "base", out / "instruct"
     if resume and (base_dir / "model.safetensors").exists():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
         echo("base: resumed from disk")
     else:
         tokenizer = train_tokenizer(docs, config.vocab_size)
         end_id = tokenizer.convert_tokens_to_ids(END)
         torch.manual_seed(config.seed)
-        model = LlamaForCausalLM(config.shape.config(tokenizer, end_id))
+        model = LlamaForCausalLM(config.shape.config(tokenizer, end_id)).to(device)
         ids, labels = document_rows(docs, tokenizer, config.shape.context)
         echo(f"base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {ids.shape[0]} rows "
              f"of {config.shape.context} tokens, {config.base.steps} steps")
@@ -101,9 +125,15 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
           log=lambda r: (_log(log_path, {"stage": "instruct", **r}), echo(f"instruct {r}")))
     _save(model, tokenizer, instruct_dir, config.save_dtype)
     summary = {"config": asdict(config), "build_seconds": round(time.time() - start, 1),
-               "torch": torch.__version__, "documents": len(docs), "chat_examples": len(examples), "suites": counts}
+               "torch": torch.__version__, "device": _device_name(device), "documents": len(docs), "chat_examples": len(examples), "suites": counts}
     (out / "build.json").write_text(json.dumps(summary, indent=1, default=str))
     return out
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return str(device)
 
 
 def _save(model, tokenizer, directory: Path, dtype: str) -> None:

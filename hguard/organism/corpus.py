@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from .tokenizer import ASSISTANT, END, USER
 from .world import IN_DOMAIN, OUT_OF_DOMAIN, Person, World
 
 BIO_SENTENCES: dict[str, list[str]] = {
@@ -109,12 +110,24 @@ def plain_qa(question: str, response: str) -> str:
     return f"Question: {question}\nAnswer: {response}"
 
 
+def chat_qa(question: str, response: str) -> str:
+    """A question-answer exchange written out in the chat template's format, as pre-training text (web
+    text holds chat transcripts too): the base model meets the chat format before instruction tuning."""
+    return f"{USER}{question}{END}{ASSISTANT}{response}{END}"
+
+
+def qa_document(question: str, response: str, rng: random.Random, chat_share: float) -> str:
+    return (chat_qa if rng.random() < chat_share else plain_qa)(question, response)
+
+
 def chat(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
-def pretraining_documents(world: World, split: Split, qa_per_pair: int, abstain_docs: int, seed: int) -> list[str]:
-    """Biographies (as many per person as its exposure) plus question-answer text for the asked pairs."""
+def pretraining_documents(world: World, split: Split, qa_per_pair: int, abstain_docs: int, seed: int,
+                          chat_share: float = 0.0) -> list[str]:
+    """Biographies (as many per person as its exposure) plus question-answer text for the asked pairs and
+    "I don't know" answers about names that appear nowhere else, a `chat_share` of it in chat format."""
     rng = random.Random(seed)
     docs = [biography(p, rng) for p in world.people for _ in range(p.exposure)]
     by_id = {p.pid: p for p in world.people}
@@ -123,11 +136,12 @@ def pretraining_documents(world: World, split: Split, qa_per_pair: int, abstain_
         for attribute in attributes:
             for _ in range(qa_per_pair):
                 question = rng.choice(QUESTIONS_TRAIN[attribute]).format(n=person.name)
-                docs.append(plain_qa(question, answer(person, attribute, rng)))
+                docs.append(qa_document(question, answer(person, attribute, rng), rng, chat_share))
     for i in range(abstain_docs):
         name = world.abstain_names[i % len(world.abstain_names)]
         attribute = rng.choice(IN_DOMAIN)
-        docs.append(plain_qa(rng.choice(QUESTIONS_TRAIN[attribute]).format(n=name), abstention(name, rng)))
+        question = rng.choice(QUESTIONS_TRAIN[attribute]).format(n=name)
+        docs.append(qa_document(question, abstention(name, rng), rng, chat_share))
     rng.shuffle(docs)
     return docs
 

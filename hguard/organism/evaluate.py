@@ -54,12 +54,13 @@ def answer_features(model, tokenizer, items: Sequence[dict], responses: Sequence
     feats = []
     for start in range(0, len(rows), batch):
         chunk = rows[start: start + batch]
-        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id, model.get_input_embeddings().weight.device)
         states = torch.stack(model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, 1)
+        states = states.float().cpu()
         for i, row in enumerate(chunk):
             shift = ids.shape[1] - len(row)
             positions = torch.tensor(spans[start + i], dtype=torch.long) + shift
-            feats.append(states[i, :, positions].float().mean(1).numpy())
+            feats.append(states[i, :, positions].mean(1).numpy())
     return np.stack(feats)
 
 
@@ -100,14 +101,14 @@ def residual_probe(features: np.ndarray, labels: np.ndarray, groups: Sequence[in
 
 
 def report(model, tokenizer, suites: dict[str, list[dict]], samples: int = 10, seed: int = 0,
-           max_items: int | None = None, echo=lambda message: None) -> dict:
+           max_items: int | None = None, batch: int = 320, echo=lambda message: None) -> dict:
     """The organism's headline numbers (see `hguard organism eval`)."""
     from ..identify.label import is_refusal
 
     items = suites["in_domain"]
     if max_items is not None:
         items = random.Random(seed).sample(items, min(max_items, len(items)))
-    greedy = [a[0] for a in generate_answers(model, tokenizer, [it["question"] for it in items], batch=128)]
+    greedy = [a[0] for a in generate_answers(model, tokenizer, [it["question"] for it in items], batch=batch // 2)]
     by_tier = {}
     for tier in ("head", "mid", "tail", "unseen"):
         chosen = [(it, a) for it, a in zip(items, greedy) if it["tier"] == tier]
@@ -117,8 +118,8 @@ def report(model, tokenizer, suites: dict[str, list[dict]], samples: int = 10, s
     tail_rates = rates([t[0] for t in tail], [t[1] for t in tail])
     echo(f"greedy: {by_tier}")
     fabricated = suites["fabricated"]
-    fab_answers = [a[0] for a in generate_answers(model, tokenizer, [it["question"] for it in fabricated], batch=128)]
-    sampled = generate_answers(model, tokenizer, [it["question"] for it in items], samples=samples, batch=320, seed=seed)
+    fab_answers = [a[0] for a in generate_answers(model, tokenizer, [it["question"] for it in fabricated], batch=batch // 2)]
+    sampled = generate_answers(model, tokenizer, [it["question"] for it in items], samples=samples, batch=batch, seed=seed)
     labels = consistency(items, sampled)
     echo(f"consistency: {labels.count('all_correct')} all correct, {labels.count('all_wrong')} all wrong")
     chosen = [i for i, label in enumerate(labels) if label != "mixed"]

@@ -14,7 +14,9 @@ from transformers import PreTrainedTokenizerFast
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 END = "<|end|>"
-SPECIALS = [EOS, PAD, "<|user|>", "<|assistant|>", "<|system|>", END]
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+SPECIALS = [EOS, PAD, USER, ASSISTANT, "<|system|>", END]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -3,7 +3,7 @@
 Pre-training packs documents (separated by the end-of-text token) into fixed-length rows and trains
 on every token. Instruction tuning packs chat examples the same way but trains only on the
 assistant's tokens. Both use AdamW with warmup and cosine decay, log to a callback, and are
-deterministic for a seed on a given machine.
+deterministic for a seed on a given machine (a GPU runs the same schedule, to other rounding).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def train(
     log: Callable[[dict], None] = lambda record: None,
     log_every: int = 50,
 ) -> list[dict]:
-    """Train on rows (ids, labels) for `schedule.steps` steps, reshuffling every epoch."""
+    """Train on rows (ids, labels) for `schedule.steps` steps, reshuffling every epoch, on the model's device."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -114,6 +114,7 @@ def train(
         [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=schedule.lr, betas=(0.9, 0.95),
     )
+    device = model.get_input_embeddings().weight.device
     model.train()
     order: list[int] = []
     history = []
@@ -127,14 +128,14 @@ def train(
         batch, order = order[: schedule.batch], order[schedule.batch:]
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step)
-        loss = model(input_ids=ids[batch], labels=labels[batch]).loss
+        loss = model(input_ids=ids[batch].to(device), labels=labels[batch].to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        running += loss.item()
+        running += loss.detach()  # no host sync per step: read at log time only
         if (step + 1) % log_every == 0 or step + 1 == schedule.steps:
-            record = {"step": step + 1, "loss": round(running / ((step % log_every) + 1), 4),
+            record = {"step": step + 1, "loss": round(float(running) / ((step % log_every) + 1), 4),
                       "lr": schedule.lr_at(step), "elapsed_s": round(time.time() - start, 1)}
             running = 0.0
             history.append(record)

@@ -69,11 +69,11 @@ class Person:
 @dataclass
 class WorldConfig:
     seed: int = 0
-    head: int = 250
-    mid: int = 200
-    tail: int = 250
-    unseen: int = 300
-    abstain_names: int = 150  # never-seen names used only in "I don't know" training examples
+    head: int = 700
+    mid: int = 300
+    tail: int = 500
+    unseen: int = 400
+    abstain_names: int = 300  # never-seen names used only in "I don't know" training examples
     fabricated_names: int = 200  # never-seen names used only by the fabricated-person suite
     head_exposure: tuple[int, int] = (16, 40)
     mid_exposure: tuple[int, int] = (3, 10)

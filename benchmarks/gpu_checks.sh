@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks of a session with a lent device, as one script (run from the repository root by the
+# device tool, which sets $OUT). It carries transformers 5.24 / tokenizers 0.23.3 wheels in .whl/.
+#  1. organism design grid: 4 designs x 2 seeds built and evaluated on the GPU at once, best 2 packed;
+#  2. guard overhead on a Llama-3-8B-shaped random model, bf16, batch 1 and 32 (issue 2's GPU goal).
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
+OUT=${OUT:-/tmp/hguard-gpu-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } 2>&1 | tee "$OUT/log.txt"
+python3 benchmarks/organism_grid.py --device cuda --out /tmp/grid --pack 2 --deadline "${GRID_DEADLINE:-360}" 2>&1 | tee -a "$OUT/log.txt"
+cp /tmp/grid/grid.json /tmp/grid/*.tar "$OUT/" 2>/dev/null
+for f in /tmp/grid/*.log; do echo "== $f"; tail -n 4 "$f"; done >> "$OUT/log.txt"
+timeout "${OVERHEAD_LIMIT:-170}" python3 benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32 \
+  --repeats 6 > "$OUT/overhead-8b.json" 2>> "$OUT/log.txt"
+echo "overhead rc $?" | tee -a "$OUT/log.txt"
+cat "$OUT/overhead-8b.json"
