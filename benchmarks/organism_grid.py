@@ -23,11 +23,18 @@ import tarfile
 import time
 from pathlib import Path
 
+# The first grid (H200, 2026-11-27) ran these four; "v3-wide" won and became BuildConfig's default, so
+# the others are now written relative to it.
+SMALL = {"shape": {"hidden": 192, "heads": 6, "intermediate": 768}}
 DESIGNS: dict[str, dict] = {
-    "v3": {},
-    "v3-abstain": {"abstain_share": 0.3, "abstain_docs": 3000},
-    "v3-wide": {"shape": {"hidden": 256, "heads": 8, "intermediate": 1024}, "base": {"steps": 1200}},
-    "v3-long": {"base": {"steps": 2600}},
+    "v3": {**SMALL, "base": {"steps": 2000}},
+    "v3-abstain": {**SMALL, "base": {"steps": 2000}, "abstain_share": 0.3, "abstain_docs": 3000},
+    "v3-wide": {},
+    "v3-long": {**SMALL, "base": {"steps": 2600}},
+    # second grid: a larger vocabulary turns frequent names into fewer, whole-word tokens (as real
+    # tokenizers do for famous names), a possible source of a decodable familiarity signal
+    "v4-vocab": {"vocab_size": 4096},
+    "v4-vocab-abstain": {"vocab_size": 4096, "abstain_share": 0.3, "abstain_docs": 3000},
 }
 GOALS = {"accuracy_known": 0.90, "hallucination_rate_tail": 0.30, "all_correct": 500, "all_wrong": 500,
          "residual_probe_auroc": 0.85}

@@ -26,12 +26,12 @@ from .world import World, WorldConfig, build_world
 class BuildConfig:
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
-    shape: ModelShape = field(default_factory=lambda: ModelShape(hidden=192, layers=6, heads=6, intermediate=768))
+    shape: ModelShape = field(default_factory=lambda: ModelShape(hidden=256, layers=6, heads=8, intermediate=1024))
     vocab_size: int = 2048
     qa_per_pair: int = 3  # question-answer documents per asked (person, attribute) in pre-training
     abstain_docs: int = 1500  # "I don't know" documents about never-seen names in pre-training
     chat_share: float = 0.5  # share of pre-training question-answer documents written in chat format
-    base: Schedule = field(default_factory=lambda: Schedule(steps=2000, lr=3e-3, batch=32, warmup=100))
+    base: Schedule = field(default_factory=lambda: Schedule(steps=1200, lr=3e-3, batch=32, warmup=100))
     instruct_per_pair: int = 3
     abstain_share: float = 0.15
     replay: float = 2.0  # pre-training rows mixed into instruction tuning, per chat row (against forgetting)
