@@ -95,32 +95,70 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _identify(args: argparse.Namespace) -> int:
+def _model_and_tokenizer(name: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .identify.pipeline import identify
-
-    if args.model == "organism":
+    if name == "organism":
         from .organism import load
 
-        model, tokenizer = load("instruct")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    with open(args.data) as handle:
+        return load("instruct")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(name)
+
+
+def _read_items(path) -> list[dict]:
+    with open(path) as handle:
         items = [json.loads(line) for line in handle if line.strip()]
     for i, item in enumerate(items):  # TriviaQA-style fields are accepted as they are
         item.setdefault("id", item.get("question_id", i))
         if "aliases" not in item:
             answer = item.get("answer")
             item["aliases"] = answer.get("aliases", [answer.get("value")]) if isinstance(answer, dict) else [answer]
+    return items
+
+
+def _identify(args: argparse.Namespace) -> int:
+    from .identify.pipeline import identify
+
+    model, tokenizer = _model_and_tokenizer(args.model)
+    items = _read_items(args.data)
     if args.limit:
         items = items[: args.limit]
     work = args.work or tempfile.mkdtemp(prefix="hguard-identify-")
     report = identify(model, tokenizer, items, work, args.out, samples=args.samples, seed=args.seed,
                       echo=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=1))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .identify.evaluate import evaluate_suites
+    from .probe import Probe
+    from .registry import find_probe
+
+    if args.suites:
+        directory = Path(args.suites)
+    else:
+        from .organism import SHIPPED
+
+        directory = SHIPPED / "suites"
+    names = args.suite or ["in_domain", "paraphrase", "other_attribute", "fabricated"]
+    missing = [n for n in names if not (directory / f"{n}.jsonl").exists()]
+    if missing:
+        raise ValueError(f"no {', '.join(n + '.jsonl' for n in missing)} in {directory}")
+    suites = {name: _read_items(directory / f"{name}.jsonl") for name in names}
+    model, tokenizer = _model_and_tokenizer(args.model)
+    probe = Probe.load(args.probe, model) if args.probe else find_probe(model)
+    report = evaluate_suites(model, tokenizer, probe, suites, training=names[0], limit=args.limit,
+                             samples=args.samples, seed=args.seed, draws=args.draws, rounds=args.rounds,
+                             logit_baselines=not args.no_logit_baselines,
+                             echo=lambda m: print(m, file=sys.stderr, flush=True))
+    report = {"model": args.model, "probe": args.probe or "default", **report}
+    text = json.dumps(report, indent=None if args.json else 1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     return 0
 
 
@@ -163,6 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--seed", type=int, default=0)
     ident.set_defaults(run=_identify)
 
+    ev = commands.add_parser("eval", help="the probe against baselines on every QA suite (bootstrap 95% CIs)")
+    ev.add_argument("--model", default="organism", help="local directory, hub id, or 'organism' (default)")
+    ev.add_argument("--probe", default=None, help="probe file (default: the known probe matching the model)")
+    ev.add_argument("--suites", default=None, help="directory of <suite>.jsonl (default: the organism's suites)")
+    ev.add_argument("--suite", action="append", default=None,
+                    help="suite name, repeatable; the first is the one baselines are fitted on "
+                         "(default: in_domain paraphrase other_attribute fabricated)")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many questions per suite")
+    ev.add_argument("--samples", type=int, default=10)
+    ev.add_argument("--draws", type=int, default=10, help="random-neuron probes averaged")
+    ev.add_argument("--rounds", type=int, default=1000, help="bootstrap resamples")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--no-logit-baselines", action="store_true", help="skip lm-polygraph's logit scores")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    ev.add_argument("--out", default=None, help="also write the JSON to this file")
+    ev.set_defaults(run=_eval)
+
     organism = commands.add_parser("organism", help="the built-in model organism").add_subparsers(
         dest="organism_command", required=True)
     build = organism.add_parser("build", help="rebuild the organism deterministically from a seed")
@@ -189,9 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .probe import ProbeFormatError
+    from .registry import ProbeNotFoundError
+
     try:
         return args.run(args)
-    except ValueError as error:
+    except (ValueError, ProbeNotFoundError, ProbeFormatError, FileNotFoundError) as error:
         print(f"hguard: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,146 @@
+"""`hguard eval` on a tiny organism: statistics, scorers, the logit baselines and the report's shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hguard import Probe
+from hguard.cli import main
+from hguard.identify.evaluate import (
+    auroc, balanced, best_threshold, bootstrap, evaluate_suites, fabricated_labels, fact_side, probe_scorer,
+    response_stats,
+)
+from hguard.identify.features import Example, cett_means
+from hguard.identify.logit_scores import logit_scores
+from hguard.identify.sample import sample
+from hguard.organism import load
+from hguard.organism.build import BuildConfig, build
+from hguard.organism.suites import read_suite
+
+METHODS = ("h_neurons", "random_neurons", "all_neurons", "residual", "max_sequence_probability",
+           "mean_token_entropy", "perplexity")
+
+
+@pytest.fixture(scope="module")
+def organism(tmp_path_factory):
+    directory = build(BuildConfig.tiny(seed=4), tmp_path_factory.mktemp("tiny-organism"), echo=lambda m: None)
+    model, tokenizer = load("instruct", directory)
+    return directory, model, tokenizer
+
+
+def test_auroc_matches_scikit_learn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.normal(size=300) + y, 1)  # rounding makes ties
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert np.isnan(auroc(np.ones(5), np.arange(5)))
+
+
+def test_balanced_threshold_and_bootstrap():
+    y = np.array([1] * 30 + [0] * 10)
+    index = balanced(y, seed=0)
+    assert (y[index] == 1).sum() == (y[index] == 0).sum() == 10
+    s = np.array([2.0] * 30 + [0.0] * 10)
+    t = best_threshold(y, s)
+    assert 0.0 < t < 2.0
+    result = bootstrap(y, [s], [t], rounds=50, seed=0)
+    assert result["auroc"] == 1.0 and result["accuracy"] == 1.0 and result["auroc_ci"] == [1.0, 1.0]
+    noisy = bootstrap(y, [y + np.random.default_rng(1).normal(size=40)], [0.5], rounds=200, seed=0)
+    low, high = noisy["auroc_ci"]
+    assert low <= noisy["auroc"] <= high and 0.5 < noisy["auroc"] < 1.0 and high - low > 0.05
+
+
+def test_logit_scores_are_lm_polygraphs():
+    ll = [np.log([0.5, 0.25]), np.log([0.9])]
+    ent = [np.array([0.2, 0.4]), np.array([1.0])]
+    scores = logit_scores(ll, ent)
+    assert scores["max_sequence_probability"] == pytest.approx([np.log(8), -np.log(0.9)])
+    assert scores["perplexity"] == pytest.approx([np.log(8) / 2, -np.log(0.9)])
+    assert scores["mean_token_entropy"] == pytest.approx([0.3, 1.0])
+    import sys
+
+    assert "lm_polygraph.estimators.max_probability" in sys.modules  # the library's own estimator ran
+
+
+def test_fabricated_labels_need_unanimous_samples():
+    items = [{"id": i, "question": "q", "aliases": []} for i in range(3)]
+    samples = [["I don't know who X is."] * 3, ["Velamor."] * 3, ["Velamor.", "I have no information about X."]]
+    kept, dropped = fabricated_labels(items, samples)
+    assert [k["label"] for k in kept] == [0, 1] and dropped == {"mixed": 1}
+
+
+def test_sides_follow_the_fact_not_the_phrasing():
+    a = {"id": "in_domain-3-city", "pid": 3, "attribute": "city"}
+    b = {"id": "paraphrase-3-city", "pid": 3, "attribute": "city"}
+    assert fact_side(a) == fact_side(b)
+    assert fact_side({"id": "q-17"}) in ("train", "val", "test")
+
+
+def test_scorer_and_response_stats_agree_with_the_model(organism):
+    _, model, tokenizer = organism
+    examples = [Example(str(i), tokenizer(f"Question {i}? ")["input_ids"][: 3 + i],
+                        tokenizer(" answer number %d." % i)["input_ids"], [0, 1]) for i in range(3)]
+    probe = Probe.random(model, 8, seed=1)
+    answer, other = cett_means(model, examples, tokenizer.pad_token_id)
+    residual, ll, ent = response_stats(model, examples, tokenizer.pad_token_id)
+
+    class Data:
+        cett = answer.numpy()
+
+    scores = probe_scorer(probe, model.config.intermediate_size)(Data)
+    flat = probe.layer * model.config.intermediate_size + probe.neuron
+    expected = probe.bias + (answer[:, flat] * probe.weight).sum(1)
+    assert scores == pytest.approx(expected.numpy(), abs=1e-5)
+    for i, example in enumerate(examples):  # padded batch == one unpadded pass per example
+        ids = torch.tensor([example.prompt_ids + example.response_ids])
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+        logp = torch.log_softmax(out.logits[0], -1)
+        start = len(example.prompt_ids)
+        want = logp[start - 1:-1].gather(1, ids[0, start:, None])[:, 0]
+        assert ll[i] == pytest.approx(want.numpy(), abs=1e-4)
+        assert ent[i] == pytest.approx((-(logp.exp() * logp).sum(-1))[start - 1:-1].numpy(), abs=1e-4)
+        states = torch.stack(out.hidden_states)[:, 0, [start, start + 1]].mean(1)
+        assert residual[i] == pytest.approx(states.numpy(), abs=1e-4)
+
+
+def _with_both_classes(model, tokenizer, items):
+    """The tiny model knows nothing: make every other greedy answer 'correct' so both classes exist."""
+    greedy = sample(model, tokenizer, items, samples=1, max_new_tokens=6)
+    for i, (item, [answer]) in enumerate(zip(items, greedy)):
+        words = answer.split()
+        if i % 2 == 0 and words:
+            item["aliases"] = [words[0]]
+        item["candidates"] = []
+    return items
+
+
+def test_report_has_every_method_per_suite(organism):
+    directory, model, tokenizer = organism
+    train = _with_both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain"))
+    para = _with_both_classes(model, tokenizer, read_suite(directory / "suites", "paraphrase"))
+    probe = Probe.random(model, 6, seed=0)
+    report = evaluate_suites(model, tokenizer, probe, {"in_domain": train, "paraphrase": para}, samples=1,
+                             max_new_tokens=6, draws=2, rounds=20, Cs=(1.0, 10.0))
+    assert report["neurons_kept"] == 6 and report["per_mille"] == pytest.approx(1000 * 6 / (2 * 64))
+    for name in ("in_domain", "paraphrase"):
+        suite = report["suites"][name]
+        assert suite["held_out"] <= suite["kept"] <= suite["questions"]
+        if "note" in suite:
+            continue
+        for method in METHODS:
+            entry = suite[method]
+            assert 0.0 <= entry["auroc"] <= 1.0 and 0.0 <= entry["accuracy"] <= 1.0
+            assert entry["auroc_ci"][0] <= entry["auroc"] + 1e-9 and entry["auroc"] <= entry["auroc_ci"][1] + 1e-9
+    assert report["training"]["train"]["faithful"] > 0 and report["training"]["val"]["hallucinated"] > 0
+
+
+def test_eval_cli_refuses_missing_suites(organism, tmp_path, capsys):
+    assert main(["eval", "--model", str(organism[0] / "instruct"), "--suites", str(tmp_path), "--json"]) == 2
+    assert "in_domain.jsonl" in capsys.readouterr().err
