@@ -1,0 +1,50 @@
+"""Smoke runs of the organism studies in benchmarks/ on a tiny organism: each writes its JSON and plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, tmp_path: Path, *extra: str) -> dict:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--tiny", "--limit", "6", "--batch", "8",
+                             "--out", str(tmp_path), "--json", *extra], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    written = json.loads((tmp_path / script.replace(".py", ".json")).read_text())
+    assert (tmp_path / script.replace(".py", ".png")).stat().st_size > 1000
+    assert printed["command"] == written["command"] and written["tiny"] is True
+    return written
+
+
+def test_intervention(tmp_path):
+    result = run("intervention.py", tmp_path)
+    assert result["alphas"] == [0.0, 1.0, 3.0]
+    for key in ("h_neurons", "random_neurons"):
+        row = result["curves"][key]["1.0"]
+        for name in ("false_premise", "sycophancy", "counterfactual", "hallucination_tail", "accuracy_known"):
+            assert row[name]["n"] > 0 and 0.0 <= row[name]["rate"] <= 1.0
+            low, high = row[name]["ci"]
+            assert low <= row[name]["rate"] <= high
+
+
+def test_origins(tmp_path):
+    result = run("origins.py", tmp_path)
+    drift = result["drift"]
+    assert drift["neurons"] == 2 * 64 and 0.0 <= drift["mean_normalised_rank_all"] <= 1.0
+    assert drift["mean_normalised_rank_all"] == pytest.approx(0.5, abs=1e-6)  # ranks spread evenly over [0, 1]
+    assert set(result["transfer"]) == {"in_domain", "paraphrase", "other_attribute"}
+
+
+def test_actions(tmp_path):
+    result = run("actions.py", tmp_path)
+    assert set(result) >= {"flag", "abstain", "dampen"}
+    curves = result["abstain"]["risk_coverage"]["curves"]
+    assert set(curves) == {"h_neuron_probe", "max_sequence_probability", "mean_token_entropy", "perplexity"}
+    assert result["dampen"]["off"]["accuracy_known"]["n"] == result["dampen"]["dampen"]["accuracy_known"]["n"]
