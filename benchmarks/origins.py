@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from organism_common import arguments, emit, organism, pyplot, suite
 
-from hguard.identify.evaluate import auroc, bootstrap, fact_side, probe_scorer
+from hguard.identify.evaluate import bootstrap, fact_side, probe_scorer
 from hguard.identify.features import Example, cett_means
 from hguard.identify.label import answer_span, judge, token_span
 from hguard.identify.sample import prompt_ids

@@ -45,3 +45,31 @@ def make_guard(tiny_dirs):
         return Guard(model, tokenizer, Probe.random(model, count, seed=seed, **probe_kw))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_organism(tmp_path_factory):
+    """(directory, model, tokenizer) of a seconds-long organism build, shared by the pipeline tests."""
+    from hguard.organism import load as load_organism
+    from hguard.organism.build import BuildConfig, build
+
+    directory = build(BuildConfig.tiny(seed=9), tmp_path_factory.mktemp("tiny-organism"), echo=lambda m: None)
+    model, tokenizer = load_organism("instruct", directory)
+    return directory, model, tokenizer
+
+
+@pytest.fixture
+def both_classes():
+    """The tiny organism knows nothing: make every other greedy answer 'correct' so both classes exist."""
+    from hguard.identify.sample import sample
+
+    def relabel(model, tokenizer, items: list[dict]) -> list[dict]:
+        greedy = sample(model, tokenizer, items, samples=1, max_new_tokens=6)
+        for i, (item, [answer]) in enumerate(zip(items, greedy)):
+            words = answer.split()
+            if i % 2 == 0 and words:
+                item["aliases"] = [words[0]]
+            item["candidates"] = []
+        return items
+
+    return relabel

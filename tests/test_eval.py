@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -16,20 +15,15 @@ from hguard.identify.evaluate import (
 )
 from hguard.identify.features import Example, cett_means
 from hguard.identify.logit_scores import logit_scores
-from hguard.identify.sample import sample
-from hguard.organism import load
-from hguard.organism.build import BuildConfig, build
 from hguard.organism.suites import read_suite
 
 METHODS = ("h_neurons", "random_neurons", "all_neurons", "residual", "max_sequence_probability",
            "mean_token_entropy", "perplexity")
 
 
-@pytest.fixture(scope="module")
-def organism(tmp_path_factory):
-    directory = build(BuildConfig.tiny(seed=4), tmp_path_factory.mktemp("tiny-organism"), echo=lambda m: None)
-    model, tokenizer = load("instruct", directory)
-    return directory, model, tokenizer
+@pytest.fixture
+def organism(tiny_organism):
+    return tiny_organism
 
 
 def test_auroc_matches_scikit_learn_with_ties():
@@ -110,21 +104,10 @@ def test_scorer_and_response_stats_agree_with_the_model(organism):
         assert residual[i] == pytest.approx(states.numpy(), abs=1e-4)
 
 
-def _with_both_classes(model, tokenizer, items):
-    """The tiny model knows nothing: make every other greedy answer 'correct' so both classes exist."""
-    greedy = sample(model, tokenizer, items, samples=1, max_new_tokens=6)
-    for i, (item, [answer]) in enumerate(zip(items, greedy)):
-        words = answer.split()
-        if i % 2 == 0 and words:
-            item["aliases"] = [words[0]]
-        item["candidates"] = []
-    return items
-
-
-def test_report_has_every_method_per_suite(organism):
+def test_report_has_every_method_per_suite(organism, both_classes):
     directory, model, tokenizer = organism
-    train = _with_both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain"))
-    para = _with_both_classes(model, tokenizer, read_suite(directory / "suites", "paraphrase"))
+    train = both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain"))
+    para = both_classes(model, tokenizer, read_suite(directory / "suites", "paraphrase"))
     probe = Probe.random(model, 6, seed=0)
     report = evaluate_suites(model, tokenizer, probe, {"in_domain": train, "paraphrase": para}, samples=1,
                              max_new_tokens=6, draws=2, rounds=20, Cs=(1.0, 10.0))

@@ -13,17 +13,12 @@ from hguard.identify.features import Example, cett_means
 from hguard.identify.fit import fit_l1, split_of, three_vs_one
 from hguard.identify.label import consistency_labels, judge, normalize
 from hguard.identify.pipeline import identify
-from hguard.identify.sample import sample
-from hguard.organism import load
-from hguard.organism.build import BuildConfig, build
 from hguard.organism.suites import read_suite
 
 
-@pytest.fixture(scope="module")
-def organism(tmp_path_factory):
-    directory = build(BuildConfig.tiny(seed=9), tmp_path_factory.mktemp("tiny-organism"), echo=lambda m: None)
-    model, tokenizer = load("instruct", directory)
-    return directory, model, tokenizer
+@pytest.fixture
+def organism(tiny_organism):
+    return tiny_organism
 
 
 def test_normalised_matching_and_refusals():
@@ -78,16 +73,9 @@ def test_fit_folds_standardisation_into_raw_weights():
     assert xs.shape[0] == 10  # no other-token rows where responses had none
 
 
-def test_pipeline_end_to_end(organism, tmp_path):
+def test_pipeline_end_to_end(organism, tmp_path, both_classes):
     directory, model, tokenizer = organism
-    items = read_suite(directory / "suites", "in_domain")[:48]
-    greedy = sample(model, tokenizer, items, samples=1, max_new_tokens=6)
-    # the tiny model knows nothing; make half of its greedy answers "correct" so both classes exist
-    for i, (item, [answer]) in enumerate(zip(items, greedy)):
-        words = answer.split()
-        if i % 2 == 0 and words:
-            item["aliases"] = [words[0]]
-        item["candidates"] = []
+    items = both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain")[:48])
     out = tmp_path / "probe.safetensors"
     report = identify(model, tokenizer, items, tmp_path / "work", out, samples=1, max_new_tokens=6,
                       Cs=(0.1, 1.0, 10.0), max_kept_ratio=1.0, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def run(script: str, tmp_path: Path, *extra: str) -> dict:
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--tiny", "--limit", "6", "--batch", "8",
-                             "--out", str(tmp_path), "--json", *extra], capture_output=True, text=True, timeout=300)
+                             "--out", str(tmp_path), "--json", *extra], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny models: threads only add overhead
     assert result.returncode == 0, result.stderr[-2000:]
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     written = json.loads((tmp_path / script.replace(".py", ".json")).read_text())

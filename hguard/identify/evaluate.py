@@ -31,7 +31,7 @@ from ..guard import left_pad
 from ..probe import Probe
 from ..sites import resolve
 from .features import Example, cett_means
-from .fit import fit_l1, three_vs_one
+from .fit import balanced, fit_l1, three_vs_one
 from .label import is_refusal
 from .label import consistency_labels as qa_labels
 from .pipeline import examples_for
@@ -145,14 +145,6 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores)
     return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def balanced(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Indices of a class-balanced subsample (the larger class cut to the smaller one's size)."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    size = min(pos.size, neg.size)
-    return np.sort(np.concatenate([rng.choice(pos, size, replace=False), rng.choice(neg, size, replace=False)]))
 
 
 def best_threshold(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -24,6 +24,16 @@ def split_of(question_id: str, seed: int = 0, fractions=(0.6, 0.2, 0.2)) -> str:
     return "val" if digest < fractions[0] + fractions[1] else "test"
 
 
+def balanced(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of a class-balanced subsample (the larger class cut to the smaller one's size)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    size = min(pos.size, neg.size)
+    if size == 0:  # one class only: nothing to balance against
+        return np.arange(labels.size)
+    return np.sort(np.concatenate([rng.choice(pos, size, replace=False), rng.choice(neg, size, replace=False)]))
+
+
 def three_vs_one(answer: np.ndarray, other: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positives: answer-token features of hallucinated responses. Negatives: answer-token features of
     faithful responses, and other-token features of both (where a response has other tokens)."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..sites import resolve
 from .features import Example, extract, read_chunks
-from .fit import calibrate, split_of, sweep, three_vs_one, threshold_for, to_probe
+from .fit import balanced, calibrate, split_of, sweep, three_vs_one, threshold_for, to_probe
 from .label import consistency_labels, token_span
 from .sample import prompt_ids, sample
 
@@ -38,7 +38,7 @@ def examples_for(tokenizer, kept: list[dict]) -> tuple[list[Example], dict[str, 
 def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
-             echo=lambda message: None) -> dict:
+             balance: bool = True, echo=lambda message: None) -> dict:
     """Run the whole pipeline; writes the probe to `out` and returns the report."""
     from sklearn.metrics import roc_auc_score
 
@@ -64,7 +64,10 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     counts = {s: {"faithful": int(((side == s) & (y == 0)).sum()), "hallucinated": int(((side == s) & (y == 1)).sum())}
               for s in ("train", "val", "test")}
     echo(f"split by question id: {counts}")
-    train_x, train_y = three_vs_one(answer_x[side == "train"], other_x[side == "train"], y[side == "train"])
+    train = np.flatnonzero(side == "train")
+    if balance:  # the paper fits on equal numbers of faithful and hallucinated questions
+        train = train[balanced(y[train], seed)]
+    train_x, train_y = three_vs_one(answer_x[train], other_x[train], y[train])
     rows, fits = sweep(train_x, train_y, answer_x[side == "val"], y[side == "val"], Cs)
     allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= max_kept_ratio * total] or \
               [i for i, f in enumerate(fits) if f.kept > 0]
@@ -86,7 +89,8 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
         "questions": len(items), "kept": len(examples), "dropped": dropped, "split": counts, "sweep": rows,
         "C": chosen.C, "neurons_kept": chosen.kept, "h_neurons": int((chosen.weight > 0).sum()),
         "per_mille": round(1000 * chosen.kept / total, 4), "false_flag_rate": false_flag_rate, "test": test,
-        "samples_per_question": samples, "standardised": True,
+        "samples_per_question": samples, "standardised": True, "balanced_train": balance,
+        "train_questions": int(train.size),
     }
     probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, calibration=calibration,
                      threshold=threshold, training=summary)

@@ -125,7 +125,8 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
           log=lambda r: (_log(log_path, {"stage": "instruct", **r}), echo(f"instruct {r}")))
     _save(model, tokenizer, instruct_dir, config.save_dtype)
     summary = {"config": asdict(config), "build_seconds": round(time.time() - start, 1),
-               "torch": torch.__version__, "device": _device_name(device), "documents": len(docs), "chat_examples": len(examples), "suites": counts}
+               "torch": torch.__version__, "device": _device_name(device), "documents": len(docs),
+               "chat_examples": len(examples), "suites": counts}
     (out / "build.json").write_text(json.dumps(summary, indent=1, default=str))
     return out
 

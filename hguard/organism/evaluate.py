@@ -118,8 +118,10 @@ def report(model, tokenizer, suites: dict[str, list[dict]], samples: int = 10, s
     tail_rates = rates([t[0] for t in tail], [t[1] for t in tail])
     echo(f"greedy: {by_tier}")
     fabricated = suites["fabricated"]
-    fab_answers = [a[0] for a in generate_answers(model, tokenizer, [it["question"] for it in fabricated], batch=batch // 2)]
-    sampled = generate_answers(model, tokenizer, [it["question"] for it in items], samples=samples, batch=batch, seed=seed)
+    fab_answers = [a[0] for a in generate_answers(model, tokenizer, [it["question"] for it in fabricated],
+                                                  batch=batch // 2)]
+    sampled = generate_answers(model, tokenizer, [it["question"] for it in items], samples=samples, batch=batch,
+                               seed=seed)
     labels = consistency(items, sampled)
     echo(f"consistency: {labels.count('all_correct')} all correct, {labels.count('all_wrong')} all wrong")
     chosen = [i for i, label in enumerate(labels) if label != "mixed"]
