@@ -23,18 +23,22 @@ import tarfile
 import time
 from pathlib import Path
 
-# The first grid (H200, 2026-11-27) ran these four; "v3-wide" won and became BuildConfig's default, so
-# the others are now written relative to it.
-SMALL = {"shape": {"hidden": 192, "heads": 6, "intermediate": 768}}
+# Two grids ran on an H200 (2026-11-27, results in benchmarks/results/organism-grid-h200-*.json); the
+# designs are written relative to today's BuildConfig defaults, which came out of them: "v3-wide"'s
+# shape, "v4-vocab"'s vocabulary, and a smaller abstention share (0.08, tried on the CPU after the
+# grids showed 0.15 made the model abstain on two thirds of the tail).
+GRID1 = {"vocab_size": 2048, "abstain_share": 0.15}
+SMALL = {**GRID1, "shape": {"hidden": 192, "heads": 6, "intermediate": 768}}
 DESIGNS: dict[str, dict] = {
     "v3": {**SMALL, "base": {"steps": 2000}},
     "v3-abstain": {**SMALL, "base": {"steps": 2000}, "abstain_share": 0.3, "abstain_docs": 3000},
-    "v3-wide": {},
+    "v3-wide": GRID1,
     "v3-long": {**SMALL, "base": {"steps": 2600}},
     # second grid: a larger vocabulary turns frequent names into fewer, whole-word tokens (as real
     # tokenizers do for famous names), a possible source of a decodable familiarity signal
-    "v4-vocab": {"vocab_size": 4096},
-    "v4-vocab-abstain": {"vocab_size": 4096, "abstain_share": 0.3, "abstain_docs": 3000},
+    "v4-vocab": {"abstain_share": 0.15},
+    "v4-vocab-abstain": {"abstain_share": 0.3, "abstain_docs": 3000},
+    "v4": {},
 }
 GOALS = {"accuracy_known": 0.90, "hallucination_rate_tail": 0.30, "all_correct": 500, "all_wrong": 500,
          "residual_probe_auroc": 0.85}

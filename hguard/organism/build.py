@@ -27,13 +27,13 @@ class BuildConfig:
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
     shape: ModelShape = field(default_factory=lambda: ModelShape(hidden=256, layers=6, heads=8, intermediate=1024))
-    vocab_size: int = 2048
+    vocab_size: int = 4096  # frequent names become few whole-word tokens, as in real tokenizers
     qa_per_pair: int = 3  # question-answer documents per asked (person, attribute) in pre-training
     abstain_docs: int = 1500  # "I don't know" documents about never-seen names in pre-training
     chat_share: float = 0.5  # share of pre-training question-answer documents written in chat format
     base: Schedule = field(default_factory=lambda: Schedule(steps=1200, lr=3e-3, batch=32, warmup=100))
     instruct_per_pair: int = 3
-    abstain_share: float = 0.15
+    abstain_share: float = 0.08
     replay: float = 2.0  # pre-training rows mixed into instruction tuning, per chat row (against forgetting)
     instruct: Schedule = field(default_factory=lambda: Schedule(steps=250, lr=5e-4, batch=32, warmup=20))
     save_dtype: str = "bfloat16"
