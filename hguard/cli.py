@@ -127,7 +127,7 @@ def _identify(args: argparse.Namespace) -> int:
         items = items[: args.limit]
     work = args.work or tempfile.mkdtemp(prefix="hguard-identify-")
     report = identify(model, tokenizer, items, work, args.out, samples=args.samples, seed=args.seed,
-                      echo=lambda m: print(m, file=sys.stderr, flush=True))
+                      resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=1))
     return 0
 
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--limit", type=int, default=None)
     ident.add_argument("--work", default=None, help="directory for features and the report")
     ident.add_argument("--seed", type=int, default=0)
+    ident.add_argument("--resume", action="store_true", help="reuse the answers sampled into --work before")
     ident.set_defaults(run=_identify)
 
     ev = commands.add_parser("eval", help="the probe against baselines on every QA suite (bootstrap 95% CIs)")

@@ -85,3 +85,19 @@ def test_pipeline_end_to_end(organism, tmp_path, both_classes):
     assert sum(report["split"][s][k] for s in report["split"] for k in ("faithful", "hallucinated")) == report["kept"]
     assert json.loads((tmp_path / "work" / "report.json").read_text())["C"] == report["C"]
     assert 0.0 <= probe.threshold <= 1.0
+
+
+def test_resume_reuses_the_sampled_answers(organism, tmp_path, both_classes, monkeypatch):
+    directory, model, tokenizer = organism
+    items = both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain")[:48])
+    kwargs = dict(samples=1, max_new_tokens=6, Cs=(1.0, 10.0), max_kept_ratio=1.0, progress=False)
+    first = identify(model, tokenizer, items, tmp_path / "work", tmp_path / "a.safetensors", **kwargs)
+
+    def no_sampling(*args, **kw):
+        raise AssertionError("resume sampled again")
+
+    monkeypatch.setattr("hguard.identify.pipeline.sample", no_sampling)
+    again = identify(model, tokenizer, items, tmp_path / "work", tmp_path / "b.safetensors", resume=True, **kwargs)
+    assert again["split"] == first["split"] and again["neurons_kept"] == first["neurons_kept"]
+    with pytest.raises(AssertionError, match="sampled again"):  # other questions: the cache does not apply
+        identify(model, tokenizer, items[:40], tmp_path / "work", tmp_path / "c.safetensors", resume=True, **kwargs)

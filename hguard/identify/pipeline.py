@@ -19,7 +19,7 @@ from .fit import balanced, calibrate, split_of, sweep, three_vs_one, threshold_f
 from .label import consistency_labels, token_span
 from .sample import prompt_ids, sample
 
-DEFAULT_CS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_CS = (0.003, 0.005, 0.01, 0.015, 0.02, 0.03, 0.1, 0.3, 1.0)
 
 
 def examples_for(tokenizer, kept: list[dict]) -> tuple[list[Example], dict[str, int]]:
@@ -35,17 +35,33 @@ def examples_for(tokenizer, kept: list[dict]) -> tuple[list[Example], dict[str, 
     return examples, dropped
 
 
+def _sampled(work: Path, resume: bool, run, ids: list[str], samples: int) -> list[list[str]]:
+    path = work / "answers.jsonl"
+    if resume and path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if [r["id"] for r in rows] == ids and all(len(r["answers"]) == samples for r in rows):
+            return [r["answers"] for r in rows]
+    answers = run()
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": i, "answers": a}) + "\n" for i, a in zip(ids, answers)))
+    return answers
+
+
 def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
-             balance: bool = True, echo=lambda message: None) -> dict:
-    """Run the whole pipeline; writes the probe to `out` and returns the report."""
+             balance: bool = True, resume: bool = False, echo=lambda message: None) -> dict:
+    """Run the whole pipeline; writes the probe to `out` and returns the report. The sampled answers are
+    kept in `work/answers.jsonl`; with `resume`, answers found there for the same questions and sample
+    count are reused (refitting with other settings then skips the sampling, the slow part)."""
     from sklearn.metrics import roc_auc_score
 
     work = Path(work)
     sites = resolve(model)
     total = sites.num_layers * sites.intermediate_size
-    answers = sample(model, tokenizer, list(items), samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+    answers = _sampled(work, resume, lambda: sample(model, tokenizer, list(items), samples=samples,
+                                                    max_new_tokens=max_new_tokens, seed=seed),
+                       [str(item["id"]) for item in items], samples)
     kept, dropped = consistency_labels(items, answers)
     examples, more = examples_for(tokenizer, kept)
     dropped.update(more)
