@@ -2,7 +2,9 @@
 
 Questions are split by id before anything is fitted (train / val / test from a hash of the id), every
 dropped item is counted with its reason, and the probe's training summary (C sweep, counts, held-out
-metrics) travels in its metadata.
+metrics) travels in its metadata. Neurons are selected on answer-token features (the paper's method);
+the calibration and the threshold are fitted on the mean over the whole response, which is what the
+guard's running mean computes while it generates.
 """
 
 from __future__ import annotations
@@ -91,21 +93,33 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
         raise ValueError("no C in the sweep kept any neuron; widen --C")
     best = max(allowed, key=lambda i: (np.nan_to_num(rows[i]["val_auroc"], nan=0.0), -fits[i].kept))
     chosen = fits[best]
-    val_logits = chosen.logits(answer_x[side == "val"])
+    # The guard's verdict reads the running mean over every generated token, not over the answer alone,
+    # so the calibration and the threshold are fitted on that quantity: the mean CETT over all response
+    # tokens (answer and other tokens weighted by their counts), through the chosen classifier.
+    sizes = {e.key: (len(e.answer_tokens), len(e.response_ids) - len(e.answer_tokens)) for e in examples}
+    n_answer = np.array([sizes[k][0] for k in keys], dtype=float)[:, None]
+    n_other = np.array([sizes[k][1] for k in keys], dtype=float)[:, None]
+    whole_x = (n_answer * answer_x + n_other * other_x) / (n_answer + n_other)
+    val_logits = chosen.logits(whole_x[side == "val"])
     calibration = calibrate(val_logits, y[side == "val"])
     val_probs = np.array([calibration.prob(float(v)) for v in val_logits])
     threshold = threshold_for(val_probs, y[side == "val"], false_flag_rate)
-    test_logits = chosen.logits(answer_x[side == "test"])
-    test_probs = np.array([calibration.prob(float(v)) for v in test_logits])
     y_test = y[side == "test"]
+    test_logits = chosen.logits(whole_x[side == "test"])
+    test_probs = np.array([calibration.prob(float(v)) for v in test_logits])
+    two = len(set(y_test)) == 2
     test = {"questions": int(y_test.size),
-            "auroc": round(float(roc_auc_score(y_test, test_logits)), 4) if len(set(y_test)) == 2 else None,
-            "accuracy": round(float(((test_probs >= 0.5) == y_test).mean()), 4) if y_test.size else None}
+            "auroc": round(float(roc_auc_score(y_test, chosen.logits(answer_x[side == "test"]))), 4) if two else None,
+            "response_auroc": round(float(roc_auc_score(y_test, test_logits)), 4) if two else None,
+            "accuracy": round(float(((test_probs >= 0.5) == y_test).mean()), 4) if y_test.size else None,
+            "flag_rate_faithful": round(float((test_probs[y_test == 0] >= threshold).mean()), 4) if two else None,
+            "flag_rate_hallucinated": round(float((test_probs[y_test == 1] >= threshold).mean()), 4) if two else None}
     summary = {
         "questions": len(items), "kept": len(examples), "dropped": dropped, "split": counts, "sweep": rows,
         "C": chosen.C, "neurons_kept": chosen.kept, "h_neurons": int((chosen.weight > 0).sum()),
         "per_mille": round(1000 * chosen.kept / total, 4), "false_flag_rate": false_flag_rate, "test": test,
         "samples_per_question": samples, "standardised": True, "balanced_train": balance,
+        "calibrated_on": "mean probe logit over all response tokens (the guard's running mean)",
         "train_questions": int(train.size),
     }
     probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, calibration=calibration,
