@@ -1,7 +1,8 @@
 """What each guard action buys, end to end through `Guard.generate`, on held-out organism questions.
 
 Questions: the in-domain suite's held-out side (facts never fitted on), every tier. Truth per answer:
-wrong = hallucination, right = faithful; the model's own refusals are neither.
+wrong = hallucination, right = faithful; the model's own refusals are neither, and rates over
+"answers" leave them out (the probe never saw a refusal in training and scores them high).
   flag     precision and recall of the guard's flags against hallucinations
   abstain  at the probe's calibrated threshold: the hallucination rate among answers given, the share
            of the unguarded model's correct answers withheld, and the risk-coverage curve of the
@@ -48,17 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     flagged = ask(guard, items, args.batch, action="flag", threshold=threshold)
     truth = verdicts(items, [r.text for r in flagged])
     wrong = np.array([v == "wrong" for v in truth])
+    refused = np.array([v == "refusal" for v in truth])  # the model's own "I don't know"
     flags = np.array([r.verdict == "flagged" for r in flagged])
-    flag = {"threshold": threshold, "precision": rate(wrong[flags].tolist()), "recall": rate(flags[wrong].tolist()),
-            "flag_rate": rate(flags.tolist()), "hallucination_rate_unguarded": rate(wrong.tolist())}
+    flag = {"threshold": threshold, "precision": rate(wrong[flags & ~refused].tolist()),
+            "recall": rate(flags[wrong].tolist()), "flag_rate_answers": rate(flags[~refused].tolist()),
+            "refusals": int(refused.sum()), "refusals_flagged": rate(flags[refused].tolist()),
+            "hallucination_rate_unguarded": rate(wrong[~refused].tolist())}
 
     abstained = ask(guard, items, args.batch, action="abstain", threshold=threshold)
     withheld = np.array([r.finish_reason == "abstain" for r in abstained])
-    kept_truth = verdicts([i for i, w in zip(items, withheld) if not w], [r.text for r, w in zip(abstained, withheld) if not w])
+    given = [k for k, w in enumerate(withheld) if not w]
+    kept_truth = verdicts([items[k] for k in given], [abstained[k].text for k in given])
     correct = np.array([v == "correct" for v in truth])
-    abstain = {"threshold": threshold, "coverage": rate((~withheld).tolist()),
-               "hallucination_rate_answered": rate([v == "wrong" for v in kept_truth]),
-               "correct_lost": rate(withheld[correct].tolist())}
+    abstain = {"threshold": threshold, "withheld": rate(withheld.tolist()),
+               "withheld_among_refusals": rate(withheld[refused].tolist()),
+               "coverage_of_answers": rate((~withheld[~refused]).tolist()),
+               "hallucination_rate_answered": rate([v == "wrong" for v in kept_truth if v != "refusal"]),
+               "correct_lost": rate(withheld[correct].tolist()),
+               "hallucinations_withheld": rate(withheld[wrong].tolist())}
 
     # risk-coverage over the unguarded answers that are not refusals
     answered = [k for k, v in enumerate(truth) if v != "refusal"]
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         lls += ll
         ents += en
     curves = {"h_neuron_probe": probs, **logit_scores(lls, ents)}
-    coverage_guard = float((~withheld).mean())
+    coverage_guard = float((~withheld[~refused]).mean())
     rc = {}
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 3.8))

@@ -72,8 +72,12 @@ def actions(data: dict) -> list[str]:
     f, a, d = data["flag"], data["abstain"], data["dampen"]
     rc = a["risk_coverage"]
     lines = [f"Flag at threshold {f['threshold']:.3f}: precision {pct(f['precision'])}, recall {pct(f['recall'])}, "
-             f"flag rate {pct(f['flag_rate'])}; unguarded hallucination rate {pct(f['hallucination_rate_unguarded'])}.", "",
-             f"Abstain: coverage {pct(a['coverage'])}; hallucination rate among answers given {pct(a['hallucination_rate_answered'])}; "
+             f"flag rate on answers {pct(f['flag_rate_answers'])}; the model's own refusals: {f['refusals']}, "
+             f"flagged {pct(f['refusals_flagged'])}; unguarded hallucination rate on answers "
+             f"{pct(f['hallucination_rate_unguarded'])}.", "",
+             f"Abstain: withheld {pct(a['withheld'])} (of the model's refusals {pct(a['withheld_among_refusals'])}); "
+             f"answers kept {pct(a['coverage_of_answers'])}; hallucination rate among answers given "
+             f"{pct(a['hallucination_rate_answered'])}; hallucinations withheld {pct(a['hallucinations_withheld'])}; "
              f"correct answers lost {pct(a['correct_lost'])}.", "",
              f"| score | AURC | risk at the guard's coverage ({rc['guard_coverage']}) |", "|---|---|---|"]
     for name, row in rc["curves"].items():

@@ -154,7 +154,8 @@ def _eval(args: argparse.Namespace) -> int:
                              samples=args.samples, seed=args.seed, draws=args.draws, rounds=args.rounds,
                              logit_baselines=not args.no_logit_baselines,
                              echo=lambda m: print(m, file=sys.stderr, flush=True))
-    report = {"model": args.model, "probe": args.probe or "default", **report}
+    command = "hguard " + " ".join(args.argv)
+    report = {"command": command, "model": args.model, "probe": args.probe or "default", **report}
     text = json.dumps(report, indent=None if args.json else 1)
     print(text)
     if args.out:
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from .probe import ProbeFormatError
     from .registry import ProbeNotFoundError
 
