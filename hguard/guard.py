@@ -198,18 +198,22 @@ class Guard:
         threshold: float | None = None,
         alpha: float | None = None,
         stop: Sequence[str] | None = None,
+        logprobs: int | None = None,
         **generate_kwargs,
     ) -> list[GuardResult]:
         """Generate for a batch of prompts; one GuardResult per choice (prompt-major with n > 1).
 
         action: "flag" (score only), "abstain", "dampen", "scale" (fixed alpha from the first token), or
         None (guard off). threshold: probability in [0, 1] (default: the probe's calibrated one).
-        alpha: the H-Neuron scale for dampen/scale. Other keyword arguments go to `model.generate`.
+        alpha: the H-Neuron scale for dampen/scale. logprobs: None, or k in [0, 20] to return each
+        token's log-probability under the model's raw distribution and the k most likely tokens at
+        that step (`GuardResult.logprobs`). Other keyword arguments go to `model.generate`.
         """
         policy = self.policy(action, threshold, alpha)
         rows = self._prompts(prompts)
         with self._lock:
-            return self._run(rows, policy, list(stop or []), generate_kwargs, on_step=None, cancel=None)
+            return self._run(rows, policy, list(stop or []), {**generate_kwargs, "logprobs": logprobs},
+                             on_step=None, cancel=None)
 
     def stream(
         self,
@@ -220,11 +224,14 @@ class Guard:
         alpha: float | None = None,
         stop: Sequence[str] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
+        logprobs: int | None = None,
         **generate_kwargs,
     ) -> Iterator[TokenEvent | GuardResult]:
         """Like `generate`, but yields each token as a TokenEvent as soon as its score exists (one step
-        after it was sampled), then one GuardResult per choice. Closing the iterator stops generation;
-        `cancelled_rows` (polled every step) stops single rows, for a server whose client left."""
+        after it was sampled), then one GuardResult per choice (with `logprobs`, these carry them).
+        Closing the iterator stops generation; `cancelled_rows` (polled every step) stops single rows,
+        for a server whose client left."""
+        generate_kwargs = {**generate_kwargs, "logprobs": logprobs}
         policy = self.policy(action, threshold, alpha)
         rows = self._prompts(prompts)
         events: queue.Queue = queue.Queue()
@@ -256,9 +263,12 @@ class Guard:
 
     def _run(self, rows, policy, stop, generate_kwargs, on_step, cancel, cancelled_rows=None) -> list[GuardResult]:
         stop = [s for s in stop if s]  # an empty stop string would end every row at once
-        for key in ("streamer", "return_dict_in_generate", "stop_strings"):
+        for key in ("streamer", "return_dict_in_generate", "stop_strings", "output_logits"):
             if key in generate_kwargs:
-                raise ValueError(f"{key!r} is set by the guard; use Guard.stream / stop= instead")
+                raise ValueError(f"{key!r} is set by the guard; use Guard.stream / stop= / logprobs= instead")
+        top = generate_kwargs.pop("logprobs", None)
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}]; got {top!r}")
         if generate_kwargs.get("num_beams", 1) != 1:
             raise ValueError(f"num_beams must be 1 with the guard (got {generate_kwargs['num_beams']})")
         limits = generate_kwargs.pop("max_new_tokens", None)
@@ -283,6 +293,8 @@ class Guard:
         streamer = _Streamer(self, monitor, on_step, eos_ids, stop, limits) if on_step is not None else None
         kwargs = dict(generate_kwargs)
         kwargs.setdefault("pad_token_id", self._pad_id())
+        if top is not None:
+            kwargs["output_logits"] = True  # the raw logits of every step, before any sampling warper
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         with torch.no_grad(), (monitor.attached() if monitor is not None else nullcontext()):
@@ -328,9 +340,35 @@ class Guard:
             )
             for i, (c, g) in enumerate(zip(cuts, generated))
         ]
+        if top is not None:
+            for result, entries in zip(results, _logprobs(out.logits, sequences[:, prompt_width:], top)):
+                result.logprobs = entries[: len(result.token_ids)]
         if streamer is not None:
             streamer.flush(results)
         return results
+
+
+MAX_LOGPROBS = 20
+
+
+def _logprobs(step_logits, tokens: torch.Tensor, top: int) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+    """Per row and step: the sampled token's log-probability under the raw logits, and the `top` most
+    likely tokens with theirs. One log-softmax per step, so no [rows, steps, vocab] tensor is built."""
+    chosen, alternatives = [], []
+    for t, logits in enumerate(step_logits):
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen.append(logp.gather(1, tokens[:, t: t + 1].to(logp.device))[:, 0].cpu())
+        if top:
+            values, ids = logp.topk(top, dim=-1)
+            alternatives.append((values.cpu(), ids.cpu()))
+    rows = []
+    for i in range(tokens.shape[0]):
+        entries = []
+        for t in range(len(chosen)):
+            pairs = list(zip(alternatives[t][1][i].tolist(), alternatives[t][0][i].tolist())) if top else []
+            entries.append((float(chosen[t][i]), pairs))
+        rows.append(entries)
+    return rows
 
 
 class _Streamer:

@@ -53,6 +53,9 @@ class GuardResult:
     flagged_spans: list[Span] = field(default_factory=list)
     prompt_tokens: int = 0
     row: int = 0
+    # with logprobs=k: per generated token, (log-probability under the model's raw distribution,
+    # [(token id, log-probability)] of the k most likely tokens at that step)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     @property
     def completion_tokens(self) -> int:

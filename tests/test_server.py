@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from hguard import Guard, Probe
@@ -149,7 +150,11 @@ def test_errors_have_the_right_sdk_class(client, live):
     with pytest.raises(openai.BadRequestError, match="guard.action"):
         client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"guard": {"action": "block"}})
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True)
+        client.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True, stream=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True, top_logprobs=21)
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 600}])
     assert error.value.code == "context_length_exceeded"
@@ -219,6 +224,8 @@ def test_proxy_scores_equal_hosting_mode(client, proxied, guard):
 
 
 def test_proxy_refuses_dampen_and_abstains(proxied):
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        proxied.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True)
     with pytest.raises(openai.BadRequestError, match="dampen"):
         proxied.chat.completions.create(model="tiny", messages=MESSAGES,
                                         extra_body={"guard": {"action": "dampen"}})
@@ -335,13 +342,36 @@ def test_default_length_fits_the_context(guard):
         assert 0 < response.usage.completion_tokens <= context - response.usage.prompt_tokens
 
 
-@pytest.mark.parametrize("field, value", [("top_logprobs", 2), ("logprobs", True)])
-def test_unimplemented_fields_are_refused_by_name(client, field, value):
-    with pytest.raises(openai.BadRequestError, match=field):
-        client.chat.completions.create(model="tiny", messages=MESSAGES, **{field: value})
+def test_chat_logprobs_are_the_models(client, guard):
+    response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3)
+    choice = response.choices[0]
+    [expected] = guard.generate([MESSAGES], max_new_tokens=6, do_sample=False)
+    ids = torch.tensor([guard.encode(MESSAGES) + expected.token_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(guard.model(input_ids=ids).logits[0].float(), -1)
+    start = ids.shape[1] - len(expected.token_ids)
+    content = choice.logprobs.content
+    assert len(content) == len(expected.token_ids) == response.usage.completion_tokens
+    for t, entry in enumerate(content):
+        step = logp[start - 1 + t]
+        assert entry.logprob == pytest.approx(float(step[expected.token_ids[t]]), abs=1e-4)
+        assert entry.token == guard.tokenizer.decode([expected.token_ids[t]])
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(step.topk(3).values.tolist(), abs=1e-4)
+    assert "".join(e.token for e in content) == choice.message.content
 
 
-@pytest.mark.parametrize("field, value", [("logprobs", 1), ("echo", True)])
+def test_completion_logprobs(client):
+    response = client.completions.create(model="tiny", prompt="Hi there", max_tokens=5, temperature=0, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == response.usage.completion_tokens
+    assert all(lp <= 0 for lp in logprobs.token_logprobs) and all(len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == 0
+    plain = client.completions.create(model="tiny", prompt="Hi there", max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("field, value", [("echo", True)])
 def test_unimplemented_completion_fields_are_refused_by_name(client, field, value):
     with pytest.raises(openai.BadRequestError, match=field):
         client.completions.create(model="tiny", prompt="Hi", **{field: value})

@@ -40,6 +40,7 @@ class Settings:
     action: str | None
     threshold: float | None
     alpha: float | None
+    logprobs: int | None = None  # alternatives per token when the request asks for logprobs
 
 
 @dataclass(eq=False)
@@ -166,7 +167,7 @@ class Engine:
 
         stream = self.guard.stream(
             rows, action=settings.action, threshold=settings.threshold, alpha=settings.alpha,
-            stop=list(settings.stop), cancelled_rows=cancelled_rows, **kwargs,
+            stop=list(settings.stop), cancelled_rows=cancelled_rows, logprobs=settings.logprobs, **kwargs,
         )
         try:
             for item in stream:

@@ -39,6 +39,11 @@ def _refuse_if_set(value, info):
     return value
 
 
+def _no_streamed_logprobs(stream: bool, logprobs: bool) -> None:
+    if stream and logprobs:
+        raise ValueError("logprobs with stream=true is not supported by this server yet; use stream=false")
+
+
 class _Sampling(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -98,9 +103,18 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
-    _not_yet = field_validator("logprobs", "top_logprobs")(lambda value, info: _refuse_if_set(value, info))
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        _no_streamed_logprobs(self.stream, self.logprobs)
+        return self
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives per token the guard must return (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -108,10 +122,18 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
 
-    _not_yet = field_validator("logprobs", "echo")(lambda value, info: _refuse_if_set(value, info))
+    _not_yet = field_validator("echo")(lambda value, info: _refuse_if_set(value, info))
+
+    @model_validator(mode="after")
+    def _logprobs(self):
+        _no_streamed_logprobs(self.stream, self.logprobs is not None)
+        return self
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list:
         prompt = self.prompt

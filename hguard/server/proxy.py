@@ -39,6 +39,9 @@ class Proxy:
         if action == "dampen":
             raise APIError(400, "guard.action 'dampen' needs the model's activations, which a proxied upstream "
                            "does not expose; use 'flag' or 'abstain', or host the model", param="guard.action")
+        if request.logprob_count() is not None:
+            raise APIError(400, "logprobs are not relayed from a proxied upstream yet; ask the upstream directly "
+                           "or host the model", param="logprobs")
         threshold = options.threshold if options.threshold is not None else self.defaults.threshold
         return self.guard.policy(action, threshold)
 

@@ -104,6 +104,7 @@ class Serving:
             action=options.action or self.defaults.action,
             threshold=options.threshold if options.threshold is not None else self.defaults.threshold,
             alpha=options.alpha if options.alpha is not None else self.defaults.alpha,
+            logprobs=request.logprob_count(),
         )
         rows = [row for row in rows for _ in range(request.n)]
         return Job(rows=rows, max_new_tokens=max_new, settings=settings, loop=asyncio.get_running_loop())
@@ -165,10 +166,10 @@ class Serving:
                       "hallucination": self._hallucination(result, request.guard.token_scores)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
-                choice["logprobs"] = None
+                choice["logprobs"] = self._chat_logprobs(result) if result.logprobs is not None else None
             else:
                 choice["text"] = text
-                choice["logprobs"] = None
+                choice["logprobs"] = self._text_logprobs(result) if result.logprobs is not None else None
             choices.append(choice)
         completion = sum(len(r.token_ids) for r in results)
         prompt = self.prompt_tokens(job, request.n)
@@ -180,6 +181,32 @@ class Serving:
             "choices": choices,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
+
+    def _token(self, token_id: int) -> str:
+        return self.guard.tokenizer.decode([token_id])
+
+    def _chat_logprobs(self, result: GuardResult) -> dict:
+        """The OpenAI chat `logprobs` object: per token its text, bytes, log-probability and alternatives.
+        An abstained choice's replacement message has none (its tokens were not the model's)."""
+        if result.verdict == "abstained":
+            return {"content": None}
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self._token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alternatives]}
+                            for t, (lp, alternatives) in zip(result.token_ids, result.logprobs)]}
+
+    def _text_logprobs(self, result: GuardResult) -> dict:
+        """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
+        if result.verdict == "abstained":
+            return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        tokens = [self._token(t) for t in result.token_ids]
+        offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in result.logprobs],
+                "top_logprobs": [{self._token(a): alp for a, alp in alternatives} for _, alternatives in result.logprobs],
+                "text_offset": offsets}
 
     async def stream(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
         """Server-Sent Events in the OpenAI chunk format; an error mid-stream is an error event."""
