@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from organism_common import arguments, emit, organism, pyplot, suite
 
-from hguard.identify.evaluate import bootstrap, fact_side, probe_scorer
+from hguard.identify.evaluate import bootstrap, fact_side, probe_logits
 from hguard.identify.features import Example, cett_means
 from hguard.identify.label import answer_span, judge, token_span
 from hguard.identify.sample import prompt_ids
@@ -63,12 +63,7 @@ def transfer(model, tokenizer, probe, items, batch: int, base: bool, seed: int) 
         return {"answers": len(rows), "note": "one class only"}
     cett = np.concatenate([cett_means(model, rows[i: i + 32], tokenizer.pad_token_id)[0].numpy()
                            for i in range(0, len(rows), 32)])
-
-    class Data:
-        pass
-
-    Data.cett = cett
-    scores = probe_scorer(probe, resolve(model).intermediate_size)(Data)
+    scores = probe_logits(probe, resolve(model).intermediate_size, cett)
     result = bootstrap(labels, [scores], [float(np.median(scores))], rounds=1000, seed=seed)
     return {"auroc": result["auroc"], "auroc_ci": result["auroc_ci"], "answers": len(rows),
             "hallucinated": int(labels.sum())}

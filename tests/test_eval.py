@@ -10,7 +10,7 @@ import torch
 from hguard import Probe
 from hguard.cli import main
 from hguard.identify.evaluate import (
-    auroc, balanced, best_threshold, bootstrap, evaluate_suites, fabricated_labels, fact_side, probe_scorer,
+    auroc, balanced, best_threshold, bootstrap, evaluate_suites, fabricated_labels, fact_side, probe_logits,
     response_stats,
 )
 from hguard.identify.features import Example, cett_means
@@ -83,11 +83,7 @@ def test_scorer_and_response_stats_agree_with_the_model(organism):
     probe = Probe.random(model, 8, seed=1)
     answer, other = cett_means(model, examples, tokenizer.pad_token_id)
     residual, ll, ent = response_stats(model, examples, tokenizer.pad_token_id)
-
-    class Data:
-        cett = answer.numpy()
-
-    scores = probe_scorer(probe, model.config.intermediate_size)(Data)
+    scores = probe_logits(probe, model.config.intermediate_size, answer.numpy())
     flat = probe.layer * model.config.intermediate_size + probe.neuron
     expected = probe.bias + (answer[:, flat] * probe.weight).sum(1)
     assert scores == pytest.approx(expected.numpy(), abs=1e-5)

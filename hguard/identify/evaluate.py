@@ -172,10 +172,14 @@ def bootstrap(labels: np.ndarray, scores: Sequence[np.ndarray], thresholds: Sequ
 
 
 # ---- methods ------------------------------------------------------------------------------------
-def probe_scorer(probe: Probe, intermediate: int) -> Scorer:
+def probe_logits(probe: Probe, intermediate: int, cett: np.ndarray) -> np.ndarray:
+    """The probe's classifier on mean CETT rows [n, layers * intermediate], exactly as the guard applies it."""
     flat = (probe.layer * intermediate + probe.neuron).numpy()
-    weight = probe.weight.numpy().astype(np.float64)
-    return lambda data: data.cett[:, flat] @ weight + probe.bias
+    return cett[:, flat] @ probe.weight.numpy().astype(np.float64) + probe.bias
+
+
+def probe_scorer(probe: Probe, intermediate: int) -> Scorer:
+    return lambda data: probe_logits(probe, intermediate, data.cett)
 
 
 def _l2(x: np.ndarray, y: np.ndarray, C: float, seed: int):
@@ -215,7 +219,7 @@ def residual_scorer(train: Collected, val: Collected, seed: int) -> tuple[Scorer
 def logit_scorers() -> dict[str, Scorer]:
     from .logit_scores import logit_scores
 
-    return {name: (lambda data, n=name: logit_scores(data.log_likelihoods, data.entropies)[n])
+    return {name: (lambda data, n=name: logit_scores(data.log_likelihoods, data.entropies, [n])[n])
             for name in LOGIT_SCORES}
 
 

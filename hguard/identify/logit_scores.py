@@ -32,9 +32,9 @@ ESTIMATORS = {
 INSTALL = "pip install --no-deps lm-polygraph==0.7.0 pillow"
 
 
-def _estimator_modules() -> dict[str, object]:
-    spec = importlib.util.find_spec("lm_polygraph") if "lm_polygraph" not in sys.modules else None
+def _estimators(names: Sequence[str]) -> dict[str, object]:
     if "lm_polygraph" not in sys.modules:
+        spec = importlib.util.find_spec("lm_polygraph")
         if spec is None or not spec.submodule_search_locations:
             raise ImportError(f"the logit-score baselines need lm-polygraph's estimators: {INSTALL}")
         root = Path(next(iter(spec.submodule_search_locations)))
@@ -44,22 +44,16 @@ def _estimator_modules() -> dict[str, object]:
             module.__path__ = [str(folder)]
             sys.modules[name] = module
     try:
-        return {key: getattr(importlib.import_module(f"lm_polygraph.estimators.{module}"), cls)()
-                for key, (module, cls) in ESTIMATORS.items()}
+        return {key: getattr(importlib.import_module(f"lm_polygraph.estimators.{ESTIMATORS[key][0]}"),
+                             ESTIMATORS[key][1])()
+                for key in names}
     except ImportError as error:
         raise ImportError(f"lm-polygraph's estimators failed to import ({error}); {INSTALL}") from error
 
 
-def available() -> bool:
-    try:
-        _estimator_modules()
-    except ImportError:
-        return False
-    return True
-
-
-def logit_scores(log_likelihoods: Sequence[np.ndarray], entropies: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Per estimator, one uncertainty per response from its tokens' log-likelihoods and entropies."""
+def logit_scores(log_likelihoods: Sequence[np.ndarray], entropies: Sequence[np.ndarray],
+                 names: Sequence[str] = tuple(ESTIMATORS)) -> dict[str, np.ndarray]:
+    """Per estimator in `names`, one uncertainty per response from its tokens' log-likelihoods and entropies."""
     stats = {"greedy_log_likelihoods": [np.asarray(x, dtype=float) for x in log_likelihoods],
              "entropy": [np.asarray(x, dtype=float) for x in entropies]}
-    return {key: np.asarray(estimator(stats), dtype=float) for key, estimator in _estimator_modules().items()}
+    return {key: np.asarray(estimator(stats), dtype=float) for key, estimator in _estimators(names).items()}
