@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .logprobs import Entry, LogprobRecorder, check_top
 from .monitor import Monitor, score_last_tokens
 from .policy import Policy
 from .probe import Probe
@@ -228,7 +229,8 @@ class Guard:
         **generate_kwargs,
     ) -> Iterator[TokenEvent | GuardResult]:
         """Like `generate`, but yields each token as a TokenEvent as soon as its score exists (one step
-        after it was sampled), then one GuardResult per choice (with `logprobs`, these carry them).
+        after it was sampled), then one GuardResult per choice (with `logprobs`, events and results
+        carry the tokens' entries).
         Closing the iterator stops generation; `cancelled_rows` (polled every step) stops single rows,
         for a server whose client left."""
         generate_kwargs = {**generate_kwargs, "logprobs": logprobs}
@@ -263,12 +265,10 @@ class Guard:
 
     def _run(self, rows, policy, stop, generate_kwargs, on_step, cancel, cancelled_rows=None) -> list[GuardResult]:
         stop = [s for s in stop if s]  # an empty stop string would end every row at once
-        for key in ("streamer", "return_dict_in_generate", "stop_strings", "output_logits"):
+        for key in ("streamer", "return_dict_in_generate", "stop_strings"):
             if key in generate_kwargs:
                 raise ValueError(f"{key!r} is set by the guard; use Guard.stream / stop= / logprobs= instead")
-        top = generate_kwargs.pop("logprobs", None)
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}]; got {top!r}")
+        top = check_top(generate_kwargs.pop("logprobs", None))
         if generate_kwargs.get("num_beams", 1) != 1:
             raise ValueError(f"num_beams must be 1 with the guard (got {generate_kwargs['num_beams']})")
         limits = generate_kwargs.pop("max_new_tokens", None)
@@ -289,15 +289,17 @@ class Guard:
         criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
         rows_stopped = _RowsStopped(monitor, cancel or threading.Event(), limits, prompt_width, cancelled_rows)
         criteria.append(rows_stopped)
+        recorder = LogprobRecorder(self.model, top) if top is not None else None
+        if recorder is not None:
+            criteria.append(recorder)  # sees each step's tokens; never stops a row
         eos_ids = self._eos_ids()
-        streamer = _Streamer(self, monitor, on_step, eos_ids, stop, limits) if on_step is not None else None
+        streamer = _Streamer(self, monitor, recorder, on_step, eos_ids, stop, limits) if on_step is not None else None
         kwargs = dict(generate_kwargs)
         kwargs.setdefault("pad_token_id", self._pad_id())
-        if top is not None:
-            kwargs["output_logits"] = True  # the raw logits of every step, before any sampling warper
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
-        with torch.no_grad(), (monitor.attached() if monitor is not None else nullcontext()):
+        with torch.no_grad(), (monitor.attached() if monitor is not None else nullcontext()), \
+                (recorder.attached() if recorder is not None else nullcontext()):
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -340,35 +342,12 @@ class Guard:
             )
             for i, (c, g) in enumerate(zip(cuts, generated))
         ]
-        if top is not None:
-            for result, entries in zip(results, _logprobs(out.logits, sequences[:, prompt_width:], top)):
+        if recorder is not None:
+            for result, entries in zip(results, recorder.rows()):
                 result.logprobs = entries[: len(result.token_ids)]
         if streamer is not None:
             streamer.flush(results)
         return results
-
-
-MAX_LOGPROBS = 20
-
-
-def _logprobs(step_logits, tokens: torch.Tensor, top: int) -> list[list[tuple[float, list[tuple[int, float]]]]]:
-    """Per row and step: the sampled token's log-probability under the raw logits, and the `top` most
-    likely tokens with theirs. One log-softmax per step, so no [rows, steps, vocab] tensor is built."""
-    chosen, alternatives = [], []
-    for t, logits in enumerate(step_logits):
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        chosen.append(logp.gather(1, tokens[:, t: t + 1].to(logp.device))[:, 0].cpu())
-        if top:
-            values, ids = logp.topk(top, dim=-1)
-            alternatives.append((values.cpu(), ids.cpu()))
-    rows = []
-    for i in range(tokens.shape[0]):
-        entries = []
-        for t in range(len(chosen)):
-            pairs = list(zip(alternatives[t][1][i].tolist(), alternatives[t][0][i].tolist())) if top else []
-            entries.append((float(chosen[t][i]), pairs))
-        rows.append(entries)
-    return rows
 
 
 class _Streamer:
@@ -380,9 +359,9 @@ class _Streamer:
     final results (the last token, scored by the extra forward), so the streamed text equals the result.
     """
 
-    def __init__(self, guard: Guard, monitor: Monitor | None, emit, eos_ids: set[int], stop: list[str],
-                 limits: list[int] | None):
-        self.guard, self.monitor, self.emit = guard, monitor, emit
+    def __init__(self, guard: Guard, monitor: Monitor | None, recorder: LogprobRecorder | None, emit,
+                 eos_ids: set[int], stop: list[str], limits: list[int] | None):
+        self.guard, self.monitor, self.recorder, self.emit = guard, monitor, recorder, emit
         self.eos_ids, self.stop, self.limits = eos_ids, stop, limits
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.calls = 0
@@ -413,15 +392,17 @@ class _Streamer:
                 probs, stopped = [p for p, _ in packed], [bool(s) for _, s in packed]
             else:
                 probs = row_probs.cpu().tolist()
+        entries = self.recorder.step(step) if self.recorder is not None else [None] * len(tokens)
         for row, token in enumerate(tokens):
             if row in self.finished:
                 continue
             if token in self.eos_ids:
                 self.finished.add(row)
                 continue
-            self._send(row, token, probs[row], final=stopped[row])
+            self._send(row, token, probs[row], entries[row], final=stopped[row])
 
-    def _send(self, row: int, token: int, probability: float | None, final: bool, text: str | None = None) -> None:
+    def _send(self, row: int, token: int, probability: float | None, logprob: Entry | None, final: bool,
+              text: str | None = None) -> None:
         """Emit one token of `row` with the text it adds; `text`: the row's full text so far, if known."""
         ids = self.ids.setdefault(row, [])
         ids.append(token)
@@ -434,7 +415,7 @@ class _Streamer:
             if not final:  # hold back a partial character, and what may be the start of a stop string
                 keep = len(text.rstrip("\ufffd")) - self.holdback
                 text = text[: max(sent, keep)]
-        self.emit(TokenEvent(row, len(ids) - 1, token, text[sent:], probability))
+        self.emit(TokenEvent(row, len(ids) - 1, token, text[sent:], probability, logprob))
         self.sent[row] = max(sent, len(text))
         if final or (self.limits is not None and len(ids) >= self.limits[row]):
             self.finished.add(row)
@@ -444,9 +425,10 @@ class _Streamer:
             row, n = result.row, len(result.token_ids)
             for i in range(len(self.ids.get(row, [])), n):
                 probability = result.token_probs[i] if result.token_probs else None
+                logprob = result.logprobs[i] if result.logprobs is not None else None
                 partial = decode(self.guard.tokenizer, [*self.ids.get(row, []), result.token_ids[i]])
                 text = result.text if i == n - 1 else result.text[: len(partial.rstrip("\ufffd"))]
-                self._send(row, result.token_ids[i], probability, final=i == n - 1, text=text)
+                self._send(row, result.token_ids[i], probability, logprob, final=i == n - 1, text=text)
             sent = self.sent.get(row, 0)
             if len(result.text) > sent:  # text held back until the row finished
                 self.emit(TokenEvent(row, -1, -1, result.text[sent:], None))

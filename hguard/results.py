@@ -67,7 +67,8 @@ class TokenEvent:
     """One streamed token of row `row`, with the new text it adds (possibly empty) and its probability.
 
     Text that could be a partial character or the start of a stop string is held back; a row's last
-    event may then be text-only (`token_id` and `index` -1, no probability).
+    event may then be text-only (`token_id` and `index` -1, no probability). With `logprobs=k`, each
+    token's event carries its entry (log-probability, the k likeliest tokens), as `GuardResult.logprobs`.
     """
 
     row: int
@@ -75,6 +76,7 @@ class TokenEvent:
     token_id: int
     text: str
     probability: float | None
+    logprob: tuple[float, list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -301,3 +301,30 @@ def test_empty_stop_strings_are_ignored(make_guard):
     plain = guard.generate(PROMPTS[:2], max_new_tokens=6, do_sample=False)
     empty = guard.generate(PROMPTS[:2], max_new_tokens=6, do_sample=False, stop=[""])
     assert [r.token_ids for r in empty] == [r.token_ids for r in plain]
+
+
+@pytest.mark.parametrize("action", ["flag", None])
+def test_logprobs_are_the_models_and_streamed_alike(make_guard, action):
+    """Each token's log-probability and top alternatives equal a teacher-forced pass's log-softmax, in
+    generate and in stream (where every token's event carries its entry), guard on or off."""
+    guard = make_guard("llama")
+    prompts = PROMPTS[:3]  # different lengths: left padding must not shift anything
+    results = guard.generate(prompts, action=action, max_new_tokens=8, do_sample=False, logprobs=3)
+    tokens, streamed = collect(guard.stream(prompts, action=action, max_new_tokens=8, do_sample=False, logprobs=3))
+    for row, (prompt, result) in enumerate(zip(prompts, results)):
+        assert len(result.logprobs) == len(result.token_ids) > 0
+        events = [e for e in tokens[row] if e.token_id >= 0]
+        assert [e.logprob[0] for e in events] == pytest.approx([lp for lp, _ in result.logprobs], abs=1e-5)
+        assert [[i for i, _ in e.logprob[1]] for e in events] == [[i for i, _ in top] for _, top in result.logprobs]
+        assert streamed[row].logprobs == result.logprobs
+        ids = torch.tensor([guard.encode(prompt) + result.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(guard.model(input_ids=ids).logits[0].float(), -1)
+        start = ids.shape[1] - len(result.token_ids)
+        for t, (chosen, top) in enumerate(result.logprobs):
+            step = logp[start - 1 + t]
+            assert chosen == pytest.approx(float(step[result.token_ids[t]]), abs=1e-4)
+            values, ids_ = step.topk(3)
+            assert [i for i, _ in top] == ids_.tolist()
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert hook_count(guard.model) == 0

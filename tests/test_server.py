@@ -149,8 +149,6 @@ def test_errors_have_the_right_sdk_class(client, live):
         client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"guard": {"threshold": 2}})
     with pytest.raises(openai.BadRequestError, match="guard.action"):
         client.chat.completions.create(model="tiny", messages=MESSAGES, extra_body={"guard": {"action": "block"}})
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True, stream=True)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model="tiny", messages=MESSAGES, top_logprobs=2)
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
@@ -224,8 +222,6 @@ def test_proxy_scores_equal_hosting_mode(client, proxied, guard):
 
 
 def test_proxy_refuses_dampen_and_abstains(proxied):
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        proxied.chat.completions.create(model="tiny", messages=MESSAGES, logprobs=True)
     with pytest.raises(openai.BadRequestError, match="dampen"):
         proxied.chat.completions.create(model="tiny", messages=MESSAGES,
                                         extra_body={"guard": {"action": "dampen"}})
@@ -369,6 +365,34 @@ def test_completion_logprobs(client):
     assert logprobs.text_offset[0] == 0
     plain = client.completions.create(model="tiny", prompt="Hi there", max_tokens=5, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_streamed_logprobs_equal_non_streamed(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole]
+    text = dict(model="tiny", prompt="Hi there", max_tokens=5, temperature=0, logprobs=2)
+    one = client.completions.create(**text).choices[0].logprobs
+    parts = [c.choices[0].logprobs for c in client.completions.create(stream=True, **text)
+             if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == one.tokens
+    assert [x for p in parts for x in p.token_logprobs] == one.token_logprobs
+    assert [x for p in parts for x in p.top_logprobs] == one.top_logprobs
+    assert [x for p in parts for x in p.text_offset] == one.text_offset
+
+
+def test_proxy_relays_the_upstreams_logprobs(client, proxied):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    hosted = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    forwarded = proxied.chat.completions.create(**kwargs).choices[0].logprobs.content
+    assert [e.model_dump() for e in forwarded] == [e.model_dump() for e in hosted]
+    chunks = list(proxied.chat.completions.create(stream=True, **kwargs))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in hosted]
+    cut = proxied.chat.completions.create(**kwargs, extra_body={"guard": {"action": "abstain", "threshold": 0.0}})
+    assert cut.choices[0].message.content == "Not sure." and cut.choices[0].logprobs.content is None
 
 
 @pytest.mark.parametrize("field, value", [("echo", True)])

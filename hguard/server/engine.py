@@ -12,6 +12,7 @@ whose jobs are all cancelled ends at once. A full queue refuses new jobs (the se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -22,7 +23,7 @@ import torch
 
 from ..guard import Guard
 from ..metrics import Metrics
-from ..results import GuardResult, TokenEvent
+from ..results import GuardResult
 
 
 class QueueFull(RuntimeError):
@@ -181,7 +182,7 @@ class Engine:
                     item.row = index
                     timing.result(job, item, self.guard.threshold if settings.threshold is None else settings.threshold)
                 else:
-                    item = TokenEvent(index, item.index, item.token_id, item.text, item.probability)
+                    item = dataclasses.replace(item, row=index)
                     timing.token(job)
                 job.send(item)
         finally:

@@ -39,11 +39,6 @@ def _refuse_if_set(value, info):
     return value
 
 
-def _no_streamed_logprobs(stream: bool, logprobs: bool) -> None:
-    if stream and logprobs:
-        raise ValueError("logprobs with stream=true is not supported by this server yet; use stream=false")
-
-
 class _Sampling(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -109,7 +104,6 @@ class ChatCompletionRequest(_Sampling):
     def _logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        _no_streamed_logprobs(self.stream, self.logprobs)
         return self
 
     def logprob_count(self) -> int | None:
@@ -126,11 +120,6 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
     _not_yet = field_validator("echo")(lambda value, info: _refuse_if_set(value, info))
-
-    @model_validator(mode="after")
-    def _logprobs(self):
-        _no_streamed_logprobs(self.stream, self.logprobs is not None)
-        return self
 
     def logprob_count(self) -> int | None:
         return self.logprobs

@@ -4,8 +4,9 @@ what it returns with a local copy of the same weights, in a teacher-forced pass.
 The upstream's text is re-tokenised with the local tokenizer; the scores describe those tokens (for
 greedy text from the same tokenizer they are the upstream's tokens). While streaming, the response so
 far is re-scored as chunks arrive and each chunk carries the scores of the tokens that became final;
-abstain cuts the stream once the running probability reaches the threshold. Dampen needs the
-upstream's activations, so it is refused (400). An unreachable upstream is 502, a slow one 504.
+abstain cuts the stream once the running probability reaches the threshold. Requested logprobs
+are the upstream's, relayed as they come. Dampen needs the upstream's activations, so it is refused
+(400). An unreachable upstream is 502, a slow one 504.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ class Proxy:
         if action == "dampen":
             raise APIError(400, "guard.action 'dampen' needs the model's activations, which a proxied upstream "
                            "does not expose; use 'flag' or 'abstain', or host the model", param="guard.action")
-        if request.logprob_count() is not None:
-            raise APIError(400, "logprobs are not relayed from a proxied upstream yet; ask the upstream directly "
-                           "or host the model", param="logprobs")
         threshold = options.threshold if options.threshold is not None else self.defaults.threshold
         return self.guard.policy(action, threshold)
 
@@ -121,6 +119,9 @@ class Proxy:
                     choice["message"]["content"] = self.defaults.abstain_message
                 else:
                     choice["text"] = self.defaults.abstain_message
+                if choice.get("logprobs") is not None:  # as when hosting: the replacement has no logprobs
+                    choice["logprobs"] = {"content": None} if chat else {
+                        "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         body["model"] = self.model_name
         return body
 

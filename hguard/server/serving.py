@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..guard import Guard
+from ..logprobs import Entry
 from ..results import GuardResult, TokenEvent
 from ..metrics import Metrics
 from .engine import DONE, Engine, Job, Settings
@@ -185,28 +186,40 @@ class Serving:
     def _token(self, token_id: int) -> str:
         return self.guard.tokenizer.decode([token_id])
 
-    def _chat_logprobs(self, result: GuardResult) -> dict:
-        """The OpenAI chat `logprobs` object: per token its text, bytes, log-probability and alternatives.
-        An abstained choice's replacement message has none (its tokens were not the model's)."""
-        if result.verdict == "abstained":
-            return {"content": None}
+    def _chat_entry(self, token_id: int, entry: Entry) -> dict:
+        """One token of the OpenAI chat `logprobs.content` list: its text, bytes, log-probability and
+        the alternatives, each with the same fields."""
 
-        def entry(token_id: int, logprob: float) -> dict:
-            text = self._token(token_id)
+        def item(t: int, logprob: float) -> dict:
+            text = self._token(t)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alternatives]}
-                            for t, (lp, alternatives) in zip(result.token_ids, result.logprobs)]}
+        logprob, alternatives = entry
+        return {**item(token_id, logprob), "top_logprobs": [item(a, alp) for a, alp in alternatives]}
+
+    def _text_entries(self, token_ids: list[int], entries: list[Entry], offset: int = 0) -> dict:
+        """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset);
+        `offset`: characters of token text before the first of these tokens."""
+        tokens = [self._token(t) for t in token_ids]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
+                "top_logprobs": [{self._token(a): alp for a, alp in alternatives} for _, alternatives in entries],
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, result: GuardResult) -> dict:
+        """The chat `logprobs` object of a whole choice. An abstained choice's replacement message has
+        none (its tokens were not the model's)."""
+        if result.verdict == "abstained":
+            return {"content": None}
+        return {"content": [self._chat_entry(t, e) for t, e in zip(result.token_ids, result.logprobs)]}
 
     def _text_logprobs(self, result: GuardResult) -> dict:
-        """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset)."""
         if result.verdict == "abstained":
-            return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        tokens = [self._token(t) for t in result.token_ids]
-        offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
-        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in result.logprobs],
-                "top_logprobs": [{self._token(a): alp for a, alp in alternatives} for _, alternatives in result.logprobs],
-                "text_offset": offsets}
+            return self._text_entries([], [])
+        return self._text_entries(result.token_ids, result.logprobs)
 
     async def stream(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
         """Server-Sent Events in the OpenAI chunk format; an error mid-stream is an error event."""
@@ -219,8 +232,9 @@ class Serving:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
-        def delta(index: int, text: str, extra: dict | None = None, finish: str | None = None) -> dict:
-            choice: dict = {"index": index, "finish_reason": finish, "logprobs": None}
+        def delta(index: int, text: str, extra: dict | None = None, finish: str | None = None,
+                  logprobs: dict | None = None) -> dict:
+            choice: dict = {"index": index, "finish_reason": finish, "logprobs": logprobs}
             if chat:
                 choice["delta"] = {"content": text} if text or finish is None else {}
             else:
@@ -235,13 +249,24 @@ class Serving:
         completion = 0
         results: list[GuardResult] = []
         endpoint = "chat" if chat else "completions"
+        token_chars: dict[int, int] = {}  # per choice: characters of token text so far (text_offset)
+
+        def logprobs(event: TokenEvent) -> dict | None:
+            if event.logprob is None:
+                return None
+            if chat:
+                return {"content": [self._chat_entry(event.token_id, event.logprob)]}
+            entries = self._text_entries([event.token_id], [event.logprob], token_chars.get(event.row, 0))
+            token_chars[event.row] = token_chars.get(event.row, 0) + len(entries["tokens"][0])
+            return entries
+
         try:
             while (item := await job.events.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, TokenEvent):
                     scores = [item.probability] if item.probability is not None else []
-                    yield chunk([delta(item.row, item.text, {"token_scores": scores})])
+                    yield chunk([delta(item.row, item.text, {"token_scores": scores}, logprobs=logprobs(item))])
                 else:
                     results.append(item)
                     completion += len(item.token_ids)
