@@ -3,8 +3,9 @@
 Generation is transformers' own `generate` with hooks on the probe's layers (see monitor.py):
 abstention is a stopping criterion, streaming a streamer, and nothing else of the decoding loop is
 rewritten, so every generation option keeps working. Prompts are left-padded into one batch. With
-`action=None` the guard is off: plain `generate`, no hook installed. One generation runs at a time
-per Guard (the hooks belong to the model), guarded by a lock.
+`action=None` the guard is off: plain `generate`, no hook installed (unless `logprobs` asks for the
+output's log-probabilities). One generation runs at a time per Guard (the hooks belong to the model),
+guarded by a lock.
 """
 
 from __future__ import annotations
