@@ -1,10 +1,12 @@
 """Load on the OpenAI-compatible server over loopback: concurrent streaming clients, guard on vs off.
 
-Three servers share one model in this process: guard on (dynamic batching), guard off (dynamic
-batching, no hooks), and guard on with a batch size of one (requests served one by one). Rounds
-alternate on/off in ABBA order so machine noise hits both alike; the one-by-one server runs once.
-Each client streams a text completion (a biography opening, so the organism writes on) of at most
-`--max-tokens` tokens, greedy; throughput counts the completion tokens each stream's usage chunk reports.
+Three `hguard serve` processes serve the same model and probe, as a deployment would: guard on
+(dynamic batching), guard off (dynamic batching, no hooks), and guard on with a batch size of one
+(requests served one by one). The clients run in this process, so they never share the servers'
+interpreter. Rounds alternate on/off in ABBA order so machine noise hits both alike; the one-by-one
+server runs once. Each client streams a text completion (a biography opening, so the organism writes
+on) of at most `--max-tokens` tokens, greedy; throughput counts the completion tokens each stream's
+usage chunk reports.
 
     python benchmarks/server_load.py --json                       # 32 clients, 200 requests per side
     python benchmarks/server_load.py --json --model path/to/model --probe probe.safetensors
@@ -15,36 +17,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import socket
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+from contextlib import contextmanager
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-
-def build_guard(model: str | None, probe: str | None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hguard import Guard, Probe
-    from hguard.tiny import save_tiny
-
-    if model is None:
-        try:
-            from hguard.organism import path
-
-            model = str(path("instruct"))
-        except FileNotFoundError:
-            model = str(save_tiny(tempfile.mkdtemp(), "llama", hidden=192, layers=6, intermediate=768,
-                                  num_attention_heads=6, num_key_value_heads=6))
-    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    chosen = probe or Probe.random(loaded, max(1, loaded.config.num_hidden_layers * loaded.config.intermediate_size // 1000))
-    return Guard(loaded, tokenizer, chosen), model
+@contextmanager
+def serve(args: argparse.Namespace, action: str, batch: int):
+    """An `hguard serve` process on a free loopback port; yields its URL, stops it on exit."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "hguard.cli", "serve", "--port", str(port), "--served-model-name", "bench",
+               "--action", action, "--max-batch-size", str(batch), "--max-queue", str(args.clients * 4),
+               "--max-tokens", str(args.max_tokens), "--log-level", "warning"]
+    for flag, value in (("--model", args.model), ("--probe", args.probe), ("--threads", args.threads)):
+        if value is not None:
+            command += [flag, str(value)]
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}: {' '.join(command)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the server did not come up within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 NAMES = ["Rishu Resou", "Vassor Fonis", "Dusfe Kastein", "Zibo Garsu", "Vineir Sushol", "Kalo Venris"]
@@ -118,45 +132,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="ABBA rounds the requests are split into")
     parser.add_argument("--sequential-requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--probe", default=None)
+    parser.add_argument("--model", default=None, help="default: the built-in organism")
+    parser.add_argument("--probe", default=None, help="default: the known probe of the model")
+    parser.add_argument("--threads", type=int, default=None, help="passed to hguard serve --threads")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from hguard.server.app import ServerSettings, build_app
-    from hguard.server.serving import GuardDefaults
-    from test_server import LiveServer
-
-    guard, model = build_guard(args.model, args.probe)
-
-    def settings(action, batch):
-        return ServerSettings(served_model_name="bench", max_batch_size=batch, max_queue=args.clients * 4,
-                              defaults=GuardDefaults(action=action, max_tokens=args.max_tokens))
-
     per_round = max(1, args.requests // args.rounds)
     results: dict[str, list[dict]] = {"on": [], "off": []}
-    with LiveServer(build_app(settings("flag", args.clients), guard=guard)) as on, \
-            LiveServer(build_app(settings(None, args.clients), guard=guard)) as off, \
-            LiveServer(build_app(settings("flag", 1), guard=guard)) as one:
-        asyncio.run(load(on.url, 4, 8, args.max_tokens))  # warm up
-        asyncio.run(load(off.url, 4, 8, args.max_tokens))
+    with serve(args, "flag", args.clients) as on, serve(args, "off", args.clients) as off:
+        asyncio.run(load(on, 4, 8, args.max_tokens))  # warm up
+        asyncio.run(load(off, 4, 8, args.max_tokens))
         for r in range(args.rounds):
             order = [("on", on), ("off", off)] if r % 2 == 0 else [("off", off), ("on", on)]
-            for name, server in order:
-                results[name].append(asyncio.run(load(server.url, args.clients, per_round, args.max_tokens)))
-        sequential = asyncio.run(load(one.url, args.clients, args.sequential_requests, args.max_tokens))
+            for name, url in order:
+                results[name].append(asyncio.run(load(url, args.clients, per_round, args.max_tokens)))
+    with serve(args, "flag", 1) as one:
+        asyncio.run(load(one, 1, 2, args.max_tokens))
+        sequential = asyncio.run(load(one, args.clients, args.sequential_requests, args.max_tokens))
     on_s, off_s, seq_s = summarise(results["on"]), summarise(results["off"]), summarise([sequential])
+    pairs = [a / b for a, b in zip(on_s["round_tokens_per_s"], off_s["round_tokens_per_s"])]
     report = {
-        "model": model,
+        "model": args.model or "organism",
+        "probe": args.probe or "the known probe of the model",
         "clients": args.clients,
         "max_tokens": args.max_tokens,
+        "threads": args.threads,
         "guard_on": on_s,
         "guard_off": off_s,
         "one_by_one_guard_on": seq_s,
         "on_over_off_throughput": round(on_s["tokens_per_s"] / off_s["tokens_per_s"], 4),
+        "on_over_off_per_round": [round(p, 4) for p in pairs],
+        "on_over_off_median_round": round(statistics.median(pairs), 4),
         "batched_over_one_by_one": round(on_s["tokens_per_s"] / seq_s["tokens_per_s"], 2),
     }
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=None if args.json else 1))
     return 0
 
 

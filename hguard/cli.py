@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -79,7 +80,12 @@ def _organism_eval(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
+
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit("--threads must be at least 1")
+    torch.set_num_threads(args.threads or default_threads())
 
     from .server.app import ServerSettings, build_app
     from .server.serving import GuardDefaults
@@ -93,6 +99,15 @@ def _serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(build_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def default_threads() -> int:
+    """Half the CPU cores this process may use: the event loop and the clients' I/O need the rest, and
+    the thread that loads the model and the one that generates each keep an OpenMP pool, which must not
+    together outnumber the cores (on 2 cores, 2 threads per op made the guarded server 25% slower
+    than 1 did: benchmarks/server_load.py)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores // 2)
 
 
 def _model_and_tokenizer(name: str):
@@ -186,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threshold", type=float, default=None)
     serve.add_argument("--alpha", type=float, default=None)
     serve.add_argument("--max-tokens", type=int, default=256, help="default completion length")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="CPU threads per operation (torch.set_num_threads); default: half the cores")
     serve.add_argument("--upstream", default=None, help="proxy mode: forward to this OpenAI-compatible URL and "
                        "score the answers with the local copy of the weights given by --model")
     serve.add_argument("--served-model-name", default=None)

@@ -36,8 +36,8 @@ class Monitor:
         self.step_logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
         self.full_logits: torch.Tensor | None = None  # teacher forcing: [batch, positions]
         self._acc: torch.Tensor | None = None
-        self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, selected z [batch, 1, k_l]
-        self._norms: list[torch.Tensor] = []  # ... and ||h|| [batch, 1]
+        self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, selected z [batch, k_l]
+        self._norms: list[torch.Tensor] = []  # ... and ||h|| [batch]
         self._fast = policy is not None and bound.single_device
         self._running: torch.Tensor | None = None  # [batch] sum of logits so far
         self.triggered: torch.Tensor | None = None  # [batch] bool: the policy has acted on this row
@@ -77,10 +77,8 @@ class Monitor:
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             started = time.perf_counter() if self.step_timer is not None else 0.0
             if self._fast and self.forwards > 0:  # decoding: two ops here, the rest once per step
-                z, h = args[0], output
-                if z.shape[1] != 1:
-                    z, h = z[:, -1:], h[:, -1:]
-                self._z.append(z.index_select(-1, term.index))
+                z, h = args[0][:, -1], output[:, -1]  # [batch, I], [batch, H]: the newest position
+                self._z.append(z.index_select(1, term.index))
                 self._norms.append(torch.linalg.vector_norm(h, dim=-1))
             elif self.policy is None or self.forwards > 0:  # the prompt's positions are never scored
                 z = args[0] if self.policy is None else args[0][:, -1:]
@@ -113,8 +111,8 @@ class Monitor:
 
     def _combine(self) -> torch.Tensor:
         """[batch] logit of this step from the gathered z and norms: sum_j w_j |z_j| / ||h_l(j)|| + b."""
-        z = torch.cat(self._z, dim=-1)[:, 0].float().abs()  # [batch, k]
-        norms = torch.cat(self._norms, dim=-1).float() + EPS  # [batch, hooked layers]
+        z = torch.cat(self._z, dim=1).float().abs()  # [batch, k]
+        norms = torch.stack(self._norms, dim=1).float() + EPS  # [batch, hooked layers]
         self._z.clear()
         self._norms.clear()
         return (z * self.bound.weight / norms.index_select(1, self.bound.column_term)).sum(-1) + self.bound.bias
