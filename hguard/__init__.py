@@ -10,6 +10,7 @@ Importing hguard loads no model and registers nothing.
 
 from .guard import Guard
 from .hooks import hook_count
+from .incremental import IncrementalScorer
 from .policy import ACTIONS, Calibration, Policy
 from .probe import Probe, ProbeFormatError, ProbeMismatchError
 from .registry import ProbeNotFoundError, find_probe, register_probe
@@ -21,6 +22,7 @@ __all__ = [
     "Calibration",
     "Guard",
     "GuardResult",
+    "IncrementalScorer",
     "Policy",
     "Probe",
     "ProbeFormatError",

@@ -328,3 +328,26 @@ def test_logprobs_are_the_models_and_streamed_alike(make_guard, action):
             assert [i for i, _ in top] == ids_.tolist()
             assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
     assert hook_count(guard.model) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_incremental_scores_equal_teacher_forced(make_guard, arch):
+    """Scoring a response piece by piece runs each token once and gives Guard.score's numbers; a change
+    to an earlier token (re-tokenisation) starts again and is still right."""
+    from hguard.incremental import IncrementalScorer
+
+    guard = make_guard(arch)
+    prompt = PROMPTS[1]
+    [result] = guard.generate([prompt], max_new_tokens=12, do_sample=False)
+    ids = result.token_ids
+    scorer = IncrementalScorer(guard, prompt)
+    for end in (3, 4, 9, len(ids)):
+        scores = scorer.score_ids(ids[:end])
+        expected = guard.score(prompt, ids[:end])
+        assert scores.token_probs == pytest.approx(expected.token_probs, abs=TOL)
+        assert scores.probability == pytest.approx(expected.probability, abs=TOL)
+    assert scorer.forwarded == len(guard.encode(prompt)) + len(ids)  # each position ran once
+    changed = [*ids[:2], (ids[2] + 1) % guard.model.config.vocab_size, *ids[3:]]
+    scores = scorer.score_ids(changed)
+    assert scores.token_probs == pytest.approx(guard.score(prompt, changed).token_probs, abs=TOL)
+    assert hook_count(guard.model) == 0

@@ -2,8 +2,9 @@
 what it returns with a local copy of the same weights, in a teacher-forced pass.
 
 The upstream's text is re-tokenised with the local tokenizer; the scores describe those tokens (for
-greedy text from the same tokenizer they are the upstream's tokens). While streaming, the response so
-far is re-scored as chunks arrive and each chunk carries the scores of the tokens that became final;
+greedy text from the same tokenizer they are the upstream's tokens). While streaming, each new piece
+is scored incrementally (a KV cache holds the prompt and the tokens scored so far, see
+incremental.py) and each chunk carries the scores of the tokens that became final;
 abstain cuts the stream once the running probability reaches the threshold. Requested logprobs
 are the upstream's, relayed as they come. Dampen needs the upstream's activations, so it is refused
 (400). An unreachable upstream is 502, a slow one 504.
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 import httpx
 
 from ..guard import Guard
+from ..incremental import IncrementalScorer
 from ..policy import Policy, flagged_spans, verdict
 from ..results import char_offset
 from .serving import APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of
@@ -135,6 +137,7 @@ class Proxy:
 
     async def _relay(self, response, request, policy: Policy, prompt, chat: bool) -> AsyncIterator[str]:
         texts: dict[int, str] = {}
+        scorers: dict[int, IncrementalScorer] = {}  # per choice: each token runs through the model once
         sent: dict[int, int] = {}  # tokens whose scores were already sent, per choice
         stopped: set[int] = set()
         try:
@@ -161,7 +164,9 @@ class Proxy:
                         continue
                     piece = ((choice.get("delta") or {}).get("content") if chat else choice.get("text")) or ""
                     texts[index] = texts.get(index, "") + piece
-                    scores = await self._score(prompt, texts[index])
+                    if index not in scorers:
+                        scorers[index] = IncrementalScorer(self.guard, prompt)
+                    scores = await asyncio.to_thread(scorers[index].score, texts[index])
                     final = choice.get("finish_reason") is not None
                     if scores is not None:
                         # all but the last token are stable under re-tokenisation until the choice ends

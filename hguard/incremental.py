@@ -1,0 +1,70 @@
+"""Teacher-forced scores of a response that arrives in pieces, each token run through the model once.
+
+Proxy mode receives an upstream's answer chunk by chunk. Re-scoring the whole response at every chunk
+would cost a forward over everything so far per chunk (quadratic in the length); `IncrementalScorer`
+keeps the prompt and the tokens already scored in a KV cache and runs only the new tokens, stopping
+each forward after the last hooked layer. The text is re-tokenised as it grows; should that change a
+token already scored (a merge across the chunk boundary), the scorer starts again from the prompt,
+so its scores always equal `Guard.score` on the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache
+
+from .hooks import stoppable
+from .monitor import Monitor
+from .results import Scores
+
+if TYPE_CHECKING:
+    from .guard import Guard, Prompt
+
+
+class IncrementalScorer:
+    """Scores of one growing response after one prompt; `score(text)` takes the whole text so far."""
+
+    def __init__(self, guard: "Guard", prompt: "Prompt") -> None:
+        self.guard = guard
+        self.prompt_ids = guard.encode(prompt)
+        self.forwarded = 0  # positions run through the model so far (the cost; tests read it)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cache = DynamicCache(config=self.guard.model.config)
+        self._fed: list[int] = []  # prompt and response ids whose activations are in the cache
+        self._logits: list[float] = []  # probe logit of each response token in the cache
+
+    def score(self, text: str) -> Scores | None:
+        """Scores of every token of `text` (None for an empty text); only tokens new since the last call
+        cost a forward."""
+        ids = list(self.guard.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        if not ids:
+            return None
+        return self.score_ids(ids)
+
+    @torch.no_grad()
+    def score_ids(self, response_ids: list[int]) -> Scores:
+        target = self.prompt_ids + list(response_ids)
+        if target[: len(self._fed)] != self._fed:  # an earlier token changed: score again from the start
+            self._reset()
+        new = target[len(self._fed):]
+        if new:
+            device = self.guard.model.get_input_embeddings().weight.device
+            monitor = Monitor(self.guard.bound, stop_early=True)
+            with self.guard._lock, monitor.attached(), stoppable():
+                self.guard.model(input_ids=torch.tensor([new], device=device), cache=self._cache, use_cache=True)
+            self.forwarded += len(new)
+            first_response = max(0, len(self.prompt_ids) - len(self._fed))  # prompt positions are not scored
+            self._logits += monitor.full_logits[0, first_response:].double().cpu().tolist()
+            self._fed = target
+        calibration = self.guard.probe.calibration
+        logits = torch.tensor(self._logits, dtype=torch.float64)
+        return Scores(
+            token_ids=list(response_ids),
+            token_probs=calibration(logits).tolist(),
+            token_logits=list(self._logits),
+            probability=calibration.prob(float(logits.mean())),
+        )
