@@ -142,10 +142,7 @@ class Guard:
         return left_pad(rows, self._pad_id(), self.model.get_input_embeddings().weight.device)
 
     def _pad_id(self) -> int:
-        for value in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0):
-            if value is not None:
-                return int(value)
-        return 0
+        return pad_id(self.tokenizer)
 
     def _eos_ids(self) -> set[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -434,6 +431,14 @@ class _Streamer:
             if len(result.text) > sent:  # text held back until the row finished
                 self.emit(TokenEvent(row, -1, -1, result.text[sent:], None))
                 self.sent[row] = len(result.text)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def left_pad(rows: list[list[int]], pad: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -163,6 +163,13 @@ def test_errors_have_the_right_sdk_class(client, live):
     assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
     big = httpx.post(f"{live.url}/v1/chat/completions", content=b"x" * (5 * 1024 * 1024), headers=headers)
     assert big.status_code == 413 and "error" in big.json()
+
+    def chunks():  # no Content-Length: the body is counted as it streams in
+        for _ in range(80):
+            yield b"x" * 65536
+
+    chunked = httpx.post(f"{live.url}/v1/chat/completions", content=chunks(), headers=headers)
+    assert chunked.status_code == 413 and "larger than" in chunked.json()["error"]["message"]
     assert httpx.get(f"{live.url}/v1/nothing", headers=headers).status_code == 404
 
 

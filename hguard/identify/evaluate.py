@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..guard import left_pad
+from ..guard import left_pad, pad_id
 from ..probe import Probe
 from ..sites import resolve
 from .features import Example, cett_means
@@ -113,7 +113,7 @@ def collect(model, tokenizer, items: Sequence[dict], *, fabricated: bool = False
     records = {str(r["item"]["id"]): r for r in kept}
     labels = [records[e.key]["label"] for e in examples]
     sides = [side_of(records[e.key]["item"]) for e in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     sites = resolve(model)
     cett, other, residual, log_likelihoods, entropies = [], [], [], [], []
     for start in range(0, len(examples), batch):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..guard import pad_id
 from ..sites import resolve
 from .features import Example, extract, read_chunks
 from .fit import balanced, calibrate, split_of, sweep, three_vs_one, threshold_for, to_probe
@@ -68,7 +69,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     examples, more = examples_for(tokenizer, kept)
     dropped.update(more)
     echo(f"{len(items)} questions: {len(examples)} kept, dropped {dropped}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     paths = extract(model, examples, pad, work / "features", batch=batch, progress=progress)
     labels = {str(r["item"]["id"]): r["label"] for r in kept}
     keys, answer, other = [], [], []

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..guard import left_pad
+from ..guard import left_pad, pad_id
 
 PAPER_SAMPLING = dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)
 SUFFIX = " Respond with the answer only, without any explanation."
@@ -36,7 +36,7 @@ def sample(model, tokenizer, items: Sequence[dict | str], samples: int = 10, bat
     out: list[list[str]] = []
     per_call = max(1, batch // samples)
     device = model.get_input_embeddings().weight.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     for start in range(0, len(items), per_call):
         rows = [prompt_ids(tokenizer, item, suffix) for item in items[start: start + per_call]]
         ids, mask = left_pad(rows, pad, device)

@@ -27,6 +27,40 @@ from .serving import APIError, GuardDefaults, Serving
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413, whether or not it says its length.
+    A Content-Length over the limit is refused before anything is read; a chunked body is counted as it
+    arrives and refused once it passes the limit (the route's body parsing re-raises the HTTP error)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"request body larger than {self.limit} bytes"
+
+    async def _refuse(self, scope, receive, send):
+        await _error(413, self._message(), "invalid_request_error")(scope, receive, send)
+
+
 @dataclass
 class ServerSettings:
     model: str | None = None  # local directory or hub id; None: the built-in organism
@@ -105,12 +139,10 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
     app.state.serving = None
     app.state.proxy = None
     app.include_router(router)
+    app.add_middleware(BodyLimit)
 
     @app.middleware("http")
     async def guard_the_door(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
         if settings.api_key and request.url.path.startswith("/v1/"):
             header = request.headers.get("authorization", "")
             token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
