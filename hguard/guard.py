@@ -25,7 +25,7 @@ from .monitor import Monitor, score_last_tokens
 from .policy import Policy
 from .probe import Probe
 from .registry import find_probe
-from .results import GuardResult, Scores, TokenEvent, assemble, cut, decode
+from .results import GuardResult, IncrementalText, Scores, TokenEvent, assemble, cut, decode
 from .sites import resolve
 
 Prompt = str | list[dict] | list[int]
@@ -365,7 +365,9 @@ class _Streamer:
         self.calls = 0
         self.pending: list[int] | None = None
         self.ids: dict[int, list[int]] = {}
+        self.texts: dict[int, IncrementalText] = {}
         self.sent: dict[int, int] = {}  # characters of text already emitted, per row
+        self.searched: dict[int, int] = {}  # characters already searched for stop strings, per row
         self.finished: set[int] = set()
 
     def put(self, value: torch.Tensor) -> None:
@@ -406,8 +408,12 @@ class _Streamer:
         ids.append(token)
         sent = self.sent.setdefault(row, 0)
         if text is None:
-            text = decode(self.guard.tokenizer, ids)
-            hits = [text.find(s) for s in self.stop if s and s in text]
+            if row not in self.texts:
+                self.texts[row] = IncrementalText(self.guard.tokenizer)
+            text = self.texts[row].add(token)
+            start = max(0, self.searched.get(row, 0) - self.holdback)  # a stop string ends in the new text
+            self.searched[row] = len(text)
+            hits = [at for at in (text.find(s, start) for s in self.stop) if at >= 0]
             if hits:
                 text, final = text[: min(hits)], True
             if not final:  # hold back a partial character, and what may be the start of a stop string

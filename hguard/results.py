@@ -92,6 +92,41 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+class IncrementalText:
+    """The text of a growing list of token ids, decoding a short window per new token instead of
+    everything so far (streaming would otherwise cost time quadratic in the length).
+
+    This is vLLM's incremental detokenisation: the window starts at the last emitted token's
+    predecessor (`prefix`), and what the new tokens add is decode(prefix:) minus decode(prefix:read),
+    so a tokenizer that drops a leading space or splits a character across tokens agrees with a
+    whole decode. Text waits while it ends in a partial character. A tokenizer that cleans up spaces
+    across tokens (`clean_up_tokenization_spaces`) is decoded whole every time.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # complete characters decoded so far
+        self.prefix = self.read = 0
+        self.windowed = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+
+    def add(self, token: int) -> str:
+        """Append a token; the whole text so far (without a trailing partial character)."""
+        self.ids.append(token)
+        if not self.windowed:
+            self.text = decode(self.tokenizer, self.ids).rstrip("\ufffd")
+            return self.text
+        before = decode(self.tokenizer, self.ids[self.prefix: self.read])
+        after = decode(self.tokenizer, self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            if after.startswith(before):
+                self.text += after[len(before):]
+            else:  # the window disagrees with itself: fall back to the whole text
+                self.text = decode(self.tokenizer, self.ids)
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.text
+
+
 def cut(
     tokenizer,
     generated: Sequence[int],
