@@ -104,8 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
 def default_threads() -> int:
     """Half the CPU cores this process may use: the event loop and the clients' I/O need the rest, and
     the thread that loads the model and the one that generates each keep an OpenMP pool, which must not
-    together outnumber the cores (on 2 cores, 2 threads per op made the guarded server 25% slower
-    than 1 did: benchmarks/server_load.py)."""
+    together outnumber the cores. Measured on 2 cores only (2 threads per op made the guarded server
+    25% slower than 1 did: benchmarks/server_load.py); on a large CPU host, try --threads."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, cores // 2)
 

@@ -267,6 +267,11 @@ class Guard:
             if key in generate_kwargs:
                 raise ValueError(f"{key!r} is set by the guard; use Guard.stream / stop= / logprobs= instead")
         top = check_top(generate_kwargs.pop("logprobs", None))
+        if policy is not None or top is not None:  # both read one forward per generated token
+            for key in ASSISTED:
+                if generate_kwargs.get(key) is not None:
+                    raise ValueError(f"{key!r} (assisted decoding) cannot be used with the guard or logprobs: "
+                                     "they need one forward per generated token")
         if generate_kwargs.get("num_beams", 1) != 1:
             raise ValueError(f"num_beams must be 1 with the guard (got {generate_kwargs['num_beams']})")
         limits = generate_kwargs.pop("max_new_tokens", None)
@@ -410,8 +415,10 @@ class _Streamer:
         if text is None:
             if row not in self.texts:
                 self.texts[row] = IncrementalText(self.guard.tokenizer)
-            text = self.texts[row].add(token)
-            start = max(0, self.searched.get(row, 0) - self.holdback)  # a stop string ends in the new text
+            incremental = self.texts[row]
+            text = incremental.add(token)
+            # a stop string ends in the new text (or anywhere, after a whole decode rewrote the text)
+            start = max(0, min(self.searched.get(row, 0), incremental.unchanged) - self.holdback)
             self.searched[row] = len(text)
             hits = [at for at in (text.find(s, start) for s in self.stop) if at >= 0]
             if hits:
@@ -437,6 +444,10 @@ class _Streamer:
             if len(result.text) > sent:  # text held back until the row finished
                 self.emit(TokenEvent(row, -1, -1, result.text[sent:], None))
                 self.sent[row] = len(result.text)
+
+
+# generate() arguments that verify several drafted tokens per forward
+ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "custom_generate")
 
 
 def pad_id(tokenizer) -> int:

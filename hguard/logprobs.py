@@ -53,11 +53,15 @@ class LogprobRecorder(StoppingCriteria):
         self._pending = torch.log_softmax(logits[:, -1].float(), dim=-1)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        if self._pending is not None:
-            logp, self._pending = self._pending, None
-            self._chosen.append(logp.gather(1, input_ids[:, -1:].to(logp.device))[:, 0])
-            values, ids = logp.topk(self.top, dim=-1) if self.top else (logp[:, :0], logp[:, :0].long())
-            self._alternatives.append((values, ids))
+        if self._pending is None:  # a token without its own forward: the entries would shift
+            raise RuntimeError("logprobs need one forward per generated token (assisted decoding is not supported)")
+        logp, self._pending = self._pending, None
+        self._chosen.append(logp.gather(1, input_ids[:, -1:].to(logp.device))[:, 0])
+        if self.top:
+            values, ids = logp.topk(self.top, dim=-1)
+        else:  # fresh empty tensors: a slice of logp would keep the whole [batch, vocab] alive
+            values, ids = logp.new_empty(logp.shape[0], 0), torch.empty(logp.shape[0], 0, dtype=torch.long)
+        self._alternatives.append((values, ids))
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     @property
@@ -71,6 +75,11 @@ class LogprobRecorder(StoppingCriteria):
         return [(row[0], list(zip(i, row[1:]))) for row, i in zip(packed, ids.cpu().tolist())]
 
     def rows(self) -> list[list[Entry]]:
-        """Per row, the entries of every recorded step."""
-        by_step = [self.step(s) for s in range(self.steps)]
-        return [list(row) for row in zip(*by_step)] if by_step else []
+        """Per row, the entries of every recorded step (one device-to-host copy)."""
+        if not self._chosen:
+            return []
+        chosen = torch.stack(self._chosen, dim=1).cpu().tolist()  # [batch, steps]
+        values = torch.stack([v for v, _ in self._alternatives], dim=1).cpu().tolist()  # [batch, steps, top]
+        ids = torch.stack([i.to(self._chosen[0].device) for _, i in self._alternatives], dim=1).cpu().tolist()
+        return [[(c, list(zip(i, v))) for c, i, v in zip(row_c, row_i, row_v)]
+                for row_c, row_i, row_v in zip(chosen, ids, values)]

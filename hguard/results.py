@@ -96,25 +96,29 @@ class IncrementalText:
     """The text of a growing list of token ids, decoding a short window per new token instead of
     everything so far (streaming would otherwise cost time quadratic in the length).
 
-    This is vLLM's incremental detokenisation: the window starts at the last emitted token's
-    predecessor (`prefix`), and what the new tokens add is decode(prefix:) minus decode(prefix:read),
-    so a tokenizer that drops a leading space or splits a character across tokens agrees with a
-    whole decode. Text waits while it ends in a partial character. A tokenizer that cleans up spaces
-    across tokens (`clean_up_tokenization_spaces`) is decoded whole every time.
+    This is vLLM's incremental detokenisation: the window starts at the first token of the previous
+    step's new text (`prefix`), and what the new tokens add is decode(prefix:) minus
+    decode(prefix:read), so a tokenizer that drops a leading space or splits a character across tokens
+    agrees with a whole decode. Text waits while it ends in a partial character. A tokenizer whose
+    clean-up of spaces actually rewrites text across tokens is decoded whole every time. `unchanged`
+    is how many leading characters are the same as before the last `add` (all of them, except after
+    a whole decode).
     """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""  # complete characters decoded so far
+        self.unchanged = 0
         self.prefix = self.read = 0
-        self.windowed = not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self.windowed = not _cleanup_rewrites(tokenizer)
 
     def add(self, token: int) -> str:
         """Append a token; the whole text so far (without a trailing partial character)."""
         self.ids.append(token)
+        self.unchanged = len(self.text)
         if not self.windowed:
-            self.text = decode(self.tokenizer, self.ids).rstrip("\ufffd")
+            self.text, self.unchanged = decode(self.tokenizer, self.ids).rstrip("\ufffd"), 0
             return self.text
         before = decode(self.tokenizer, self.ids[self.prefix: self.read])
         after = decode(self.tokenizer, self.ids[self.prefix:])
@@ -122,9 +126,18 @@ class IncrementalText:
             if after.startswith(before):
                 self.text += after[len(before):]
             else:  # the window disagrees with itself: fall back to the whole text
-                self.text = decode(self.tokenizer, self.ids)
+                self.text, self.unchanged = decode(self.tokenizer, self.ids), 0
             self.prefix, self.read = self.read, len(self.ids)
         return self.text
+
+
+def _cleanup_rewrites(tokenizer) -> bool:
+    """Whether decoding with this tokenizer's `clean_up_tokenization_spaces` changes text (many
+    tokenizers set the flag where their backend ignores it)."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    ids = list(tokenizer("a . b , c ! d ? e 's f n't g 'm h 've", add_special_tokens=False)["input_ids"])
+    return decode(tokenizer, ids) != tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def cut(

@@ -316,6 +316,8 @@ def test_logprobs_are_the_models_and_streamed_alike(make_guard, action):
         events = [e for e in tokens[row] if e.token_id >= 0]
         assert [e.logprob[0] for e in events] == pytest.approx([lp for lp, _ in result.logprobs], abs=1e-5)
         assert [[i for i, _ in e.logprob[1]] for e in events] == [[i for i, _ in top] for _, top in result.logprobs]
+        assert [v for e in events for _, v in e.logprob[1]] == pytest.approx(
+            [v for _, top in result.logprobs for _, v in top], abs=1e-5)
         assert streamed[row].logprobs == result.logprobs
         ids = torch.tensor([guard.encode(prompt) + result.token_ids])
         with torch.no_grad():
@@ -347,7 +349,43 @@ def test_incremental_scores_equal_teacher_forced(make_guard, arch):
         assert scores.token_probs == pytest.approx(expected.token_probs, abs=TOL)
         assert scores.probability == pytest.approx(expected.probability, abs=TOL)
     assert scorer.forwarded == len(guard.encode(prompt)) + len(ids)  # each position ran once
+    before = scorer.forwarded
     changed = [*ids[:2], (ids[2] + 1) % guard.model.config.vocab_size, *ids[3:]]
     scores = scorer.score_ids(changed)
     assert scores.token_probs == pytest.approx(guard.score(prompt, changed).token_probs, abs=TOL)
+    assert scorer.forwarded == before + len(changed) - 2  # cropped back to the two tokens that stand
     assert hook_count(guard.model) == 0
+
+
+def test_logprobs_of_sampled_choices_and_without_alternatives(make_guard):
+    from hguard.logprobs import LogprobRecorder
+
+    guard = make_guard("llama")
+    prompt = PROMPTS[0]
+    torch.manual_seed(0)
+    results = guard.generate([prompt], max_new_tokens=6, do_sample=True, num_return_sequences=3, logprobs=0)
+    for result in results:  # each choice's entries describe its own tokens
+        ids = torch.tensor([guard.encode(prompt) + result.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(guard.model(input_ids=ids).logits[0].float(), -1)
+        start = ids.shape[1] - len(result.token_ids)
+        assert [lp for lp, _ in result.logprobs] == pytest.approx(
+            [float(logp[start - 1 + t, token]) for t, token in enumerate(result.token_ids)], abs=1e-4)
+        assert all(top == [] for _, top in result.logprobs)
+    # without alternatives, nothing of a step's [batch, vocab] distribution is kept
+    recorder = LogprobRecorder(guard.model, 0)
+    ids, mask = guard._batch([guard.encode(prompt)])
+    with torch.no_grad(), recorder.attached():
+        guard.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             stopping_criteria=[recorder], pad_token_id=guard._pad_id())
+    assert recorder.steps == 5
+    assert all(v.untyped_storage().nbytes() == 0 for v, _ in recorder._alternatives)
+
+
+def test_assisted_decoding_is_refused_with_the_guard(make_guard):
+    guard = make_guard("llama")
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        guard.generate(PROMPTS[:1], max_new_tokens=4, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        guard.generate(PROMPTS[:1], action=None, logprobs=1, max_new_tokens=4, prompt_lookup_num_tokens=3)
+    assert guard.generate(PROMPTS[:1], action=None, max_new_tokens=4, prompt_lookup_num_tokens=3)[0].token_ids

@@ -37,3 +37,35 @@ def test_incremental_text_equals_whole_decode(make):
         assert whole.startswith(text) and text == whole[: len(text)]
         assert len(whole.rstrip("\ufffd")) - len(text) <= 4  # at most the characters of a split one wait
     assert text == decode(tokenizer, ids)
+
+
+class CleaningTokenizer:
+    """A tokenizer whose decode cleans up spaces before punctuation (as WordPiece ones do)."""
+
+    clean_up_tokenization_spaces = True
+
+    def __init__(self) -> None:
+        self.inner = build_tokenizer()
+
+    def __call__(self, text, **kwargs):
+        return self.inner(text, **kwargs)
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        text = self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces is not False:
+            text = text.replace(" ,", ",").replace(" .", ".")
+        return text
+
+
+def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole():
+    bpe = build_tokenizer()
+    bpe.clean_up_tokenization_spaces = True  # a flag that BPE backends ignore: windows still agree
+    assert IncrementalText(bpe).windowed
+    tokenizer = CleaningTokenizer()
+    ids = tokenizer("one , two . three", add_special_tokens=False)["input_ids"]
+    cleaned = IncrementalText(tokenizer)
+    assert not cleaned.windowed
+    for token in ids:
+        text = cleaned.add(token)
+        assert cleaned.unchanged == 0  # a whole decode may rewrite earlier text
+    assert text == decode(tokenizer, ids) == "one, two. three"

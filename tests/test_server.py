@@ -237,6 +237,28 @@ def test_proxy_refuses_dampen_and_abstains(proxied):
     assert cut.choices[0].finish_reason == "content_filter" and cut.choices[0].message.content == "Not sure."
 
 
+def test_proxy_bounds_open_streams_with_429(live, guard):
+    """Each proxied stream keeps a KV cache for its scores: past the bound (max_batch_size + max_queue)
+    a new stream is refused with 429, and a closed one frees its place."""
+    settings = ServerSettings(served_model_name="tiny", upstream=live.url, upstream_api_key=KEY, max_batch_size=1,
+                              max_queue=0, defaults=GuardDefaults(max_tokens=300))
+    app = build_app(settings, guard=guard)
+    with LiveServer(app) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+        first = client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True, temperature=0)
+        next(iter(first))
+        with pytest.raises(openai.RateLimitError) as error:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
+        assert error.value.response.headers["retry-after"] == "1"
+        first.close()
+        deadline = time.time() + 30
+        while app.state.proxy.streams and time.time() < deadline:
+            time.sleep(0.05)
+        assert app.state.proxy.streams == 0
+        again = client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True, max_tokens=3)
+        assert [c for c in again if c.choices and c.choices[0].finish_reason]
+
+
 def test_proxy_upstream_down_is_502_and_slow_is_504(guard):
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))

@@ -124,7 +124,7 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
         app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
         if settings.upstream:
             app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,
-                                    settings.upstream_api_key)
+                                    settings.upstream_api_key, max_streams=settings.max_batch_size + settings.max_queue)
         try:
             yield
         finally:

@@ -27,8 +27,10 @@ from .serving import APIError, GuardDefaults, check_model, encode_prompt, messag
 
 class Proxy:
     def __init__(self, guard: Guard, upstream: str, model_name: str, defaults: GuardDefaults,
-                 timeout: float = 60.0, api_key: str | None = None) -> None:
+                 timeout: float = 60.0, api_key: str | None = None, max_streams: int = 288) -> None:
         self.guard, self.model_name, self.defaults = guard, model_name, defaults
+        self.max_streams = max_streams  # each open stream keeps a KV cache of the local weights
+        self.streams = 0
         self.upstream = upstream.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(timeout=timeout, headers=headers)
@@ -131,6 +133,9 @@ class Proxy:
         check_model(request.model, self.model_name)
         policy = self.policy(request)
         prompt = self._prompt(request, chat)
+        if self.streams >= self.max_streams:
+            raise APIError(429, f"{self.max_streams} proxied streams are open; retry later", "rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
         path = "/v1/chat/completions" if chat else "/v1/completions"
         response = await self._post(path, self._forward_body(request), stream=True)
         return self._relay(response, request, policy, prompt, chat)
@@ -140,6 +145,7 @@ class Proxy:
         scorers: dict[int, IncrementalScorer] = {}  # per choice: each token runs through the model once
         sent: dict[int, int] = {}  # tokens whose scores were already sent, per choice
         stopped: set[int] = set()
+        self.streams += 1
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
@@ -195,5 +201,7 @@ class Proxy:
             body = APIError(502, f"the upstream stream failed: {error}", "upstream_error").body()
             yield f"data: {json.dumps(body)}\n\n"
         finally:
+            self.streams -= 1
+            scorers.clear()  # the KV caches go now, not when the response object does
             await response.aclose()
         yield "data: [DONE]\n\n"
