@@ -7,6 +7,8 @@ streaming and the non-streaming paths agree on the same tokens, text and scores.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -90,6 +92,32 @@ class Cut:
 
 def decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def token_bytes(tokenizer, token_id: int) -> list[int]:
+    """The raw bytes a token stands for (the OpenAI logprobs `bytes` field, which lets a client rebuild
+    a character split across tokens): exact for byte-level BPE pieces, byte-fallback pieces such as
+    `<0xE9>` and SentencePiece pieces; otherwise the UTF-8 of the token's decoded text."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if isinstance(piece, str):
+        fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if fallback:
+            return [int(fallback.group(1), 16)]
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        table = _byte_decoder()
+        if "ByteLevel" in str(getattr(backend, "decoder", "")) and all(c in table for c in piece):
+            return [table[c] for c in piece]
+        if "\u2581" in piece:  # SentencePiece's word boundary, which decoding a lone token strips
+            return list(piece.replace("\u2581", " ").encode())
+    return list(tokenizer.decode([int(token_id)]).encode())
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
 
 
 class IncrementalText:

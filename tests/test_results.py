@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hguard.results import IncrementalText, decode
+from hguard.results import IncrementalText, decode, token_bytes
 from hguard.tiny import build_tokenizer
 
 TEXT = "Zibo Garsu was born in Kalatown: café 日本 😀 and then   spaces, ünïcödé, done. " * 3
@@ -69,3 +69,13 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole():
         text = cleaned.add(token)
         assert cleaned.unchanged == 0  # a whole decode may rewrite earlier text
     assert text == decode(tokenizer, ids) == "one, two. three"
+
+
+@pytest.mark.parametrize("make", [build_tokenizer, sentencepiece_style])
+def test_token_bytes_rebuild_characters_split_across_tokens(make):
+    tokenizer = make()
+    text = "café 日本 😀"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some token holds part of a character
+    joined = bytes(b for i in ids for b in token_bytes(tokenizer, i)).decode()
+    assert joined.strip() == text  # byte-level BPE may carry a leading space

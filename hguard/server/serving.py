@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..guard import Guard
 from ..logprobs import Entry
-from ..results import GuardResult, TokenEvent
+from ..results import GuardResult, TokenEvent, token_bytes
 from ..metrics import Metrics
 from .engine import DONE, Engine, Job, Settings
 from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now
@@ -191,8 +191,7 @@ class Serving:
         the alternatives, each with the same fields."""
 
         def item(t: int, logprob: float) -> dict:
-            text = self._token(t)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": self._token(t), "logprob": logprob, "bytes": token_bytes(self.guard.tokenizer, t)}
 
         logprob, alternatives = entry
         return {**item(token_id, logprob), "top_logprobs": [item(a, alp) for a, alp in alternatives]}
