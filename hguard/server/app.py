@@ -120,7 +120,8 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
         if metrics is not None:
             loaded.step_timer = metrics.labels(metrics.probe_step).observe
         engine = Engine(loaded, settings.max_batch_size, settings.max_queue, metrics)
-        engine.start()
+        if not settings.upstream:  # a proxy forwards generation: its engine would only idle
+            engine.start()
         app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
         if settings.upstream:
             app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,
