@@ -179,14 +179,7 @@ class Guard:
 
             with stoppable():
                 self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        logits = monitor.full_logits[0, len(prompt_ids):].double().cpu()
-        calibration = self.probe.calibration
-        return Scores(
-            token_ids=response_ids,
-            token_probs=calibration(logits).tolist(),
-            token_logits=logits.tolist(),
-            probability=calibration.prob(float(logits.mean())),
-        )
+        return Scores.of(response_ids, monitor.full_logits[0, len(prompt_ids):].double().cpu(), self.probe.calibration)
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(

@@ -58,15 +58,8 @@ class IncrementalScorer:
             if new:
                 self._run(new)
                 self._fed = target
-            logits = list(self._logits)
-        calibration = self.guard.probe.calibration
-        values = torch.tensor(logits, dtype=torch.float64)
-        return Scores(
-            token_ids=list(response_ids),
-            token_probs=calibration(values).tolist(),
-            token_logits=logits,
-            probability=calibration.prob(float(values.mean())),
-        )
+            logits = torch.tensor(self._logits, dtype=torch.float64)
+        return Scores.of(response_ids, logits, self.guard.probe.calibration)
 
     def _keep(self, count: int) -> None:
         """Drop everything after the first `count` positions of the cache (all of it if it cannot crop)."""

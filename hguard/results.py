@@ -40,6 +40,16 @@ class Scores:
     token_logits: list[float]
     probability: float | None  # calibrated mean logit over the scored tokens (the paper's classifier)
 
+    @classmethod
+    def of(cls, token_ids: Sequence[int], logits: torch.Tensor, calibration: Calibration) -> "Scores":
+        """Scores from the probe logits of the tokens ([n] float64, host)."""
+        return cls(
+            token_ids=list(token_ids),
+            token_probs=calibration(logits).tolist(),
+            token_logits=logits.tolist(),
+            probability=calibration.prob(float(logits.mean())),
+        )
+
 
 @dataclass
 class GuardResult:

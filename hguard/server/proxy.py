@@ -22,7 +22,8 @@ from ..guard import Guard
 from ..incremental import IncrementalScorer
 from ..policy import Policy, flagged_spans, verdict
 from ..results import char_offset
-from .serving import APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of
+from .serving import (APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of,
+                      withheld_logprobs)
 
 
 class Proxy:
@@ -123,9 +124,8 @@ class Proxy:
                     choice["message"]["content"] = self.defaults.abstain_message
                 else:
                     choice["text"] = self.defaults.abstain_message
-                if choice.get("logprobs") is not None:  # as when hosting: the replacement has no logprobs
-                    choice["logprobs"] = {"content": None} if chat else {
-                        "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                if choice.get("logprobs") is not None:
+                    choice["logprobs"] = withheld_logprobs(chat)
         body["model"] = self.model_name
         return body
 

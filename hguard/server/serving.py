@@ -63,6 +63,13 @@ def encode_prompt(guard: Guard, prompt) -> list[int]:
         raise APIError(400, str(error), param="prompt") from error
 
 
+def withheld_logprobs(chat: bool) -> dict:
+    """The `logprobs` of an abstained choice: its replacement message has none (not the model's tokens)."""
+    if chat:
+        return {"content": None}
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
 @dataclass
 class GuardDefaults:
     action: str | None = "flag"
@@ -209,15 +216,14 @@ class Serving:
                 "text_offset": offsets}
 
     def _chat_logprobs(self, result: GuardResult) -> dict:
-        """The chat `logprobs` object of a whole choice. An abstained choice's replacement message has
-        none (its tokens were not the model's)."""
+        """The chat `logprobs` object of a whole choice."""
         if result.verdict == "abstained":
-            return {"content": None}
+            return withheld_logprobs(chat=True)
         return {"content": [self._chat_entry(t, e) for t, e in zip(result.token_ids, result.logprobs)]}
 
     def _text_logprobs(self, result: GuardResult) -> dict:
         if result.verdict == "abstained":
-            return self._text_entries([], [])
+            return withheld_logprobs(chat=False)
         return self._text_entries(result.token_ids, result.logprobs)
 
     async def stream(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
