@@ -4,7 +4,8 @@ Questions: the in-domain suite's held-out side (facts never fitted on), every ti
 wrong = hallucination, right = faithful; the model's own refusals are neither, and rates over
 "answers" leave them out (the probe never saw a refusal in training and scores them high).
   flag     precision and recall of the guard's flags against hallucinations
-  abstain  at the probe's calibrated threshold: the hallucination rate among answers given, the share
+  abstain  at the probe's watch threshold (fitted to the running mean's peak; and, for comparison, at
+           the flag threshold, what abstain used before): the hallucination rate among answers given, the share
            of the unguarded model's correct answers withheld, and the risk-coverage curve of the
            probe's response probability (risk = hallucinations among the answers kept when the least
            confident are withheld) with its area (AURC), against withholding by each logit score of
@@ -56,17 +57,25 @@ def main(argv: list[str] | None = None) -> int:
             "refusals": int(refused.sum()), "refusals_flagged": rate(flags[refused].tolist()),
             "hallucination_rate_unguarded": rate(wrong[~refused].tolist())}
 
-    abstained = ask(guard, items, args.batch, action="abstain", threshold=threshold)
-    withheld = np.array([r.finish_reason == "abstain" for r in abstained])
-    given = [k for k, w in enumerate(withheld) if not w]
-    kept_truth = verdicts([items[k] for k in given], [abstained[k].text for k in given])
     correct = np.array([v == "correct" for v in truth])
-    abstain = {"threshold": threshold, "withheld": rate(withheld.tolist()),
-               "withheld_among_refusals": rate(withheld[refused].tolist()),
-               "coverage_of_answers": rate((~withheld[~refused]).tolist()),
-               "hallucination_rate_answered": rate([v == "wrong" for v in kept_truth if v != "refusal"]),
-               "correct_lost": rate(withheld[correct].tolist()),
-               "hallucinations_withheld": rate(withheld[wrong].tolist())}
+
+    def abstain_at(threshold: float | None) -> tuple[dict, np.ndarray]:
+        """Abstain with the probe's own thresholds (None) or one threshold for everything."""
+        abstained = ask(guard, items, args.batch, action="abstain", threshold=threshold)
+        withheld = np.array([r.finish_reason == "abstain" for r in abstained])
+        given = [k for k, w in enumerate(withheld) if not w]
+        kept_truth = verdicts([items[k] for k in given], [abstained[k].text for k in given])
+        policy = guard.policy("abstain", threshold)
+        return {"threshold": policy.threshold, "watch_threshold": policy.trigger,
+                "withheld": rate(withheld.tolist()),
+                "withheld_among_refusals": rate(withheld[refused].tolist()),
+                "coverage_of_answers": rate((~withheld[~refused]).tolist()),
+                "hallucination_rate_answered": rate([v == "wrong" for v in kept_truth if v != "refusal"]),
+                "correct_lost": rate(withheld[correct].tolist()),
+                "hallucinations_withheld": rate(withheld[wrong].tolist())}, withheld
+
+    abstain, withheld = abstain_at(None)  # the default: the running mean against the watch threshold
+    abstain_flag_threshold, _ = abstain_at(threshold)  # before watch thresholds: the flag threshold for both
 
     # risk-coverage over the unguarded answers that are not refusals
     answered = [k for k, v in enumerate(truth) if v != "refusal"]
@@ -101,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     tail = [k for k, i in enumerate(items) if i["tier"] in ("tail", "unseen")]
     head = [k for k, i in enumerate(items) if i["tier"] == "head"]
     dampen = {}
-    for name, kwargs in (("off", {"action": None}), ("dampen", {"action": "dampen", "threshold": threshold})):
+    for name, kwargs in (("off", {"action": None}), ("dampen", {"action": "dampen"})):
         texts = [r.text for r in ask(guard, items, args.batch, **kwargs)]
         v = verdicts(items, texts)
         dampen[name] = {"hallucination_tail": rate([v[k] == "wrong" for k in tail]),
                         "accuracy_known": rate([v[k] == "correct" for k in head])}
     dampen["alpha"] = guard.policy("dampen", threshold, None).alpha
     emit("actions", {"questions": len(items), "neurons": probe.count, "flag": flag, "abstain": abstain,
-                     "dampen": dampen, "tiny": args.tiny}, args, figure)
+                     "abstain_at_flag_threshold": abstain_flag_threshold, "dampen": dampen, "tiny": args.tiny},
+         args, figure)
     return 0
 
 

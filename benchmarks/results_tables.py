@@ -75,11 +75,17 @@ def actions(data: dict) -> list[str]:
              f"flag rate on answers {pct(f['flag_rate_answers'])}; the model's own refusals: {f['refusals']}, "
              f"flagged {pct(f['refusals_flagged'])}; unguarded hallucination rate on answers "
              f"{pct(f['hallucination_rate_unguarded'])}.", "",
-             f"Abstain: withheld {pct(a['withheld'])} (of the model's refusals {pct(a['withheld_among_refusals'])}); "
-             f"answers kept {pct(a['coverage_of_answers'])}; hallucination rate among answers given "
-             f"{pct(a['hallucination_rate_answered'])}; hallucinations withheld {pct(a['hallucinations_withheld'])}; "
-             f"correct answers lost {pct(a['correct_lost'])}.", "",
-             f"| score | AURC | risk at the guard's coverage ({rc['guard_coverage']}) |", "|---|---|---|"]
+             "| abstain, running mean against | withheld (of refusals) | answers kept | hallucination rate among "
+             "answers given | hallucinations withheld | correct answers lost |", "|---|---|---|---|---|---|"]
+    for label, row in (("the watch threshold (default)", a), ("the flag threshold", data.get("abstain_at_flag_threshold"))):
+        if row is None:
+            continue
+        lines.append(f"| {label} {row.get('watch_threshold', row['threshold']):.3f} | {pct(row['withheld'])} "
+                     f"({pct(row['withheld_among_refusals'])}) | {pct(row['coverage_of_answers'])} | "
+                     f"{pct(row['hallucination_rate_answered'])} | {pct(row['hallucinations_withheld'])} | "
+                     f"{pct(row['correct_lost'])} |")
+    lines += ["",
+              f"| score | AURC | risk at the guard's coverage ({rc['guard_coverage']}) |", "|---|---|---|"]
     for name, row in rc["curves"].items():
         lines.append(f"| {name} | {row['aurc']} | {row['risk_at_guard_coverage']} |")
     lines += ["", "| guard | hallucination rate, tail | accuracy, known people |", "|---|---|---|"]

@@ -82,8 +82,10 @@ class Guard:
         else:
             probe.check(model)
         self.probe = probe
+        # an explicit threshold is used for flags and for the running mean alike
         self.threshold = probe.threshold if threshold is None else threshold
-        Policy(threshold=self.threshold)  # validate
+        self.watch_threshold = probe.watch_threshold if threshold is None else None
+        Policy(threshold=self.threshold, watch_threshold=self.watch_threshold)  # validate
         self.bound = probe.bind(model)
         self._lock = threading.Lock()
         self.step_timer: Callable[[float], None] | None = None  # e.g. a metrics histogram's observe
@@ -152,13 +154,15 @@ class Guard:
         return ids
 
     def policy(self, action: str | None = "flag", threshold: float | None = None, alpha: float | None = None):
-        """A validated Policy (None when `action` is None: guard off)."""
+        """A validated Policy (None when `action` is None: guard off). Without `threshold`, the probe's
+        two thresholds (flag, and the running mean's for abstain / dampen); with it, that one for both."""
         if action is None:
             return None
         return Policy(
             action=action,
             threshold=self.threshold if threshold is None else threshold,
             alpha=0.0 if alpha is None else alpha,
+            watch_threshold=self.watch_threshold if threshold is None else None,
         )
 
     # ---- scoring ------------------------------------------------------------------------------
@@ -196,7 +200,8 @@ class Guard:
         """Generate for a batch of prompts; one GuardResult per choice (prompt-major with n > 1).
 
         action: "flag" (score only), "abstain", "dampen", "scale" (fixed alpha from the first token), or
-        None (guard off). threshold: probability in [0, 1] (default: the probe's calibrated one).
+        None (guard off). threshold: probability in [0, 1] (default: the probe's calibrated ones, one for
+        flags and one for the running mean that abstain and dampen watch).
         alpha: the H-Neuron scale for dampen/scale. logprobs: None, or k in [0, 20] to return each
         token's log-probability under the model's raw distribution and the k most likely tokens at
         that step (`GuardResult.logprobs`). Other keyword arguments go to `model.generate`.

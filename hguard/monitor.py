@@ -124,7 +124,7 @@ class Monitor:
             self.trigger_token = torch.full_like(logit, -1, dtype=torch.long)
         self._running += logit
         probability = self.calibration(self._running / (token + 1))
-        fired = (probability >= self.policy.threshold) & ~self.triggered
+        fired = (probability >= self.policy.trigger) & ~self.triggered
         self.trigger_token = torch.where(fired, token, self.trigger_token)
         self.triggered |= fired
         if self.policy.action == "dampen":

@@ -5,12 +5,19 @@ isotonic, fitted on held-out data by the identification pipeline); it works on t
 guard can apply it on the model's device, and on plain floats for reports. `Policy` holds one
 request's validated choice (action, threshold, alpha); the `verdict` and `flagged_spans` helpers turn
 finished token scores into what the user sees.
+
+Two thresholds, because two statistics are thresholded: a finished response is flagged when its mean
+probability reaches `threshold`; abstain and dampen act during generation, the first time the running
+mean reaches `watch_threshold`. The running mean is tested at every token, so it crosses a level more
+often than the final mean does (the early means of short answers swing widely); a probe's watch
+threshold is fitted to the peak of the running mean (`running_peak`) for the same false-flag rate.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,7 +90,7 @@ class Policy:
     """One generation's guard settings, validated on construction.
 
     flag    score and report; change nothing.
-    abstain stop a sequence once its running hallucination probability reaches `threshold`.
+    abstain stop a sequence once its running hallucination probability reaches `watch_threshold`.
     dampen  from then on, scale that sequence's H-Neurons by `alpha`.
     scale   scale the H-Neurons by `alpha` at every position from the first token (the paper's
             fixed-alpha intervention); alpha = 1 is a no-op, 0 silences them, > 1 amplifies.
@@ -92,14 +99,17 @@ class Policy:
     action: Action = "flag"
     threshold: float = 0.5
     alpha: float = 0.0
+    watch_threshold: float | None = None  # what abstain/dampen compare the running mean with (default: threshold)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {self.action!r}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
-            0.0 <= self.threshold <= 1.0
-        ):
-            raise ValueError(f"threshold must be a number in [0, 1]; got {self.threshold!r}")
+        for name in ("threshold", "watch_threshold"):
+            value = getattr(self, name)
+            if value is None and name == "watch_threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
             math.isfinite(self.alpha) and self.alpha >= 0.0
         ):
@@ -114,6 +124,21 @@ class Policy:
     def watches(self) -> bool:
         """Whether decisions depend on the running probability during generation."""
         return self.action in ("abstain", "dampen")
+
+    @property
+    def trigger(self) -> float:
+        """The running probability at which abstain / dampen act."""
+        return self.threshold if self.watch_threshold is None else self.watch_threshold
+
+
+def running_peak(logits: Sequence[float], calibration: Calibration) -> float:
+    """The highest calibrated running mean over the prefixes of a response's token logits: what a
+    watching policy compares with its trigger, token by token (0.0 for no token)."""
+    if len(logits) == 0:
+        return 0.0
+    values = torch.as_tensor(list(logits), dtype=torch.float64)
+    means = values.cumsum(0) / torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    return float(calibration(means).max())
 
 
 def verdict(policy: Policy, probability: float, triggered: bool) -> Verdict:

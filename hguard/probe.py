@@ -7,8 +7,9 @@ token costs one gather, an abs, a dot and one norm per layer that has selected n
 (what `dampen`/`scale` act on) are the neurons with positive weight.
 
 File layout: tensors `layer`, `neuron` (int64), `weight`, `column_norm` (fp32), `bias` (fp32, [1]);
-string metadata `format`, `version`, `fingerprint` (JSON), `calibration` (JSON), `threshold`,
-`training` (JSON) and `checksum` (sha256 of the tensors). Loading onto the wrong model is a
+string metadata `format`, `version`, `fingerprint` (JSON), `calibration` (JSON), `threshold`, optionally
+`watch_threshold` (for the running mean; see policy.py), `training` (JSON) and `checksum` (sha256 of
+the tensors). Loading onto the wrong model is a
 `ProbeMismatchError` naming the field that differs; a damaged file is a `ProbeFormatError`.
 """
 
@@ -74,6 +75,7 @@ class Probe:
     calibration: Calibration = field(default_factory=Calibration)
     threshold: float = 0.5
     training: dict[str, object] = field(default_factory=dict)
+    watch_threshold: float | None = None  # for abstain/dampen's running mean; None: `threshold`
 
     def __post_init__(self) -> None:
         k = self.layer.numel()
@@ -85,8 +87,10 @@ class Probe:
             raise ProbeFormatError("probe weights and column norms must be finite")
         if not math.isfinite(self.bias):
             raise ProbeFormatError("probe bias must be finite")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ProbeFormatError(f"probe threshold must lie in [0, 1], got {self.threshold}")
+        for name in ("threshold", "watch_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ProbeFormatError(f"probe {name} must lie in [0, 1], got {value}")
         layers, width = self.fingerprint.get("num_layers"), self.fingerprint.get("intermediate_size")
         if isinstance(layers, int) and not (0 <= int(self.layer.min()) and int(self.layer.max()) < layers):
             raise ProbeFormatError(f"probe layer index out of range for {layers} layers")
@@ -168,6 +172,8 @@ class Probe:
             "training": json.dumps(self.training, sort_keys=True),
             "checksum": _checksum(tensors),
         }
+        if self.watch_threshold is not None:
+            metadata["watch_threshold"] = repr(float(self.watch_threshold))
         save_file(tensors, str(path), metadata=metadata)
         return path
 
@@ -206,6 +212,7 @@ class Probe:
                 calibration=Calibration.from_json(metadata["calibration"]),
                 threshold=float(metadata["threshold"]),
                 training=json.loads(metadata.get("training", "{}")),
+                watch_threshold=float(metadata["watch_threshold"]) if "watch_threshold" in metadata else None,
             )
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, ProbeFormatError):

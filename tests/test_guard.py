@@ -157,6 +157,30 @@ def test_abstain_stops_at_the_triggering_token(make_guard):
     assert cut.token_ids == row.token_ids[: first + 1]
 
 
+def test_default_abstain_watches_the_running_mean_with_the_probes_watch_threshold(make_guard):
+    from hguard.policy import running_peak
+
+    guard = make_guard("llama", threshold=0.0, watch_threshold=1.0)
+    kw = dict(max_new_tokens=8, do_sample=False)
+    unstopped = guard.generate(PROMPTS, action="abstain", **kw)  # flags everything, never abstains
+    assert all(r.finish_reason != "abstain" and r.verdict == "flagged" for r in unstopped)
+    # an explicit threshold is the request's choice for both statistics
+    assert all(r.finish_reason == "abstain" for r in guard.generate(PROMPTS, action="abstain", threshold=0.0, **kw))
+    # a row abstains exactly when the peak of its running mean reaches the watch threshold (the final
+    # token of a row that ran to max_new_tokens is scored after generation, too late to stop it)
+    calibration = guard.probe.calibration
+    logits = [guard.score(p, r.token_ids).token_logits for p, r in zip(PROMPTS, unstopped)]
+    before_last = [running_peak(l[:-1], calibration) for l in logits]
+    peaks = sorted(set(before_last))
+    assert len(peaks) >= 2
+    guard.watch_threshold = watch = (peaks[len(peaks) // 2 - 1] + peaks[len(peaks) // 2]) / 2
+    for result, early, scores in zip(guard.generate(PROMPTS, action="abstain", **kw), before_last, logits):
+        if early >= watch:
+            assert result.finish_reason == "abstain"
+        elif running_peak(scores, calibration) < watch:
+            assert result.finish_reason != "abstain"
+
+
 def _logit(p: float) -> float:
     return float(torch.logit(torch.tensor(p, dtype=torch.float64)))
 

@@ -85,6 +85,8 @@ def test_pipeline_end_to_end(organism, tmp_path, both_classes):
     assert sum(report["split"][s][k] for s in report["split"] for k in ("faithful", "hallucinated")) == report["kept"]
     assert json.loads((tmp_path / "work" / "report.json").read_text())["C"] == report["C"]
     assert 0.0 <= probe.threshold <= 1.0
+    # the running mean's peak is at least the final mean, so its threshold is not below the flag's
+    assert probe.threshold <= probe.watch_threshold <= 1.0 and report["watch_threshold"] == probe.watch_threshold
 
 
 def test_resume_reuses_the_sampled_answers(organism, tmp_path, both_classes, monkeypatch):

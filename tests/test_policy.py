@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hguard import Calibration, Policy
-from hguard.policy import flagged_spans, verdict
+from hguard.policy import flagged_spans, running_peak, verdict
 
 
 def test_platt_and_isotonic():
@@ -36,6 +36,21 @@ def test_policy_validation_names_the_argument():
     with pytest.raises(ValueError, match="alpha"):
         Policy(alpha=-0.1)
     assert not Policy("scale", alpha=1.0).scales and Policy("dampen", alpha=0.0).scales
+    with pytest.raises(ValueError, match="watch_threshold"):
+        Policy(watch_threshold=1.5)
+
+
+def test_watching_actions_trigger_on_the_watch_threshold():
+    assert Policy("abstain", 0.4).trigger == 0.4  # without a watch threshold, the flag threshold
+    assert Policy("abstain", 0.4, watch_threshold=0.8).trigger == 0.8
+
+
+def test_running_peak_is_the_highest_prefix_mean():
+    identity = Calibration("platt", a=1.0, b=0.0)
+    logits = [2.0, -4.0, 1.0, 3.0]  # prefix means 2, -1, -1/3, 0.5
+    assert running_peak(logits, identity) == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
+    assert running_peak(logits[1:], identity) == pytest.approx(torch.sigmoid(torch.tensor(0.0)).item())
+    assert running_peak([], identity) == 0.0
 
 
 def test_verdicts():

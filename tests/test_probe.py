@@ -20,8 +20,10 @@ def llama(tiny_dirs):
 
 def test_round_trip_keeps_everything(llama, tmp_path):
     probe = Probe.random(llama, 10, seed=4, calibration=Calibration("isotonic", x=(-1.0, 0.0, 2.0), y=(0.1, 0.4, 0.9)),
-                         threshold=0.3, training={"C": 0.5, "items": 12})
+                         threshold=0.3, training={"C": 0.5, "items": 12}, watch_threshold=0.45)
     loaded = Probe.load(probe.save(tmp_path / "p.safetensors"), llama)
+    assert loaded.watch_threshold == 0.45
+    assert Probe.load(Probe.random(llama, 3).save(tmp_path / "q.safetensors")).watch_threshold is None
     for name in ("layer", "neuron", "weight", "column_norm"):
         assert torch.equal(getattr(loaded, name), getattr(probe, name))
     assert loaded.bias == probe.bias and loaded.threshold == 0.3
@@ -95,6 +97,8 @@ def test_tampered_weights_fail_the_checksum(llama, tmp_path):
         (lambda m: m.update(version="9"), "version"),
         (lambda m: m.update(calibration="{not json"), "metadata"),
         (lambda m: m.update(threshold="2.0"), "threshold"),
+        (lambda m: m.update(watch_threshold="-0.5"), "watch_threshold"),
+        (lambda m: m.update(watch_threshold="high"), "metadata"),
         (lambda m: m.pop("fingerprint"), "metadata"),
     ],
 )

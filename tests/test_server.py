@@ -237,6 +237,22 @@ def test_proxy_refuses_dampen_and_abstains(proxied):
     assert cut.choices[0].finish_reason == "content_filter" and cut.choices[0].message.content == "Not sure."
 
 
+def test_proxy_abstains_on_the_running_mean_at_the_watch_threshold(proxied, guard):
+    saved = guard.threshold, guard.watch_threshold
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, extra_body={"guard": {"action": "abstain"}})
+    try:
+        guard.threshold, guard.watch_threshold = 0.0, 1.0  # flag everything, abstain on nothing
+        [choice] = proxied.chat.completions.create(**kwargs).choices
+        assert choice.finish_reason != "content_filter" and choice.model_extra["hallucination"]["verdict"] == "flagged"
+        chunks = list(proxied.chat.completions.create(stream=True, **kwargs))
+        assert all(c.choices[0].finish_reason != "content_filter" for c in chunks if c.choices)
+        guard.watch_threshold = 0.0
+        [choice] = proxied.chat.completions.create(**kwargs).choices
+        assert choice.finish_reason == "content_filter" and choice.model_extra["hallucination"]["verdict"] == "abstained"
+    finally:
+        guard.threshold, guard.watch_threshold = saved
+
+
 def test_proxy_bounds_open_streams_with_429(live, guard):
     """Each proxied stream keeps a KV cache for its scores: past the bound (max_batch_size + max_queue)
     a new stream is refused with 429, and a closed one frees its place."""

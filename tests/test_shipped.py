@@ -28,6 +28,10 @@ def test_default_guard_uses_the_shipped_probe():
     probe = find_probe(model)
     guard = Guard(model, tokenizer)
     assert guard.probe.count == probe.count > 0
+    # abstain and dampen watch the running mean against its own, higher, calibrated threshold
+    assert probe.threshold <= probe.watch_threshold <= 1.0
+    assert guard.policy("abstain").trigger == probe.watch_threshold and guard.policy("flag").threshold == probe.threshold
+    assert guard.policy("abstain", threshold=0.3).trigger == 0.3
     [result] = guard.generate([[{"role": "user", "content": "Where was Rishu Resou born?"}]], max_new_tokens=8,
                               do_sample=False)
     assert result.text and len(result.token_probs) == len(result.token_ids)

@@ -4,7 +4,9 @@ Questions are split by id before anything is fitted (train / val / test from a h
 dropped item is counted with its reason, and the probe's training summary (C sweep, counts, held-out
 metrics) travels in its metadata. Neurons are selected on answer-token features (the paper's method);
 the calibration and the threshold are fitted on the mean over the whole response, which is what the
-guard's running mean computes while it generates.
+guard's running mean computes while it generates. Abstain and dampen test that running mean at every
+token, so a second threshold (`watch_threshold`) is fitted to its peak over the response, from the
+chosen probe's per-token scores of the validation responses, for the same false-flag rate.
 """
 
 from __future__ import annotations
@@ -36,6 +38,22 @@ def examples_for(tokenizer, kept: list[dict]) -> tuple[list[Example], dict[str, 
         examples.append(Example(str(record["item"]["id"]), prompt_ids(tokenizer, record["item"]),
                                 encoded["input_ids"], answer))
     return examples, dropped
+
+
+def running_peaks(model, tokenizer, probe, examples: Sequence[Example], keys: list[str], side: np.ndarray) -> dict:
+    """Per split ('val', 'test'), in `keys` order: each response's peak calibrated running mean under
+    `probe` (see policy.running_peak), from one teacher-forced scoring pass per response."""
+    from ..guard import Guard
+    from ..policy import running_peak
+
+    guard = Guard(model, tokenizer, probe)
+    by_key = {e.key: e for e in examples}
+    peaks = {}
+    for name in ("val", "test"):
+        chosen = [by_key[k] for k, s in zip(keys, side) if s == name]
+        peaks[name] = np.array([running_peak(guard.score(e.prompt_ids, e.response_ids).token_logits, probe.calibration)
+                                for e in chosen])
+    return peaks
 
 
 def _sampled(work: Path, resume: bool, run, ids: list[str], samples: int) -> list[list[str]]:
@@ -125,6 +143,12 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     }
     probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, calibration=calibration,
                      threshold=threshold, training=summary)
+    peaks = running_peaks(model, tokenizer, probe, examples, keys, side)
+    probe.watch_threshold = threshold_for(peaks["val"], y[side == "val"], false_flag_rate)
+    summary["watch_threshold"] = probe.watch_threshold
+    if two:
+        summary["test"]["abstain_rate_faithful"] = round(float((peaks["test"][y_test == 0] >= probe.watch_threshold).mean()), 4)
+        summary["test"]["abstain_rate_hallucinated"] = round(float((peaks["test"][y_test == 1] >= probe.watch_threshold).mean()), 4)
     probe.save(out)
     echo(f"probe: {chosen.kept} neurons ({summary['per_mille']} per mille) at C={chosen.C}; test {test}")
     (work / "report.json").write_text(json.dumps(summary, indent=1))

@@ -5,7 +5,7 @@ The upstream's text is re-tokenised with the local tokenizer; the scores describ
 greedy text from the same tokenizer they are the upstream's tokens). While streaming, each new piece
 is scored incrementally (a KV cache holds the prompt and the tokens scored so far, see
 incremental.py) and each chunk carries the scores of the tokens that became final;
-abstain cuts the stream once the running probability reaches the threshold. Requested logprobs
+abstain cuts the stream once the running probability reaches the watch threshold. Requested logprobs
 are the upstream's, relayed as they come. Dampen needs the upstream's activations, so it is refused
 (400). An unreachable upstream is 502, a slow one 504.
 """
@@ -20,7 +20,7 @@ import httpx
 
 from ..guard import Guard
 from ..incremental import IncrementalScorer
-from ..policy import Policy, flagged_spans, verdict
+from ..policy import Policy, flagged_spans, running_peak, verdict
 from ..results import char_offset
 from .serving import (APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of,
                       withheld_logprobs)
@@ -116,7 +116,8 @@ class Proxy:
             text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
             text = text or ""
             scores = await self._score(prompt, text)
-            abstained = policy.action == "abstain" and scores is not None and scores.probability >= policy.threshold
+            abstained = policy.action == "abstain" and scores is not None and \
+                running_peak(scores.token_logits, self.guard.probe.calibration) >= policy.trigger
             choice["hallucination"] = self._report(policy, scores, text, request.guard.token_scores, abstained)
             if abstained:
                 choice["finish_reason"] = "content_filter"
@@ -180,8 +181,8 @@ class Proxy:
                         new = scores.token_probs[sent.get(index, 0): ready]
                         sent[index] = max(sent.get(index, 0), ready)
                         choice["hallucination"] = {"token_scores": new}
-                        running = scores.probability
-                        if policy.action == "abstain" and running >= policy.threshold and not final:
+                        peak = running_peak(scores.token_logits[:ready], self.guard.probe.calibration)
+                        if policy.action == "abstain" and peak >= policy.trigger and not final:
                             choice["finish_reason"] = "content_filter"
                             final = True
                             stopped.add(index)
