@@ -2,7 +2,8 @@
 
 For each size N, a fresh process featurises N organism responses (CETT of every neuron, the batched
 teacher-forced pass of `hguard.identify.features.extract`, written to disk in chunks) and fits the
-probe (the "3 vs 1" rows and the pipeline's sweep of L1 fits over C). It reports the wall time of each
+probe (the rows of the fit's target, whole responses by default or the answer tokens' "3 vs 1" rows,
+and the pipeline's sweep of L1 fits over C). It reports the wall time of each
 stage and the process's peak resident memory above what it held once the model was loaded (from
 getrusage, so torch's allocations count). Responses are the gold answer for half the questions and a
 wrong value for the other half, so both classes exist; sampling is not part of this cost.
@@ -22,12 +23,12 @@ import tempfile
 import time
 
 
-def one(size: int, batch: int) -> dict:
+def one(size: int, batch: int, target: str) -> dict:
     import numpy as np
     import torch
 
     from hguard.identify.features import Example, extract, read_chunks
-    from hguard.identify.fit import sweep, three_vs_one
+    from hguard.identify.fit import sweep, training_set, whole_response
     from hguard.identify.pipeline import DEFAULT_CS
     from hguard.identify.sample import prompt_ids
     from hguard.organism import SHIPPED, load
@@ -52,11 +53,14 @@ def one(size: int, batch: int) -> dict:
         other = np.concatenate([o.numpy() for _, _, o in read_chunks(paths)])
     y = np.array(labels)
     start = time.perf_counter()
-    x, xy = three_vs_one(answer, other, y)
-    rows, _ = sweep(x, xy, answer, y, DEFAULT_CS)
+    lengths = np.array([len(e.response_ids) for e in examples])
+    spans = np.array([len(e.answer_tokens) for e in examples])
+    whole = whole_response(answer, other, spans, lengths - spans)
+    x, xy = training_set(target, answer, other, whole, y)
+    rows, _ = sweep(x, xy, whole if target == "response" else answer, y, DEFAULT_CS)
     fit_s = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"responses": size, "neurons": int(answer.shape[1]), "features_s": round(features_s, 2),
+    return {"responses": size, "target": target, "neurons": int(answer.shape[1]), "features_s": round(features_s, 2),
             "features_per_s": round(size / features_s, 1), "fit_s": round(fit_s, 2), "fits": len(DEFAULT_CS),
             "fit_rows": int(x.shape[0]), "peak_mb_above_model": round((peak_kb - base_kb) / 1024, 1)}
 
@@ -65,15 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000])
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--target", choices=("response", "answer"), default="response", help="the fit's target")
     parser.add_argument("--json", action="store_true", help="print only the JSON list")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(one(args.one, args.batch)))
+        print(json.dumps(one(args.one, args.batch, args.target)))
         return 0
     rows = []
     for size in args.sizes:  # one process per size: peak memory is per process
-        result = subprocess.run([sys.executable, __file__, "--one", str(size), "--batch", str(args.batch)],
+        result = subprocess.run([sys.executable, __file__, "--one", str(size), "--batch", str(args.batch),
+                                 "--target", args.target],
                                 capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         if not args.json:

@@ -3,7 +3,8 @@
 1. Transfer: the probe fitted on the instruction-tuned model, unchanged, scores the base model's own
    answers. The base is prompted in its completion format ("Question: ...\\nAnswer:", greedy, cut at
    the first newline); an answer is hallucinated when wrong, faithful when right (refusals dropped);
-   its score is the probe's classifier on the base's CETT averaged over the answer tokens. AUROC per
+   its score is the probe's classifier on the base's CETT averaged as for the probe's training target
+   (every response token, or the answer tokens). AUROC per
    suite (95% bootstrap interval), beside the same probe on the instruct model's own answers.
 2. Parameter drift: per neuron, 1 - cosine between base and instruct of its up_proj row and of its
    down_proj column, each z-scored over all neurons, averaged. Neurons are ranked from most to least
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 from organism_common import arguments, emit, organism, pyplot, suite
 
-from hguard.identify.evaluate import bootstrap, fact_side, probe_logits
+from hguard.identify.evaluate import bootstrap, fact_side, probe_logits, probe_target
+from hguard.identify.fit import whole_response
 from hguard.identify.features import Example, cett_means
 from hguard.identify.label import answer_span, judge, token_span
 from hguard.identify.sample import prompt_ids
@@ -61,9 +63,12 @@ def transfer(model, tokenizer, probe, items, batch: int, base: bool, seed: int) 
     labels = np.array(labels)
     if len(set(labels.tolist())) < 2:
         return {"answers": len(rows), "note": "one class only"}
-    cett = np.concatenate([cett_means(model, rows[i: i + 32], tokenizer.pad_token_id)[0].numpy()
-                           for i in range(0, len(rows), 32)])
-    scores = probe_logits(probe, resolve(model).intermediate_size, cett)
+    parts = [cett_means(model, rows[i: i + 32], tokenizer.pad_token_id) for i in range(0, len(rows), 32)]
+    answer, other = (np.concatenate([p[k].numpy() for p in parts]) for k in (0, 1))
+    if probe_target(probe) == "response":
+        answer = whole_response(answer, other, np.array([len(r.answer_tokens) for r in rows]),
+                                np.array([len(r.response_ids) - len(r.answer_tokens) for r in rows]))
+    scores = probe_logits(probe, resolve(model).intermediate_size, answer)
     result = bootstrap(labels, [scores], [float(np.median(scores))], rounds=1000, seed=seed)
     return {"auroc": result["auroc"], "auroc_ci": result["auroc_ci"], "answers": len(rows),
             "hallucinated": int(labels.sum())}

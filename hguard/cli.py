@@ -142,7 +142,8 @@ def _identify(args: argparse.Namespace) -> int:
         items = items[: args.limit]
     work = args.work or tempfile.mkdtemp(prefix="hguard-identify-")
     report = identify(model, tokenizer, items, work, args.out, samples=args.samples, seed=args.seed,
-                      resume=args.resume, echo=lambda m: print(m, file=sys.stderr, flush=True))
+                      resume=args.resume, target=args.target,
+                      echo=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=1))
     return 0
 
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--work", default=None, help="directory for features and the report")
     ident.add_argument("--seed", type=int, default=0)
     ident.add_argument("--resume", action="store_true", help="reuse the answers sampled into --work before")
+    ident.add_argument("--target", choices=("response", "answer"), default="response",
+                       help="fit on the mean over every response token (what the guard scores; default) or on "
+                            "answer tokens with the paper's '3 vs 1' labels")
     ident.set_defaults(run=_identify)
 
     ev = commands.add_parser("eval", help="the probe against baselines on every QA suite (bootstrap 95% CIs)")

@@ -10,8 +10,8 @@ import torch
 from hguard import Probe
 from hguard.cli import main
 from hguard.identify.evaluate import (
-    auroc, balanced, best_threshold, bootstrap, evaluate_suites, fabricated_labels, fact_side, probe_logits,
-    response_stats,
+    Collected, auroc, balanced, best_threshold, bootstrap, evaluate_suites, fabricated_labels, fact_side,
+    probe_logits, probe_scorer, probe_target, response_stats,
 )
 from hguard.identify.features import Example, cett_means
 from hguard.identify.logit_scores import logit_scores
@@ -104,10 +104,10 @@ def test_report_has_every_method_per_suite(organism, both_classes):
     directory, model, tokenizer = organism
     train = both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain"))
     para = both_classes(model, tokenizer, read_suite(directory / "suites", "paraphrase"))
-    probe = Probe.random(model, 6, seed=0)
+    probe = Probe.random(model, 6, seed=0, training={"target": "response"})
     report = evaluate_suites(model, tokenizer, probe, {"in_domain": train, "paraphrase": para}, samples=1,
                              max_new_tokens=6, draws=2, rounds=20, Cs=(1.0, 10.0))
-    assert report["neurons_kept"] == 6 and report["per_mille"] == pytest.approx(1000 * 6 / (2 * 64))
+    assert report["target"] == "response" and report["neurons_kept"] == 6 and report["per_mille"] == pytest.approx(1000 * 6 / (2 * 64))
     for name in ("in_domain", "paraphrase"):
         suite = report["suites"][name]
         assert suite["held_out"] <= suite["kept"] <= suite["questions"]
@@ -118,6 +118,23 @@ def test_report_has_every_method_per_suite(organism, both_classes):
             assert 0.0 <= entry["auroc"] <= 1.0 and 0.0 <= entry["accuracy"] <= 1.0
             assert entry["auroc_ci"][0] <= entry["auroc"] + 1e-9 and entry["auroc"] <= entry["auroc_ci"][1] + 1e-9
     assert report["training"]["train"]["faithful"] > 0 and report["training"]["val"]["hallucinated"] > 0
+
+
+def test_probe_is_scored_on_the_features_of_its_target(organism):
+    _, model, _ = organism
+    rng = np.random.default_rng(0)
+    n, width = 5, model.config.num_hidden_layers * model.config.intermediate_size
+    answer, other = rng.random((n, width)), rng.random((n, width))
+    tokens = np.array([[1, 0], [2, 3], [1, 1], [3, 1], [2, 0]])
+    data = Collected([str(i) for i in range(n)], np.zeros(n, int), np.array(["test"] * n, object), answer, other,
+                     np.zeros((n, 1, 1)), [np.zeros(1)] * n, [np.zeros(1)] * n, tokens=tokens)
+    whole = (tokens[:, :1] * answer + tokens[:, 1:] * other) / tokens.sum(1, keepdims=True)
+    assert data.view("response") == pytest.approx(whole) and data.where(np.arange(n) > 2).view("response") == pytest.approx(whole[3:])
+    for target, features in (("response", whole), ("answer", answer)):
+        probe = Probe.random(model, 6, seed=3, training={"target": target})
+        assert probe_scorer(probe, model.config.intermediate_size)(data) == pytest.approx(
+            probe_logits(probe, model.config.intermediate_size, features))
+    assert probe_target(Probe.random(model, 6)) == "answer"  # probes from before targets existed
 
 
 def test_eval_cli_refuses_missing_suites(organism, tmp_path, capsys):

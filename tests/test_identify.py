@@ -10,7 +10,7 @@ import torch
 
 from hguard import Guard, Probe
 from hguard.identify.features import Example, cett_means
-from hguard.identify.fit import fit_l1, split_of, three_vs_one
+from hguard.identify.fit import fit_l1, split_of, three_vs_one, whole_response
 from hguard.identify.label import consistency_labels, judge, normalize
 from hguard.identify.pipeline import identify
 from hguard.organism.suites import read_suite
@@ -52,6 +52,9 @@ def test_batched_features_equal_single_examples(organism):
                                tokenizer.pad_token_id)
     expected = probe.bias + float((all_tokens[0, flat] * probe.weight).sum())
     assert np.mean(scores.token_logits) == pytest.approx(expected, abs=1e-4)
+    # ... and the "response" target's features (whole_response of the two means) are that same mean
+    whole = whole_response(answer[:1].numpy(), other[:1].numpy(), np.array([2]), np.array([len(example.response_ids) - 2]))
+    assert whole[0] == pytest.approx(all_tokens[0].numpy(), abs=1e-6)
 
 
 def test_split_is_by_question_id():
@@ -87,6 +90,14 @@ def test_pipeline_end_to_end(organism, tmp_path, both_classes):
     assert 0.0 <= probe.threshold <= 1.0
     # the running mean's peak is at least the final mean, so its threshold is not below the flag's
     assert probe.threshold <= probe.watch_threshold <= 1.0 and report["watch_threshold"] == probe.watch_threshold
+    # fitted on whole responses by default; the report also gives the paper's answer-token probe
+    assert report["target"] == probe.training["target"] == "response" and set(report["other_targets"]) == {"answer"}
+    answer_fit = identify(model, tokenizer, items, tmp_path / "work", tmp_path / "answer.safetensors", samples=1,
+                          max_new_tokens=6, Cs=(0.1, 1.0, 10.0), max_kept_ratio=1.0, progress=False, resume=True,
+                          target="answer")
+    assert answer_fit["target"] == "answer" and answer_fit["other_targets"]["response"]["C"] == report["C"]
+    with pytest.raises(ValueError, match="target"):
+        identify(model, tokenizer, items, tmp_path / "w2", tmp_path / "x.safetensors", target="tokens")
 
 
 def test_resume_reuses_the_sampled_answers(organism, tmp_path, both_classes, monkeypatch):

@@ -8,9 +8,11 @@ and other-token means), the residual stream averaged over the answer tokens, and
 token's log-probability and predictive entropy.
 
 Methods (higher score = more likely hallucinated):
-  h_neurons       the probe under evaluation, exactly as the guard applies it
-  random_neurons  as many random neurons, a standardised L2 logistic fit ("3 vs 1"), mean of `draws` draws
-  all_neurons     a standardised L1 fit over every neuron ("3 vs 1"), C by validation AUROC
+  h_neurons       the probe under evaluation, exactly as the guard applies it, on the CETT means of its
+                  training target (fit.py: the whole response, or the answer tokens)
+  random_neurons  as many random neurons, a standardised L2 logistic fit for the same target, mean of
+                  `draws` draws
+  all_neurons     a standardised L1 fit over every neuron for the same target, C by validation AUROC
   residual        a standardised L2 logistic probe on the residual stream (SAPLMA-style), layer by validation
   max_sequence_probability, mean_token_entropy, perplexity   lm-polygraph's estimators
 Baselines are fitted on the "train" side of the training suite and tuned on its "val" side; every
@@ -31,7 +33,7 @@ from ..guard import left_pad, pad_id
 from ..probe import Probe
 from ..sites import resolve
 from .features import Example, cett_means
-from .fit import balanced, fit_l1, three_vs_one
+from .fit import balanced, fit_l1, training_set, whole_response
 from .label import is_refusal
 from .label import consistency_labels as qa_labels
 from .pipeline import examples_for
@@ -55,12 +57,24 @@ class Collected:
     entropies: list[np.ndarray] = field(default_factory=list)
     dropped: dict = field(default_factory=dict)
     questions: int = 0
+    tokens: np.ndarray | None = None  # [n, 2]: answer tokens and other response tokens per row
 
     def where(self, mask: np.ndarray) -> "Collected":
         index = np.flatnonzero(mask)
         return Collected([self.keys[i] for i in index], self.labels[index], self.side[index], self.cett[index],
                          self.other[index], self.residual[index], [self.log_likelihoods[i] for i in index],
-                         [self.entropies[i] for i in index], self.dropped, self.questions)
+                         [self.entropies[i] for i in index], self.dropped, self.questions,
+                         None if self.tokens is None else self.tokens[index])
+
+    def view(self, target: str) -> np.ndarray:
+        """CETT means for a probe target: over answer tokens ('answer') or every response token ('response')."""
+        if target == "answer":
+            return self.cett
+        return whole_response(self.cett, self.other, self.tokens[:, 0], self.tokens[:, 1])
+
+    def training_set(self, target: str, columns: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        return training_set(target, self.cett[:, columns], self.other[:, columns], self.view(target)[:, columns],
+                            self.labels)
 
 
 def fabricated_labels(items: Sequence[dict], samples: Sequence[Sequence[str]]):
@@ -131,6 +145,8 @@ def collect(model, tokenizer, items: Sequence[dict], *, fabricated: bool = False
         np.concatenate(other) if other else np.zeros((0, neurons), np.float32),
         np.concatenate(residual) if residual else np.zeros((0, sites.num_layers + 1, hidden), np.float32),
         log_likelihoods, entropies, dropped, len(items),
+        np.array([(len(e.answer_tokens), len(e.response_ids) - len(e.answer_tokens)) for e in examples],
+                 dtype=int).reshape(-1, 2),
     )
 
 
@@ -178,8 +194,14 @@ def probe_logits(probe: Probe, intermediate: int, cett: np.ndarray) -> np.ndarra
     return cett[:, flat] @ probe.weight.numpy().astype(np.float64) + probe.bias
 
 
+def probe_target(probe: Probe) -> str:
+    """What the probe was fitted on (probes from before targets existed were fitted on answer tokens)."""
+    return str(probe.training.get("target", "answer"))
+
+
 def probe_scorer(probe: Probe, intermediate: int) -> Scorer:
-    return lambda data: probe_logits(probe, intermediate, data.cett)
+    target = probe_target(probe)
+    return lambda data: probe_logits(probe, intermediate, data.view(target))
 
 
 def _l2(x: np.ndarray, y: np.ndarray, C: float, seed: int):
@@ -190,22 +212,21 @@ def _l2(x: np.ndarray, y: np.ndarray, C: float, seed: int):
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed)).fit(x, y)
 
 
-def random_scorers(train: Collected, count: int, draws: int, seed: int) -> list[Scorer]:
+def random_scorers(train: Collected, count: int, draws: int, seed: int, target: str) -> list[Scorer]:
     scorers = []
     for draw in range(draws):
         columns = np.sort(np.random.default_rng(seed + draw).choice(train.cett.shape[1], count, replace=False))
-        x, y = three_vs_one(train.cett[:, columns], train.other[:, columns], train.labels)
-        model = _l2(x, y, 1.0, seed)
-        scorers.append(lambda data, m=model, c=columns: m.decision_function(data.cett[:, c]))
+        model = _l2(*train.training_set(target, columns), 1.0, seed)
+        scorers.append(lambda data, m=model, c=columns: m.decision_function(data.view(target)[:, c]))
     return scorers
 
 
-def all_neuron_scorer(train: Collected, val: Collected, Cs: Sequence[float]) -> tuple[Scorer, dict]:
-    x, y = three_vs_one(train.cett, train.other, train.labels)
+def all_neuron_scorer(train: Collected, val: Collected, Cs: Sequence[float], target: str) -> tuple[Scorer, dict]:
+    x, y = train.training_set(target)
     fits = [fit_l1(x, y, C) for C in Cs]
-    scores = [auroc(val.labels, f.logits(val.cett)) for f in fits]
+    scores = [auroc(val.labels, f.logits(val.view(target))) for f in fits]
     best = fits[int(np.nanargmax(scores))]
-    return (lambda data: best.logits(data.cett)), {"C": best.C, "kept": best.kept}
+    return (lambda data: best.logits(data.view(target))), {"C": best.C, "kept": best.kept}
 
 
 def residual_scorer(train: Collected, val: Collected, seed: int) -> tuple[Scorer, dict]:
@@ -232,11 +253,12 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
     train, val = training.where(training.side == "train"), training.where(training.side == "val")
     if len(set(train.labels)) < 2 or len(set(val.labels)) < 2:
         raise ValueError("the training suite needs faithful and hallucinated questions on both train and val sides")
-    all_neurons, all_info = all_neuron_scorer(train, val, Cs)
+    target = probe_target(probe)
+    all_neurons, all_info = all_neuron_scorer(train, val, Cs, target)
     residual, residual_info = residual_scorer(train, val, seed)
     methods: dict[str, tuple[list[Scorer], dict]] = {
         "h_neurons": ([probe_scorer(probe, sites.intermediate_size)], {}),
-        "random_neurons": (random_scorers(train, probe.count, draws, seed), {"draws": draws}),
+        "random_neurons": (random_scorers(train, probe.count, draws, seed, target), {"draws": draws}),
         "all_neurons": ([all_neurons], all_info),
         "residual": ([residual], residual_info),
     }
@@ -245,7 +267,7 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
     val_index = balanced(val.labels, seed)
     thresholds = {name: [best_threshold(val.labels[val_index], s(val)[val_index]) for s in scorers]
                   for name, (scorers, _) in methods.items()}
-    report = {"neurons_kept": probe.count, "per_mille": round(1000 * probe.count / total, 4),
+    report = {"neurons_kept": probe.count, "per_mille": round(1000 * probe.count / total, 4), "target": target,
               "h_neurons": int((probe.weight > 0).sum()), "total_neurons": total,
               "training": {side: {"faithful": int((d.labels == 0).sum()), "hallucinated": int(d.labels.sum())}
                            for side, d in (("train", train), ("val", val))},

@@ -1,5 +1,10 @@
-"""Fit the H-Neuron probe: split by question, "3 vs 1" labels, standardised L1 logistic regression
+"""Fit the H-Neuron probe: split by question, a training target, standardised L1 logistic regression
 swept over C, calibration and a threshold on held-out data, saved as a Probe.
+
+Two targets. `answer` is the paper's: mean CETT over each response's answer tokens, with the "3 vs 1"
+labels (hallucinated answer tokens against faithful answer tokens and the other tokens of both).
+`response` fits the quantity the guard computes while it generates, which cannot tell answer tokens
+from the rest: mean CETT over every response token, one label per response.
 
 CETT values are tiny (a neuron's share of its layer's output), so the features are standardised
 before the L1 fit and the scaling is folded back into the saved weights and bias: the probe stays
@@ -41,6 +46,25 @@ def three_vs_one(answer: np.ndarray, other: np.ndarray, labels: np.ndarray) -> t
     x = np.concatenate([answer, other[has_other]])
     y = np.concatenate([labels, np.zeros(int(has_other.sum()), dtype=int)])
     return x, y
+
+
+TARGETS = ("response", "answer")
+
+
+def whole_response(answer: np.ndarray, other: np.ndarray, n_answer: np.ndarray, n_other: np.ndarray) -> np.ndarray:
+    """Mean CETT over every response token, from the answer-token and other-token means and their counts."""
+    n_answer, n_other = n_answer.astype(float)[:, None], n_other.astype(float)[:, None]
+    return (n_answer * answer + n_other * other) / np.maximum(n_answer + n_other, 1.0)
+
+
+def training_set(target: str, answer: np.ndarray, other: np.ndarray, whole: np.ndarray,
+                 labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and labels a probe for `target` is fitted on."""
+    if target == "answer":
+        return three_vs_one(answer, other, labels)
+    if target == "response":
+        return whole, labels
+    raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
 
 
 def _l1_arguments() -> dict:

@@ -2,9 +2,10 @@
 
 Questions are split by id before anything is fitted (train / val / test from a hash of the id), every
 dropped item is counted with its reason, and the probe's training summary (C sweep, counts, held-out
-metrics) travels in its metadata. Neurons are selected on answer-token features (the paper's method);
-the calibration and the threshold are fitted on the mean over the whole response, which is what the
-guard's running mean computes while it generates. Abstain and dampen test that running mean at every
+metrics) travels in its metadata. Neurons are selected on the target's features (fit.py: the whole
+response by default, or the paper's answer tokens with "3 vs 1" labels); the calibration and the
+threshold are fitted on the mean over the whole response, which is what the guard's running mean
+computes while it generates. Abstain and dampen test that running mean at every
 token, so a second threshold (`watch_threshold`) is fitted to its peak over the response, from the
 chosen probe's per-token scores of the validation responses, for the same false-flag rate.
 """
@@ -20,11 +21,12 @@ import numpy as np
 from ..guard import pad_id
 from ..sites import resolve
 from .features import Example, extract, read_chunks
-from .fit import balanced, calibrate, split_of, sweep, three_vs_one, threshold_for, to_probe
+from .fit import (TARGETS, balanced, calibrate, split_of, sweep, threshold_for, to_probe, training_set,
+                  whole_response)
 from .label import consistency_labels, token_span
 from .sample import prompt_ids, sample
 
-DEFAULT_CS = (0.003, 0.005, 0.01, 0.015, 0.02, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_CS = (0.003, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.1, 0.3, 1.0)
 
 
 def examples_for(tokenizer, kept: list[dict]) -> tuple[list[Example], dict[str, int]]:
@@ -71,12 +73,17 @@ def _sampled(work: Path, resume: bool, run, ids: list[str], samples: int) -> lis
 def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
-             balance: bool = True, resume: bool = False, echo=lambda message: None) -> dict:
+             balance: bool = True, resume: bool = False, target: str = "response", compare_targets: bool = True,
+             echo=lambda message: None) -> dict:
     """Run the whole pipeline; writes the probe to `out` and returns the report. The sampled answers are
     kept in `work/answers.jsonl`; with `resume`, answers found there for the same questions and sample
-    count are reused (refitting with other settings then skips the sampling, the slow part)."""
+    count are reused (refitting with other settings then skips the sampling, the slow part). `target`:
+    what the probe is fitted on (see fit.py); with `compare_targets` the report also gives the other
+    target's best probe under the same neuron budget."""
     from sklearn.metrics import roc_auc_score
 
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
     work = Path(work)
     sites = resolve(model)
     total = sites.num_layers * sites.intermediate_size
@@ -104,39 +111,56 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     train = np.flatnonzero(side == "train")
     if balance:  # the paper fits on equal numbers of faithful and hallucinated questions
         train = train[balanced(y[train], seed)]
-    train_x, train_y = three_vs_one(answer_x[train], other_x[train], y[train])
-    rows, fits = sweep(train_x, train_y, answer_x[side == "val"], y[side == "val"], Cs)
-    allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= max_kept_ratio * total] or \
-              [i for i, f in enumerate(fits) if f.kept > 0]
-    if not allowed:
-        raise ValueError("no C in the sweep kept any neuron; widen --C")
-    best = max(allowed, key=lambda i: (np.nan_to_num(rows[i]["val_auroc"], nan=0.0), -fits[i].kept))
-    chosen = fits[best]
     # The guard's verdict reads the running mean over every generated token, not over the answer alone,
     # so the calibration and the threshold are fitted on that quantity: the mean CETT over all response
     # tokens (answer and other tokens weighted by their counts), through the chosen classifier.
     sizes = {e.key: (len(e.answer_tokens), len(e.response_ids) - len(e.answer_tokens)) for e in examples}
-    n_answer = np.array([sizes[k][0] for k in keys], dtype=float)[:, None]
-    n_other = np.array([sizes[k][1] for k in keys], dtype=float)[:, None]
-    whole_x = (n_answer * answer_x + n_other * other_x) / (n_answer + n_other)
-    val_logits = chosen.logits(whole_x[side == "val"])
-    calibration = calibrate(val_logits, y[side == "val"])
-    val_probs = np.array([calibration.prob(float(v)) for v in val_logits])
-    threshold = threshold_for(val_probs, y[side == "val"], false_flag_rate)
-    y_test = y[side == "test"]
-    test_logits = chosen.logits(whole_x[side == "test"])
-    test_probs = np.array([calibration.prob(float(v)) for v in test_logits])
+    whole_x = whole_response(answer_x, other_x, np.array([sizes[k][0] for k in keys]),
+                             np.array([sizes[k][1] for k in keys]))
+    views = {"answer": answer_x, "response": whole_x}
+    val, test_side = side == "val", side == "test"
+    y_test = y[test_side]
     two = len(set(y_test)) == 2
-    test = {"questions": int(y_test.size),
-            "auroc": round(float(roc_auc_score(y_test, chosen.logits(answer_x[side == "test"]))), 4) if two else None,
-            "response_auroc": round(float(roc_auc_score(y_test, test_logits)), 4) if two else None,
+
+    def choose(goal: str):
+        """The C sweep for one target and its best fit within the neuron budget (validation AUROC)."""
+        train_x, train_y = training_set(goal, answer_x[train], other_x[train], whole_x[train], y[train])
+        rows, fits = sweep(train_x, train_y, views[goal][val], y[val], Cs)
+        allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= max_kept_ratio * total] or \
+                  [i for i, f in enumerate(fits) if f.kept > 0]
+        if not allowed:
+            raise ValueError("no C in the sweep kept any neuron; widen --C")
+        best = max(allowed, key=lambda i: (np.nan_to_num(rows[i]["val_auroc"], nan=0.0), -fits[i].kept))
+        return rows, fits[best], rows[best]["val_auroc"]
+
+    def test_auroc(fitted, view: np.ndarray):
+        return round(float(roc_auc_score(y_test, fitted.logits(view[test_side]))), 4) if two else None
+
+    rows, chosen, _ = choose(target)
+    val_logits = chosen.logits(whole_x[val])
+    calibration = calibrate(val_logits, y[val])
+    val_probs = np.array([calibration.prob(float(v)) for v in val_logits])
+    threshold = threshold_for(val_probs, y[val], false_flag_rate)
+    test_logits = chosen.logits(whole_x[test_side])
+    test_probs = np.array([calibration.prob(float(v)) for v in test_logits])
+    test = {"questions": int(y_test.size), "target": target,
+            "auroc": test_auroc(chosen, views[target]),
+            "answer_auroc": test_auroc(chosen, answer_x), "response_auroc": test_auroc(chosen, whole_x),
             "accuracy": round(float(((test_probs >= 0.5) == y_test).mean()), 4) if y_test.size else None,
             "flag_rate_faithful": round(float((test_probs[y_test == 0] >= threshold).mean()), 4) if two else None,
             "flag_rate_hallucinated": round(float((test_probs[y_test == 1] >= threshold).mean()), 4) if two else None}
+    alternatives = {}
+    if compare_targets:  # the other target's best probe under the same budget, for the report
+        for goal in (g for g in TARGETS if g != target):
+            _, fitted, val_auroc = choose(goal)
+            alternatives[goal] = {"C": fitted.C, "neurons_kept": fitted.kept, "val_auroc": val_auroc,
+                                  "test_auroc": test_auroc(fitted, views[goal]),
+                                  "test_response_auroc": test_auroc(fitted, whole_x)}
     summary = {
         "questions": len(items), "kept": len(examples), "dropped": dropped, "split": counts, "sweep": rows,
         "C": chosen.C, "neurons_kept": chosen.kept, "h_neurons": int((chosen.weight > 0).sum()),
         "per_mille": round(1000 * chosen.kept / total, 4), "false_flag_rate": false_flag_rate, "test": test,
+        "target": target, "other_targets": alternatives,
         "samples_per_question": samples, "standardised": True, "balanced_train": balance,
         "calibrated_on": "mean probe logit over all response tokens (the guard's running mean)",
         "train_questions": int(train.size),
@@ -144,7 +168,9 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, calibration=calibration,
                      threshold=threshold, training=summary)
     peaks = running_peaks(model, tokenizer, probe, examples, keys, side)
-    probe.watch_threshold = threshold_for(peaks["val"], y[side == "val"], false_flag_rate)
+    # the peak is at least the final mean, so the watch threshold is at least the flag threshold (the
+    # max only absorbs rounding between the features' means and the guard's per-token scores)
+    probe.watch_threshold = max(threshold, threshold_for(peaks["val"], y[side == "val"], false_flag_rate))
     summary["watch_threshold"] = probe.watch_threshold
     if two:
         summary["test"]["abstain_rate_faithful"] = round(float((peaks["test"][y_test == 0] >= probe.watch_threshold).mean()), 4)
