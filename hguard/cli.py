@@ -168,7 +168,7 @@ def _eval(args: argparse.Namespace) -> int:
     probe = Probe.load(args.probe, model) if args.probe else find_probe(model)
     report = evaluate_suites(model, tokenizer, probe, suites, training=names[0], limit=args.limit,
                              samples=args.samples, seed=args.seed, draws=args.draws, rounds=args.rounds,
-                             logit_baselines=not args.no_logit_baselines,
+                             logit_baselines=not args.no_logit_baselines, work=args.work, resume=args.resume,
                              echo=lambda m: print(m, file=sys.stderr, flush=True))
     command = "hguard " + " ".join(args.argv)
     report = {"command": command, "model": args.model, "probe": args.probe or "default", **report}
@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rounds", type=int, default=1000, help="bootstrap resamples")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--no-logit-baselines", action="store_true", help="skip lm-polygraph's logit scores")
+    ev.add_argument("--work", default=None, help="keep each suite's sampled answers here (an identify run's "
+                                                 "--work holds the training suite's)")
+    ev.add_argument("--resume", action="store_true", help="reuse answers kept in --work for the same questions")
     ev.add_argument("--json", action="store_true", help="print one JSON object on one line")
     ev.add_argument("--out", default=None, help="also write the JSON to this file")
     ev.set_defaults(run=_eval)

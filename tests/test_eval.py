@@ -137,6 +137,27 @@ def test_probe_is_scored_on_the_features_of_its_target(organism):
     assert probe_target(Probe.random(model, 6)) == "answer"  # probes from before targets existed
 
 
+def test_eval_reuses_kept_answers_and_those_of_identify(organism, both_classes, tmp_path, monkeypatch):
+    from hguard.identify.pipeline import identify
+
+    directory, model, tokenizer = organism
+    train = both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain")[:40])
+    para = read_suite(directory / "suites", "paraphrase")[:30]
+    common = dict(samples=1, max_new_tokens=6, seed=3)
+    identify(model, tokenizer, train, tmp_path, tmp_path / "p.safetensors", Cs=(1.0, 10.0), max_kept_ratio=1.0,
+             progress=False, **common)
+    probe = Probe.random(model, 6, seed=0)
+    options = dict(draws=2, rounds=20, Cs=(1.0, 10.0), work=tmp_path, **common)
+    sampled = []
+    real = __import__("hguard.identify.sample", fromlist=["sample"]).sample
+    monkeypatch.setattr("hguard.identify.sample.sample", lambda *a, **k: sampled.append(len(a[2])) or real(*a, **k))
+    first = evaluate_suites(model, tokenizer, probe, {"in_domain": train, "paraphrase": para}, resume=True, **options)
+    assert sampled == [first["suites"]["paraphrase"]["questions"]]  # the training suite came from identify
+    assert (tmp_path / "paraphrase.answers.jsonl").exists()
+    again = evaluate_suites(model, tokenizer, probe, {"in_domain": train, "paraphrase": para}, resume=True, **options)
+    assert len(sampled) == 1 and again["suites"] == first["suites"]
+
+
 def test_eval_cli_refuses_missing_suites(organism, tmp_path, capsys):
     assert main(["eval", "--model", str(organism[0] / "instruct"), "--suites", str(tmp_path), "--json"]) == 2
     assert "in_domain.jsonl" in capsys.readouterr().err

@@ -98,6 +98,11 @@ def test_pipeline_end_to_end(organism, tmp_path, both_classes):
     assert answer_fit["target"] == "answer" and answer_fit["other_targets"]["response"]["C"] == report["C"]
     with pytest.raises(ValueError, match="target"):
         identify(model, tokenizer, items, tmp_path / "w2", tmp_path / "x.safetensors", target="tokens")
+    for item in items:  # every answer wrong: one class, a clear error instead of a solver's
+        item["aliases"] = ["no such answer"]
+    with pytest.raises(ValueError, match="faithful and hallucinated"):
+        identify(model, tokenizer, items, tmp_path / "w3", tmp_path / "y.safetensors", samples=1, max_new_tokens=6,
+                 progress=False)
 
 
 def test_resume_reuses_the_sampled_answers(organism, tmp_path, both_classes, monkeypatch):
@@ -109,8 +114,11 @@ def test_resume_reuses_the_sampled_answers(organism, tmp_path, both_classes, mon
     def no_sampling(*args, **kw):
         raise AssertionError("resume sampled again")
 
-    monkeypatch.setattr("hguard.identify.pipeline.sample", no_sampling)
+    monkeypatch.setattr("hguard.identify.sample.sample", no_sampling)
     again = identify(model, tokenizer, items, tmp_path / "work", tmp_path / "b.safetensors", resume=True, **kwargs)
     assert again["split"] == first["split"] and again["neurons_kept"] == first["neurons_kept"]
     with pytest.raises(AssertionError, match="sampled again"):  # other questions: the cache does not apply
         identify(model, tokenizer, items[:40], tmp_path / "work", tmp_path / "c.safetensors", resume=True, **kwargs)
+    with pytest.raises(AssertionError, match="sampled again"):  # nor other sampling settings
+        identify(model, tokenizer, items, tmp_path / "work", tmp_path / "d.safetensors", resume=True,
+                 **{**kwargs, "max_new_tokens": 7})

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from .fit import balanced, fit_l1, training_set, whole_response
 from .label import is_refusal
 from .label import consistency_labels as qa_labels
 from .pipeline import examples_for
-from .sample import sample
+from .sample import sample_cached
 
 Scorer = Callable[["Collected"], np.ndarray]
 LOGIT_SCORES = ("max_sequence_probability", "mean_token_entropy", "perplexity")
@@ -118,9 +119,11 @@ def response_stats(model, examples: Sequence[Example], pad_id: int):
 
 
 def collect(model, tokenizer, items: Sequence[dict], *, fabricated: bool = False, side_of=lambda item: "test",
-            samples: int = 10, max_new_tokens: int = 50, seed: int = 0, batch: int = 16) -> Collected:
-    """Sample, label and featurise one suite."""
-    answers = sample(model, tokenizer, list(items), samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+            samples: int = 10, max_new_tokens: int = 50, seed: int = 0, batch: int = 16,
+            cache: Path | None = None, resume: bool = False) -> Collected:
+    """Sample (or, with `resume`, read the answers kept in `cache`), label and featurise one suite."""
+    answers = sample_cached(cache, model, tokenizer, items, samples=samples, max_new_tokens=max_new_tokens,
+                            seed=seed, resume=resume)
     kept, dropped = (fabricated_labels if fabricated else qa_labels)(items, answers)
     examples, more = examples_for(tokenizer, kept)
     dropped.update(more)
@@ -302,9 +305,15 @@ def fact_side(item: dict, seed: int = 0) -> str:
 
 def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]], *, training: str = "in_domain",
                     limit: int | None = None, samples: int = 10, max_new_tokens: int = 50, seed: int = 0,
-                    echo=lambda message: None, **options) -> dict:
+                    work: str | Path | None = None, resume: bool = False, echo=lambda message: None,
+                    **options) -> dict:
     """Collect every suite (the training one whole; the others on their held-out side, at most `limit`
-    questions each) and evaluate the probe against the baselines."""
+    questions each) and evaluate the probe against the baselines.
+
+    With `work`, each suite's sampled answers are kept there (`<suite>.answers.jsonl`; the training
+    suite's in `answers.jsonl`, where `hguard identify` keeps its own), and `resume` reads back answers
+    sampled for the same questions and settings: pointed at an identify run's work directory, the
+    training suite is not sampled again."""
     import random
 
     if training not in suites:
@@ -317,8 +326,9 @@ def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]
         if limit is not None and len(items) > limit:
             items = random.Random(seed).sample(items, limit)
         side_of = (lambda item: "test") if fabricated else (lambda item: fact_side(item, seed))
+        cache = None if work is None else Path(work) / ("answers.jsonl" if name == training else f"{name}.answers.jsonl")
         collected[name] = collect(model, tokenizer, items, fabricated=fabricated, side_of=side_of, samples=samples,
-                                  max_new_tokens=max_new_tokens, seed=seed)
+                                  max_new_tokens=max_new_tokens, seed=seed, cache=cache, resume=resume)
         echo(f"{name}: {len(items)} questions, {len(collected[name].keys)} kept, dropped {collected[name].dropped}")
     report = evaluate(probe, model, collected[training], collected, seed=seed, **options)
     report.update(samples_per_question=samples, training_suite=training, limit=limit)

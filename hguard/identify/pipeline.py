@@ -24,7 +24,7 @@ from .features import Example, extract, read_chunks
 from .fit import (TARGETS, balanced, calibrate, split_of, sweep, threshold_for, to_probe, training_set,
                   whole_response)
 from .label import consistency_labels, token_span
-from .sample import prompt_ids, sample
+from .sample import prompt_ids, sample_cached
 
 DEFAULT_CS = (0.003, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.1, 0.3, 1.0)
 
@@ -58,26 +58,14 @@ def running_peaks(model, tokenizer, probe, examples: Sequence[Example], keys: li
     return peaks
 
 
-def _sampled(work: Path, resume: bool, run, ids: list[str], samples: int) -> list[list[str]]:
-    path = work / "answers.jsonl"
-    if resume and path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if [r["id"] for r in rows] == ids and all(len(r["answers"]) == samples for r in rows):
-            return [r["answers"] for r in rows]
-    answers = run()
-    work.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": i, "answers": a}) + "\n" for i, a in zip(ids, answers)))
-    return answers
-
-
 def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
              balance: bool = True, resume: bool = False, target: str = "response", compare_targets: bool = True,
              echo=lambda message: None) -> dict:
     """Run the whole pipeline; writes the probe to `out` and returns the report. The sampled answers are
-    kept in `work/answers.jsonl`; with `resume`, answers found there for the same questions and sample
-    count are reused (refitting with other settings then skips the sampling, the slow part). `target`:
+    kept in `work/answers.jsonl`; with `resume`, answers found there for the same questions and sampling
+    settings are reused (refitting with other settings then skips the sampling, the slow part). `target`:
     what the probe is fitted on (see fit.py); with `compare_targets` the report also gives the other
     target's best probe under the same neuron budget."""
     from sklearn.metrics import roc_auc_score
@@ -87,9 +75,8 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     work = Path(work)
     sites = resolve(model)
     total = sites.num_layers * sites.intermediate_size
-    answers = _sampled(work, resume, lambda: sample(model, tokenizer, list(items), samples=samples,
-                                                    max_new_tokens=max_new_tokens, seed=seed),
-                       [str(item["id"]) for item in items], samples)
+    answers = sample_cached(work / "answers.jsonl", model, tokenizer, items, samples=samples,
+                            max_new_tokens=max_new_tokens, seed=seed, resume=resume)
     kept, dropped = consistency_labels(items, answers)
     examples, more = examples_for(tokenizer, kept)
     dropped.update(more)
@@ -109,6 +96,10 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
               for s in ("train", "val", "test")}
     echo(f"split by question id: {counts}")
     train = np.flatnonzero(side == "train")
+    for name in ("train", "val"):
+        if min(counts[name].values()) == 0:
+            raise ValueError(f"the {name} side needs faithful and hallucinated questions; got {counts[name]} "
+                             "(more questions, or questions the model answers both right and wrong)")
     if balance:  # the paper fits on equal numbers of faithful and hallucinated questions
         train = train[balanced(y[train], seed)]
     # The guard's verdict reads the running mean over every generated token, not over the answer alone,

@@ -7,7 +7,9 @@ else as "Question: ...\\nAnswer:") or "messages" (a chat, used as is).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -46,3 +48,27 @@ def sample(model, tokenizer, items: Sequence[dict | str], samples: int = 10, bat
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         out.extend(texts[i: i + samples] for i in range(0, len(texts), samples))
     return out
+
+
+def sample_cached(path: str | Path | None, model, tokenizer, items: Sequence[dict], *, samples: int = 10,
+                  max_new_tokens: int = 50, seed: int = 0, resume: bool = False) -> list[list[str]]:
+    """`sample`, kept in a JSONL file at `path` (per item: id, settings, answers). With `resume`, a file
+    that holds the same item ids sampled with the same settings is read back instead of sampling again
+    (sampling is most of the time `hguard identify` and `hguard eval` take)."""
+    settings = {"samples": samples, "max_new_tokens": max_new_tokens, "seed": seed}
+    ids = [str(item["id"]) for item in items]
+    path = Path(path) if path is not None else None
+    if path is not None and resume and path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if [r["id"] for r in rows] == ids and all(_settings(r) == settings for r in rows):
+            return [r["answers"] for r in rows]
+    answers = sample(model, tokenizer, list(items), samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": i, **settings, "answers": a}) + "\n" for i, a in zip(ids, answers)))
+    return answers
+
+
+def _settings(row: dict) -> dict:
+    # rows written before the settings were recorded used the defaults
+    return {"samples": len(row["answers"]), "max_new_tokens": row.get("max_new_tokens", 50), "seed": row.get("seed", 0)}
