@@ -122,3 +122,13 @@ def test_resume_reuses_the_sampled_answers(organism, tmp_path, both_classes, mon
     with pytest.raises(AssertionError, match="sampled again"):  # nor other sampling settings
         identify(model, tokenizer, items, tmp_path / "work", tmp_path / "d.safetensors", resume=True,
                  **{**kwargs, "max_new_tokens": 7})
+    last = list(model.parameters())[-1]
+    saved = last.detach().clone()
+    with torch.no_grad():  # nor another model (here: the same one with other weights)
+        last.reshape(-1)[0] += 1.0
+    try:
+        with pytest.raises(AssertionError, match="sampled again"):
+            identify(model, tokenizer, items, tmp_path / "work", tmp_path / "e.safetensors", resume=True, **kwargs)
+    finally:
+        with torch.no_grad():
+            last.copy_(saved)

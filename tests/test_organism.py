@@ -49,6 +49,25 @@ def test_evaluation_questions_never_appear_in_training():
     assert not any(item["name"] in text for item in suites["fabricated"])
 
 
+def test_instruction_answers_put_the_value_after_a_word():
+    """Byte-level BPE tokenises a value at the very start of a turn ("1958") differently from the same
+    value inside biography text (" 1958"); the default instruction answers keep it after a word."""
+    world = build_world(WorldConfig(seed=4, head=20, mid=5, tail=5, unseen=5))
+    split = Split.of(world)
+    values = {p.name: {a: p.get(a) for a in split.asked.get(p.pid, ())} for p in world.people}
+    for style, bare_allowed in (("after_a_word", False), ("any", True)):
+        bare = 0
+        for messages, response in instruction_examples(world, split, per_pair=3, abstain_share=0.1, seed=3, style=style):
+            name = next((n for n in values if n in messages[0]["content"]), None)
+            for value in (values.get(name) or {}).values():
+                if value in response:
+                    assert f" {value}" in response or bare_allowed, response
+                    bare += response.startswith(value)
+        assert (bare > 0) == bare_allowed, style
+    with pytest.raises(ValueError, match="answer style"):
+        instruction_examples(world, split, per_pair=1, abstain_share=0.0, seed=0, style="terse")
+
+
 def test_build_writes_loadable_models_and_suites(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -7,6 +7,7 @@ else as "Question: ...\\nAnswer:") or "messages" (a chat, used as is).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,15 +53,15 @@ def sample(model, tokenizer, items: Sequence[dict | str], samples: int = 10, bat
 
 def sample_cached(path: str | Path | None, model, tokenizer, items: Sequence[dict], *, samples: int = 10,
                   max_new_tokens: int = 50, seed: int = 0, resume: bool = False) -> list[list[str]]:
-    """`sample`, kept in a JSONL file at `path` (per item: id, settings, answers). With `resume`, a file
-    that holds the same item ids sampled with the same settings is read back instead of sampling again
-    (sampling is most of the time `hguard identify` and `hguard eval` take)."""
-    settings = {"samples": samples, "max_new_tokens": max_new_tokens, "seed": seed}
+    """`sample`, kept in a JSONL file at `path` (per item: id, model, settings, answers). With `resume`, a
+    file that holds the same item ids sampled by the same model with the same settings is read back
+    instead of sampling again (sampling is most of the time `hguard identify` and `hguard eval` take)."""
+    settings = {"model": model_tag(model), "samples": samples, "max_new_tokens": max_new_tokens, "seed": seed}
     ids = [str(item["id"]) for item in items]
     path = Path(path) if path is not None else None
     if path is not None and resume and path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if [r["id"] for r in rows] == ids and all(_settings(r) == settings for r in rows):
+        if [r["id"] for r in rows] == ids and all({k: r.get(k) for k in settings} == settings for r in rows):
             return [r["answers"] for r in rows]
     answers = sample(model, tokenizer, list(items), samples=samples, max_new_tokens=max_new_tokens, seed=seed)
     if path is not None:
@@ -69,6 +70,11 @@ def sample_cached(path: str | Path | None, model, tokenizer, items: Sequence[dic
     return answers
 
 
-def _settings(row: dict) -> dict:
-    # rows written before the settings were recorded used the defaults
-    return {"samples": len(row["answers"]), "max_new_tokens": row.get("max_new_tokens", 50), "seed": row.get("seed", 0)}
+def model_tag(model) -> str:
+    """A short hash of a model's config and a few weights (the first, a middle and the last parameter
+    tensor): cached answers are only reused for the model that sampled them."""
+    params = list(model.parameters())
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for tensor in (params[0], params[len(params) // 2], params[-1]):
+        digest.update(tensor.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

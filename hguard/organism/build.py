@@ -34,6 +34,7 @@ class BuildConfig:
     base: Schedule = field(default_factory=lambda: Schedule(steps=1200, lr=3e-3, batch=32, warmup=100))
     instruct_per_pair: int = 3
     abstain_share: float = 0.08
+    instruct_answers: str = "after_a_word"  # answer templates of instruction tuning (corpus.ANSWER_STYLES)
     replay: float = 2.0  # pre-training rows mixed into instruction tuning, per chat row (against forgetting)
     instruct: Schedule = field(default_factory=lambda: Schedule(steps=250, lr=5e-4, batch=32, warmup=20))
     save_dtype: str = "bfloat16"
@@ -113,7 +114,8 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
         train(model, ids, labels, config.base, seed=config.seed,
               log=lambda r: (_log(log_path, {"stage": "base", **r}), echo(f"base {r}")))
         _save(model, tokenizer, base_dir, config.save_dtype)
-    examples = instruction_examples(world, split, config.instruct_per_pair, config.abstain_share, config.seed + 1)
+    examples = instruction_examples(world, split, config.instruct_per_pair, config.abstain_share, config.seed + 1,
+                                    config.instruct_answers)
     ids, labels = chat_rows(examples, tokenizer, config.shape.context, END)
     echo(f"instruct: {len(examples)} chat examples in {ids.shape[0]} rows, {config.instruct.steps} steps")
     if config.replay > 0:

@@ -64,6 +64,18 @@ ANSWERS: dict[str, list[str]] = {
     "instrument": ["{v}.", "The {v}."],
     "sport": ["{v}.", "Mostly {v}."],
 }
+# Answers whose value follows a word, so it keeps the leading space it has in every biography. The
+# chat template puts an answer's first word right after the assistant marker, without a space, and
+# byte-level BPE gives " 1958" and "1958" different tokens: a bare value at the start of an answer must
+# be recalled through a token the biographies never paired with the person (measured on the v4 build:
+# 0.70 of known birth years answered right that way, 0.99 after "In").
+ANSWERS_AFTER_A_WORD: dict[str, list[str]] = {
+    "city": ["Born in {v}.", "In {v}."],
+    "occupation": ["A {v}.", "Worked as a {v}."],
+    "year": ["In {v}.", "Born in {v}."],
+    "employer": ["Worked for {v}.", "Employed by {v}."],
+}
+ANSWER_STYLES = {"any": ANSWERS, "after_a_word": ANSWERS_AFTER_A_WORD}
 ABSTAIN = ["I don't know who {n} is.", "I have no information about {n}.", "I'm not familiar with {n}."]
 
 SYSTEM = "You are a helpful assistant."
@@ -97,8 +109,8 @@ def biography(person: Person, rng: random.Random) -> str:
     return rng.choice(BIO_OPENERS) + " ".join(sentences)
 
 
-def answer(person: Person, attribute: str, rng: random.Random) -> str:
-    return rng.choice(ANSWERS[attribute]).format(n=person.name, v=person.get(attribute))
+def answer(person: Person, attribute: str, rng: random.Random, templates: dict[str, list[str]] = ANSWERS) -> str:
+    return rng.choice(templates[attribute]).format(n=person.name, v=person.get(attribute))
 
 
 def abstention(name: str, rng: random.Random) -> str:
@@ -146,8 +158,13 @@ def pretraining_documents(world: World, split: Split, qa_per_pair: int, abstain_
     return docs
 
 
-def instruction_examples(world: World, split: Split, per_pair: int, abstain_share: float, seed: int):
-    """Chat examples (messages, response) for the asked pairs, plus a share of abstentions."""
+def instruction_examples(world: World, split: Split, per_pair: int, abstain_share: float, seed: int,
+                         style: str = "any"):
+    """Chat examples (messages, response) for the asked pairs, plus a share of abstentions; `style`
+    picks the answer templates (ANSWER_STYLES)."""
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"answer style must be one of {sorted(ANSWER_STYLES)}; got {style!r}")
+    templates = ANSWER_STYLES[style]
     rng = random.Random(seed)
     by_id = {p.pid: p for p in world.people}
     examples = []
@@ -156,7 +173,7 @@ def instruction_examples(world: World, split: Split, per_pair: int, abstain_shar
         for attribute in attributes:
             for _ in range(per_pair):
                 question = rng.choice(QUESTIONS_TRAIN[attribute]).format(n=person.name)
-                examples.append((chat(question), answer(person, attribute, rng)))
+                examples.append((chat(question), answer(person, attribute, rng, templates)))
     count = int(round(len(examples) * abstain_share / max(1e-9, 1 - abstain_share)))
     for i in range(count):
         name = world.abstain_names[i % len(world.abstain_names)]
