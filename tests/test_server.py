@@ -194,7 +194,9 @@ def test_a_client_that_leaves_frees_its_slot(client, live):
     quick = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=2)
     waited = time.perf_counter() - start
     assert quick.choices[0].message.content is not None
-    assert waited < 0.5 * full, (waited, full)
+    # had the abandoned generation kept its slot, the short request would wait for all of it (about
+    # `full`); the margin is wide because this machine is shared and noisy
+    assert waited < 0.8 * full, (waited, full)
 
 
 @pytest.fixture(scope="module")

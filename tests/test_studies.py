@@ -50,3 +50,15 @@ def test_actions(tmp_path):
     curves = result["abstain"]["risk_coverage"]["curves"]
     assert set(curves) == {"h_neuron_probe", "max_sequence_probability", "mean_token_entropy", "perplexity"}
     assert result["dampen"]["off"]["accuracy_known"]["n"] == result["dampen"]["dampen"]["accuracy_known"]["n"]
+
+
+def test_answer_form(tiny_organism):
+    directory = tiny_organism[0]
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "answer_form.py"), "--json", "--dir", str(directory)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["questions"] > 0
+    assert set(report["accuracy"]) == {"base, plain", "base, chat", "instruct, chat", "instruct, chat_after_a_word"}
+    for row in report["accuracy"].values():
+        assert set(row) == {"city", "employer", "occupation", "year", "all"} and all(0 <= v <= 1 for v in row.values())
