@@ -28,8 +28,9 @@ PREFIX = {"year": "In", "city": "Born in", "employer": "Worked for", "occupation
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, items: list[dict], form: str, batch: int = 64) -> float:
-    right = 0
+def correct(model, tokenizer, items: list[dict], form: str, batch: int = 64) -> list[bool]:
+    """Per item: whether the greedy answer asked in `form` is right."""
+    right = []
     for start in range(0, len(items), batch):
         chunk = items[start: start + batch]
         if form == "plain":
@@ -43,8 +44,12 @@ def accuracy(model, tokenizer, items: list[dict], form: str, batch: int = 64) ->
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
         for item, prefix, text in zip(chunk, prefixes, tokenizer.batch_decode(out, skip_special_tokens=True)):
-            right += judge(prefix + text.split("\n")[0], item["aliases"]) == "correct"
-    return round(right / max(1, len(items)), 4)
+            right.append(judge(prefix + text.split("\n")[0], item["aliases"]) == "correct")
+    return right
+
+
+def rate(values: list[bool]) -> float:
+    return round(sum(values) / max(1, len(values)), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     for stage, stage_forms in forms.items():
         model, tokenizer = load(stage, args.dir) if args.dir else load(stage)
         for form in stage_forms:
-            row = {a: accuracy(model, tokenizer, [i for i in items if i["attribute"] == a], form) for a in attributes}
-            row["all"] = accuracy(model, tokenizer, items, form)
+            right = correct(model, tokenizer, items, form)
+            row = {a: rate([r for r, i in zip(right, items) if i["attribute"] == a]) for a in attributes}
+            row["all"] = rate(right)
             result["accuracy"][f"{stage}, {form}"] = row
     print(json.dumps(result, indent=None if args.json else 1))
     return 0

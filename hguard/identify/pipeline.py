@@ -161,7 +161,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     peaks = running_peaks(model, tokenizer, probe, examples, keys, side)
     # the peak is at least the final mean, so the watch threshold is at least the flag threshold (the
     # max only absorbs rounding between the features' means and the guard's per-token scores)
-    probe.watch_threshold = max(threshold, threshold_for(peaks["val"], y[side == "val"], false_flag_rate))
+    probe.watch_threshold = max(threshold, threshold_for(peaks["val"], y[val], false_flag_rate))
     summary["watch_threshold"] = probe.watch_threshold
     if two:
         summary["test"]["abstain_rate_faithful"] = round(float((peaks["test"][y_test == 0] >= probe.watch_threshold).mean()), 4)
