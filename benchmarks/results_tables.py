@@ -31,7 +31,8 @@ def evaluation(data: dict) -> list[str]:
     methods = ["h_neurons", "random_neurons", "all_neurons", "residual", "max_sequence_probability",
                "mean_token_entropy", "perplexity"]
     lines = [f"Probe: {data['neurons_kept']} neurons ({data['per_mille']} per mille of {data['total_neurons']}), "
-             f"{data['h_neurons']} with positive weight. Baselines fitted on {data['training']}.", ""]
+             f"{data['h_neurons']} with positive weight. Baselines fitted on {data['training']}"
+             + (f", class balance: {data['balance']} (as the probe)." if "balance" in data else "."), ""]
     for metric in ("auroc", "accuracy"):
         lines += [f"{metric.upper() if metric == 'auroc' else 'Accuracy'} (95% bootstrap interval), balanced held-out questions:", "",
                   "| suite | n | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]

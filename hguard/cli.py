@@ -142,7 +142,7 @@ def _identify(args: argparse.Namespace) -> int:
         items = items[: args.limit]
     work = args.work or tempfile.mkdtemp(prefix="hguard-identify-")
     report = identify(model, tokenizer, items, work, args.out, samples=args.samples, seed=args.seed,
-                      resume=args.resume, target=args.target,
+                      resume=args.resume, target=args.target, balance=args.balance,
                       echo=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=1))
     return 0
@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--work", default=None, help="directory for features and the report")
     ident.add_argument("--seed", type=int, default=0)
     ident.add_argument("--resume", action="store_true", help="reuse the answers sampled into --work before")
+    ident.add_argument("--balance", choices=("weight", "subsample", "none"), default="weight",
+                       help="balance the classes in the fit by weighting them (every question kept), by "
+                            "subsampling the larger one, or not at all (default: weight)")
     ident.add_argument("--target", choices=("response", "answer"), default="response",
                        help="fit on the mean over every response token (what the guard scores; default) or on "
                             "answer tokens with the paper's '3 vs 1' labels")

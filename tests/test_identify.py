@@ -10,7 +10,7 @@ import torch
 
 from hguard import Guard, Probe
 from hguard.identify.features import Example, cett_means
-from hguard.identify.fit import fit_l1, split_of, three_vs_one, whole_response
+from hguard.identify.fit import balanced, class_weight, fill_budget, fit_l1, split_of, sweep, three_vs_one, whole_response
 from hguard.identify.label import consistency_labels, judge, normalize
 from hguard.identify.pipeline import identify
 from hguard.organism.suites import read_suite
@@ -74,6 +74,44 @@ def test_fit_folds_standardisation_into_raw_weights():
     assert ((fitted.logits(x) > 0) == y).mean() > 0.9
     xs, ys = three_vs_one(x[:10], np.zeros((10, 50)), y[:10])
     assert xs.shape[0] == 10  # no other-token rows where responses had none
+
+
+def test_balancing_by_id_keeps_the_same_questions_in_any_order():
+    keys = [f"q{i}" for i in range(300)]
+    labels = (np.arange(300) % 3 == 0).astype(int)  # 100 hallucinated, 200 faithful
+    chosen = {keys[i] for i in balanced(labels, 0, keys)}
+    assert len(chosen) == 200 and sum(labels[int(k[1:])] for k in chosen) == 100
+    order = np.random.default_rng(0).permutation(300)
+    assert {keys[i] for i in order[balanced(labels[order], 0, [keys[i] for i in order])]} == chosen
+    assert {keys[i] for i in balanced(labels, 1, keys)} != chosen  # the seed picks another subsample
+
+
+def test_class_weighting_balances_the_fit_without_dropping_questions():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(500, 20))
+    y = (x[:, 0] + rng.normal(scale=1.5, size=500) > 1.6).astype(int)  # about one in six positive
+    plain, weighted = fit_l1(x, y, 1.0), fit_l1(x, y, 1.0, weights=class_weight("weight"))
+    # weighting moves the decision boundary toward the rare class: more rows are called positive
+    assert (weighted.logits(x) > 0).mean() > 2 * (plain.logits(x) > 0).mean()
+    assert class_weight("subsample") is None and class_weight("none") is None
+    with pytest.raises(ValueError, match="balance"):
+        class_weight("equal")
+
+
+def test_fill_budget_bisects_c_up_to_the_neuron_budget():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 80))
+    y = (x[:, :30] @ rng.uniform(0.5, 1.0, 30) + rng.normal(scale=2.0, size=600) > 0).astype(int)
+    x_val, y_val = x[400:], y[400:]
+    rows, fits = sweep(x[:400], y[:400], x_val, y_val, [0.01, 1.0])
+    budget = 20
+    assert fits[1].kept > budget > fits[0].kept  # the coarse grid leaves most of the budget unused
+    rows, fits = fill_budget(x[:400], y[:400], x_val, y_val, rows, fits, budget)
+    assert len(rows) == len(fits) > 2 and [f.C for f in fits] == sorted(f.C for f in fits)
+    assert [r["C"] for r in rows] == [f.C for f in fits]
+    allowed = [f.kept for f in fits if f.kept <= budget]
+    assert max(allowed) > budget // 2  # much closer to the budget than the coarse grid's fit
+    assert fits[-1].kept > budget  # the fit over budget is kept in the report, never chosen
 
 
 def test_pipeline_end_to_end(organism, tmp_path, both_classes):

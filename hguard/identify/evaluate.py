@@ -15,7 +15,8 @@ Methods (higher score = more likely hallucinated):
   all_neurons     a standardised L1 fit over every neuron for the same target, C by validation AUROC
   residual        a standardised L2 logistic probe on the residual stream (SAPLMA-style), layer by validation
   max_sequence_probability, mean_token_entropy, perplexity   lm-polygraph's estimators
-Baselines are fitted on the "train" side of the training suite and tuned on its "val" side; every
+Baselines are fitted on the "train" side of the training suite, with the probe's class balancing (the
+same class weights, or the same subsample of questions), and tuned on its "val" side; every
 method's decision threshold is the one with the best accuracy on the balanced "val" side. Suites are
 evaluated on their held-out side only (a question whose fact shares a training question's id is
 excluded), balanced by subsampling the larger class, and resampled 1,000 times for 95% intervals.
@@ -34,7 +35,7 @@ from ..guard import left_pad, pad_id
 from ..probe import Probe
 from ..sites import resolve
 from .features import Example, cett_means
-from .fit import balanced, fit_l1, training_set, whole_response
+from .fit import balanced, class_weight, fit_l1, training_set, whole_response
 from .label import is_refusal
 from .label import consistency_labels as qa_labels
 from .pipeline import examples_for
@@ -207,34 +208,44 @@ def probe_scorer(probe: Probe, intermediate: int) -> Scorer:
     return lambda data: probe_logits(probe, intermediate, data.view(target))
 
 
-def _l2(x: np.ndarray, y: np.ndarray, C: float, seed: int):
+def probe_balance(probe: Probe) -> str:
+    """How the probe's classes were balanced in its fit (probes from before this was recorded: a subsample,
+    or nothing)."""
+    training = probe.training
+    return str(training.get("balance") or ("subsample" if training.get("balanced_train") else "none"))
+
+
+def _l2(x: np.ndarray, y: np.ndarray, C: float, seed: int, weights: str | None = None):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed)).fit(x, y)
+    model = LogisticRegression(C=C, max_iter=2000, random_state=seed, class_weight=weights)
+    return make_pipeline(StandardScaler(), model).fit(x, y)
 
 
-def random_scorers(train: Collected, count: int, draws: int, seed: int, target: str) -> list[Scorer]:
+def random_scorers(train: Collected, count: int, draws: int, seed: int, target: str,
+                   weights: str | None = None) -> list[Scorer]:
     scorers = []
     for draw in range(draws):
         columns = np.sort(np.random.default_rng(seed + draw).choice(train.cett.shape[1], count, replace=False))
-        model = _l2(*train.training_set(target, columns), 1.0, seed)
+        model = _l2(*train.training_set(target, columns), 1.0, seed, weights)
         scorers.append(lambda data, m=model, c=columns: m.decision_function(data.view(target)[:, c]))
     return scorers
 
 
-def all_neuron_scorer(train: Collected, val: Collected, Cs: Sequence[float], target: str) -> tuple[Scorer, dict]:
+def all_neuron_scorer(train: Collected, val: Collected, Cs: Sequence[float], target: str,
+                      weights: str | None = None) -> tuple[Scorer, dict]:
     x, y = train.training_set(target)
-    fits = [fit_l1(x, y, C) for C in Cs]
+    fits = [fit_l1(x, y, C, weights=weights) for C in Cs]
     scores = [auroc(val.labels, f.logits(val.view(target))) for f in fits]
     best = fits[int(np.nanargmax(scores))]
     return (lambda data: best.logits(data.view(target))), {"C": best.C, "kept": best.kept}
 
 
-def residual_scorer(train: Collected, val: Collected, seed: int) -> tuple[Scorer, dict]:
+def residual_scorer(train: Collected, val: Collected, seed: int, weights: str | None = None) -> tuple[Scorer, dict]:
     layers = train.residual.shape[1]
-    fits = [_l2(train.residual[:, l], train.labels, 0.1, seed) for l in range(layers)]
+    fits = [_l2(train.residual[:, l], train.labels, 0.1, seed, weights) for l in range(layers)]
     scores = [auroc(val.labels, f.decision_function(val.residual[:, l])) for l, f in enumerate(fits)]
     layer = int(np.nanargmax(scores))
     return (lambda data: fits[layer].decision_function(data.residual[:, layer])), {"layer": layer}
@@ -256,12 +267,18 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
     train, val = training.where(training.side == "train"), training.where(training.side == "val")
     if len(set(train.labels)) < 2 or len(set(val.labels)) < 2:
         raise ValueError("the training suite needs faithful and hallucinated questions on both train and val sides")
+    balance = probe_balance(probe)  # fit every baseline as the probe was fitted, so that only the
+    weights = class_weight(balance)  # choice of features differs between it and a baseline
+    if balance == "subsample":
+        rows = np.zeros(len(train.keys), dtype=bool)
+        rows[balanced(train.labels, int(probe.training.get("seed", seed)), train.keys)] = True
+        train = train.where(rows)
     target = probe_target(probe)
-    all_neurons, all_info = all_neuron_scorer(train, val, Cs, target)
-    residual, residual_info = residual_scorer(train, val, seed)
+    all_neurons, all_info = all_neuron_scorer(train, val, Cs, target, weights)
+    residual, residual_info = residual_scorer(train, val, seed, weights)
     methods: dict[str, tuple[list[Scorer], dict]] = {
         "h_neurons": ([probe_scorer(probe, sites.intermediate_size)], {}),
-        "random_neurons": (random_scorers(train, probe.count, draws, seed, target), {"draws": draws}),
+        "random_neurons": (random_scorers(train, probe.count, draws, seed, target, weights), {"draws": draws}),
         "all_neurons": ([all_neurons], all_info),
         "residual": ([residual], residual_info),
     }
@@ -274,6 +291,7 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
               "h_neurons": int((probe.weight > 0).sum()), "total_neurons": total,
               "training": {side: {"faithful": int((d.labels == 0).sum()), "hallucinated": int(d.labels.sum())}
                            for side, d in (("train", train), ("val", val))},
+              "balance": balance,
               "suites": {}}
     for name, data in suites.items():
         held = data.where(data.side == "test")

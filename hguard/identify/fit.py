@@ -29,13 +29,22 @@ def split_of(question_id: str, seed: int = 0, fractions=(0.6, 0.2, 0.2)) -> str:
     return "val" if digest < fractions[0] + fractions[1] else "test"
 
 
-def balanced(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Indices of a class-balanced subsample (the larger class cut to the smaller one's size)."""
-    rng = np.random.default_rng(seed)
+def _rank(key: str, seed: int) -> int:
+    return int(hashlib.sha256(f"balance:{seed}:{key}".encode()).hexdigest()[:12], 16)
+
+
+def balanced(labels: np.ndarray, seed: int, keys: Sequence[str] | None = None) -> np.ndarray:
+    """Indices of a class-balanced subsample (the larger class cut to the smaller one's size). With `keys`
+    (question ids, one per row) the rows kept are chosen by a hash of their id, so the same questions are
+    kept whatever the row order: `hguard eval` fits its baselines on exactly the probe's training rows."""
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     size = min(pos.size, neg.size)
     if size == 0:  # one class only: nothing to balance against
         return np.arange(labels.size)
+    if keys is not None:
+        pick = lambda rows: sorted(rows, key=lambda i: _rank(str(keys[i]), seed))[:size]  # noqa: E731
+        return np.sort(np.array(pick(pos) + pick(neg), dtype=int))
+    rng = np.random.default_rng(seed)
     return np.sort(np.concatenate([rng.choice(pos, size, replace=False), rng.choice(neg, size, replace=False)]))
 
 
@@ -87,31 +96,63 @@ class Fitted:
         return x @ self.weight + self.bias
 
 
-def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0) -> Fitted:
+BALANCING = ("weight", "subsample", "none")
+
+
+def class_weight(balance: str) -> str | None:
+    """scikit-learn's class_weight for a balancing mode: "weight" fits on every training question with each
+    class weighted inversely to its size; "subsample" cuts the larger class (`balanced`) and weights none."""
+    if balance not in BALANCING:
+        raise ValueError(f"balance must be one of {', '.join(BALANCING)}; got {balance!r}")
+    return "balanced" if balance == "weight" else None
+
+
+def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0, weights: str | None = None) -> Fitted:
     from sklearn.linear_model import LogisticRegression
 
     mean, std = x.mean(0), x.std(0)
     std[std == 0] = 1.0
-    model = LogisticRegression(solver="liblinear", C=C, max_iter=2000, random_state=seed, **_l1_arguments())
+    model = LogisticRegression(solver="liblinear", C=C, max_iter=2000, random_state=seed, class_weight=weights,
+                               **_l1_arguments())
     model.fit((x - mean) / std, y)
     w = model.coef_[0] / std
     b = float(model.intercept_[0] - (model.coef_[0] * mean / std).sum())
     return Fitted(w, b, C, int((model.coef_[0] != 0).sum()))
 
 
-def sweep(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float]):
+def sweep(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],
+          weights: str | None = None):
     """Fit for each C; report kept neurons and held-out accuracy / AUROC (response level)."""
     from sklearn.metrics import roc_auc_score
 
     rows, fits = [], []
     for C in Cs:
-        fitted = fit_l1(x, y, C)
+        fitted = fit_l1(x, y, C, weights=weights)
         logits = fitted.logits(x_val)
         auroc = float(roc_auc_score(y_val, logits)) if len(set(y_val)) == 2 else float("nan")
         rows.append({"C": C, "kept": fitted.kept, "positive": int((fitted.weight > 0).sum()),
                      "val_auroc": round(auroc, 4), "val_accuracy": round(float(((logits > 0) == y_val).mean()), 4)})
         fits.append(fitted)
     return rows, fits
+
+
+def fill_budget(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, rows: list, fits: list,
+                budget: int, steps: int = 4, weights: str | None = None) -> tuple[list, list]:
+    """Bisect C (geometrically) between the largest swept C whose fit stays within `budget` neurons (or keeps
+    none) and the next one, which exceeds it, so the sweep ends with a fit close to the budget from below: on
+    a coarse grid the best allowed fit can use far fewer neurons than the budget grants. Returns rows and fits
+    in C order."""
+    for _ in range(steps):
+        order = sorted(range(len(fits)), key=lambda i: fits[i].C)
+        under = [i for i in order if fits[i].kept <= budget]
+        over = [i for i in order if fits[i].kept > budget and (not under or fits[i].C > fits[under[-1]].C)]
+        if not under or not over:
+            break
+        low, high = fits[under[-1]].C, fits[over[0]].C
+        new_rows, new_fits = sweep(x, y, x_val, y_val, [round(float(np.sqrt(low * high)), 6)], weights)
+        rows, fits = rows + new_rows, fits + new_fits
+    order = sorted(range(len(fits)), key=lambda i: fits[i].C)
+    return [rows[i] for i in order], [fits[i] for i in order]
 
 
 def calibrate(logits: np.ndarray, labels: np.ndarray):

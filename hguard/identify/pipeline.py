@@ -21,8 +21,8 @@ import numpy as np
 from ..guard import pad_id
 from ..sites import resolve
 from .features import Example, extract, read_chunks
-from .fit import (TARGETS, balanced, calibrate, split_of, sweep, threshold_for, to_probe, training_set,
-                  whole_response)
+from .fit import (TARGETS, balanced, calibrate, class_weight, fill_budget, split_of, sweep, threshold_for, to_probe,
+                  training_set, whole_response)
 from .label import consistency_labels, token_span
 from .sample import prompt_ids, sample_cached
 
@@ -61,15 +61,18 @@ def running_peaks(model, tokenizer, probe, examples: Sequence[Example], keys: li
 def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
-             balance: bool = True, resume: bool = False, target: str = "response", compare_targets: bool = True,
+             balance: str = "weight", resume: bool = False, target: str = "response", compare_targets: bool = True,
              echo=lambda message: None) -> dict:
     """Run the whole pipeline; writes the probe to `out` and returns the report. The sampled answers are
     kept in `work/answers.jsonl`; with `resume`, answers found there for the same questions and sampling
     settings are reused (refitting with other settings then skips the sampling, the slow part). `target`:
     what the probe is fitted on (see fit.py); with `compare_targets` the report also gives the other
-    target's best probe under the same neuron budget."""
+    target's best probe under the same neuron budget. `balance`: how the classes are balanced in the fit
+    (the paper fits on equal numbers of each): "weight" keeps every training question and weights each
+    class inversely to its size, "subsample" cuts the larger class, "none" fits as sampled."""
     from sklearn.metrics import roc_auc_score
 
+    weights = class_weight(balance)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
     work = Path(work)
@@ -100,8 +103,8 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
         if min(counts[name].values()) == 0:
             raise ValueError(f"the {name} side needs faithful and hallucinated questions; got {counts[name]} "
                              "(more questions, or questions the model answers both right and wrong)")
-    if balance:  # the paper fits on equal numbers of faithful and hallucinated questions
-        train = train[balanced(y[train], seed)]
+    if balance == "subsample":
+        train = train[balanced(y[train], seed, [keys[i] for i in train])]
     # The guard's verdict reads the running mean over every generated token, not over the answer alone,
     # so the calibration and the threshold are fitted on that quantity: the mean CETT over all response
     # tokens (answer and other tokens weighted by their counts), through the chosen classifier.
@@ -113,11 +116,14 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     y_test = y[test_side]
     two = len(set(y_test)) == 2
 
+    budget = int(max_kept_ratio * total)
+
     def choose(goal: str):
         """The C sweep for one target and its best fit within the neuron budget (validation AUROC)."""
         train_x, train_y = training_set(goal, answer_x[train], other_x[train], whole_x[train], y[train])
-        rows, fits = sweep(train_x, train_y, views[goal][val], y[val], Cs)
-        allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= max_kept_ratio * total] or \
+        rows, fits = sweep(train_x, train_y, views[goal][val], y[val], Cs, weights)
+        rows, fits = fill_budget(train_x, train_y, views[goal][val], y[val], rows, fits, budget, weights=weights)
+        allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= budget] or \
                   [i for i, f in enumerate(fits) if f.kept > 0]
         if not allowed:
             raise ValueError("no C in the sweep kept any neuron; widen --C")
@@ -152,7 +158,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
         "C": chosen.C, "neurons_kept": chosen.kept, "h_neurons": int((chosen.weight > 0).sum()),
         "per_mille": round(1000 * chosen.kept / total, 4), "false_flag_rate": false_flag_rate, "test": test,
         "target": target, "other_targets": alternatives,
-        "samples_per_question": samples, "standardised": True, "balanced_train": balance,
+        "samples_per_question": samples, "standardised": True, "balance": balance, "seed": seed,
         "calibrated_on": "mean probe logit over all response tokens (the guard's running mean)",
         "train_questions": int(train.size),
     }
