@@ -3,7 +3,8 @@
 For each size N, a fresh process featurises N organism responses (CETT of every neuron, the batched
 teacher-forced pass of `hguard.identify.features.extract`, written to disk in chunks) and fits the
 probe (the rows of the fit's target, whole responses by default or the answer tokens' "3 vs 1" rows,
-and the pipeline's sweep of L1 fits over C). It reports the wall time of each
+and the pipeline's selection: the sweep of class-weighted L1 fits over C, bisected up to the 1% neuron
+budget). It reports the wall time of each
 stage and the process's peak resident memory above what it held once the model was loaded (from
 getrusage, so torch's allocations count). Responses are the gold answer for half the questions and a
 wrong value for the other half, so both classes exist; sampling is not part of this cost.
@@ -28,7 +29,7 @@ def one(size: int, batch: int, target: str) -> dict:
     import torch
 
     from hguard.identify.features import Example, extract, read_chunks
-    from hguard.identify.fit import sweep, training_set, whole_response
+    from hguard.identify.fit import class_weight, select, training_set, whole_response
     from hguard.identify.pipeline import DEFAULT_CS
     from hguard.identify.sample import prompt_ids
     from hguard.organism import SHIPPED, load
@@ -57,11 +58,12 @@ def one(size: int, batch: int, target: str) -> dict:
     spans = np.array([len(e.answer_tokens) for e in examples])
     whole = whole_response(answer, other, spans, lengths - spans)
     x, xy = training_set(target, answer, other, whole, y)
-    rows, _ = sweep(x, xy, whole if target == "response" else answer, y, DEFAULT_CS)
+    rows, _, _ = select(x, xy, whole if target == "response" else answer, y, DEFAULT_CS,
+                        int(0.01 * answer.shape[1]), class_weight("weight"))
     fit_s = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"responses": size, "target": target, "neurons": int(answer.shape[1]), "features_s": round(features_s, 2),
-            "features_per_s": round(size / features_s, 1), "fit_s": round(fit_s, 2), "fits": len(DEFAULT_CS),
+            "features_per_s": round(size / features_s, 1), "fit_s": round(fit_s, 2), "fits": len(rows),
             "fit_rows": int(x.shape[0]), "peak_mb_above_model": round((peak_kb - base_kb) / 1024, 1)}
 
 

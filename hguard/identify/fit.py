@@ -155,6 +155,20 @@ def fill_budget(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarr
     return [rows[i] for i in order], [fits[i] for i in order]
 
 
+def select(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float], budget: int,
+           weights: str | None = None) -> tuple[list, Fitted, dict]:
+    """The sweep over `Cs`, bisected up to `budget` neurons (`fill_budget`), and its best fit within the
+    budget by validation AUROC, the smaller one on a tie (any fit that keeps a neuron if none is within).
+    Returns every row of the sweep, the chosen fit and its row."""
+    rows, fits = sweep(x, y, x_val, y_val, Cs, weights)
+    rows, fits = fill_budget(x, y, x_val, y_val, rows, fits, budget, weights=weights)
+    allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= budget] or [i for i, f in enumerate(fits) if f.kept > 0]
+    if not allowed:
+        raise ValueError("no C in the sweep kept any neuron; widen the C grid")
+    best = max(allowed, key=lambda i: (np.nan_to_num(rows[i]["val_auroc"], nan=0.0), -fits[i].kept))
+    return rows, fits[best], rows[best]
+
+
 def calibrate(logits: np.ndarray, labels: np.ndarray):
     """Platt scaling on held-out response logits."""
     from sklearn.linear_model import LogisticRegression

@@ -21,7 +21,7 @@ import numpy as np
 from ..guard import pad_id
 from ..sites import resolve
 from .features import Example, extract, read_chunks
-from .fit import (TARGETS, balanced, calibrate, class_weight, fill_budget, split_of, sweep, threshold_for, to_probe,
+from .fit import (TARGETS, balanced, calibrate, class_weight, select, split_of, threshold_for, to_probe,
                   training_set, whole_response)
 from .label import consistency_labels, token_span
 from .sample import prompt_ids, sample_cached
@@ -121,14 +121,8 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     def choose(goal: str):
         """The C sweep for one target and its best fit within the neuron budget (validation AUROC)."""
         train_x, train_y = training_set(goal, answer_x[train], other_x[train], whole_x[train], y[train])
-        rows, fits = sweep(train_x, train_y, views[goal][val], y[val], Cs, weights)
-        rows, fits = fill_budget(train_x, train_y, views[goal][val], y[val], rows, fits, budget, weights=weights)
-        allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= budget] or \
-                  [i for i, f in enumerate(fits) if f.kept > 0]
-        if not allowed:
-            raise ValueError("no C in the sweep kept any neuron; widen --C")
-        best = max(allowed, key=lambda i: (np.nan_to_num(rows[i]["val_auroc"], nan=0.0), -fits[i].kept))
-        return rows, fits[best], rows[best]["val_auroc"]
+        rows, fitted, row = select(train_x, train_y, views[goal][val], y[val], Cs, budget, weights)
+        return rows, fitted, row["val_auroc"]
 
     def test_auroc(fitted, view: np.ndarray):
         return round(float(roc_auc_score(y_test, fitted.logits(view[test_side]))), 4) if two else None
