@@ -29,7 +29,7 @@ def one(size: int, batch: int, target: str) -> dict:
     import torch
 
     from hguard.identify.features import Example, extract, read_chunks
-    from hguard.identify.fit import class_weight, select, training_set, whole_response
+    from hguard.identify.fit import question_weights, row_weights, select, training_set, whole_response
     from hguard.identify.pipeline import DEFAULT_CS
     from hguard.identify.sample import prompt_ids
     from hguard.organism import SHIPPED, load
@@ -58,8 +58,9 @@ def one(size: int, batch: int, target: str) -> dict:
     spans = np.array([len(e.answer_tokens) for e in examples])
     whole = whole_response(answer, other, spans, lengths - spans)
     x, xy = training_set(target, answer, other, whole, y)
+    weights = row_weights(target, question_weights(y, "weight"), other)
     rows, _, _ = select(x, xy, whole if target == "response" else answer, y, DEFAULT_CS,
-                        int(0.01 * answer.shape[1]), class_weight("weight"))
+                        int(0.01 * answer.shape[1]), weights)
     fit_s = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"responses": size, "target": target, "neurons": int(answer.shape[1]), "features_s": round(features_s, 2),

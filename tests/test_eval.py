@@ -161,3 +161,36 @@ def test_eval_reuses_kept_answers_and_those_of_identify(organism, both_classes, 
 def test_eval_cli_refuses_missing_suites(organism, tmp_path, capsys):
     assert main(["eval", "--model", str(organism[0] / "instruct"), "--suites", str(tmp_path), "--json"]) == 2
     assert "in_domain.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("training, balance", [
+    ({"target": "response"}, "none"),
+    ({"target": "response", "balance": "weight"}, "weight"),
+    ({"target": "answer", "balance": "subsample", "seed": 0}, "subsample"),
+    ({"target": "answer", "balanced_train": True}, "subsample"),  # probes from before "balance" existed
+])
+def test_baselines_are_fitted_with_the_probes_balancing(organism, training, balance):
+    from hguard.identify.evaluate import evaluate
+
+    _, model, _ = organism
+    rng = np.random.default_rng(0)
+    n, width = 90, model.config.num_hidden_layers * model.config.intermediate_size
+    labels = ((np.arange(n) // 3) % 3 == 0).astype(int)  # one hallucinated question in three, on every side
+    planted = labels[:, None] * 2.0 * (np.arange(width) < 4)  # four neurons that tell the classes apart
+    cett, other = rng.random((n, width)) + planted, rng.random((n, width)) + planted
+    side = np.array(["train", "val", "test"] * 30, dtype=object)
+    data = Collected([f"q{i}" for i in range(n)], labels, side, cett, other,
+                     rng.normal(size=(n, 2, 4)), [np.zeros(2)] * n, [np.zeros(2)] * n,
+                     tokens=np.tile([2, 3], (n, 1)))
+    probe = Probe.random(model, 4, seed=0, training=training)
+    report = evaluate(probe, model, data, {"in_domain": data}, draws=2, rounds=10, Cs=(1.0,), logit_baselines=False)
+    train = report["training"]["train"]
+    assert report["balance"] == balance
+    if balance == "subsample":  # the larger class cut to the smaller one's size
+        assert train["faithful"] == train["hallucinated"] == 10
+    else:
+        assert (train["faithful"], train["hallucinated"]) == (20, 10)
+    assert report["suites"]["in_domain"]["all_neurons"]["auroc"] > 0.9  # the planted neurons are found
+    bad = Probe.random(model, 4, seed=0, training={"balance": "equal"})
+    with pytest.raises(ValueError, match="balance"):
+        evaluate(bad, model, data, {"in_domain": data}, draws=1, rounds=5, Cs=(1.0,), logit_baselines=False)

@@ -10,7 +10,8 @@ import torch
 
 from hguard import Guard, Probe
 from hguard.identify.features import Example, cett_means
-from hguard.identify.fit import balanced, class_weight, fill_budget, fit_l1, split_of, sweep, three_vs_one, whole_response
+from hguard.identify.fit import (balanced, fill_budget, fit_l1, question_weights, row_weights, select, split_of, sweep,
+                                three_vs_one, whole_response)
 from hguard.identify.label import consistency_labels, judge, normalize
 from hguard.identify.pipeline import identify
 from hguard.organism.suites import read_suite
@@ -86,16 +87,40 @@ def test_balancing_by_id_keeps_the_same_questions_in_any_order():
     assert {keys[i] for i in balanced(labels, 1, keys)} != chosen  # the seed picks another subsample
 
 
-def test_class_weighting_balances_the_fit_without_dropping_questions():
+def test_class_weighting_balances_questions_without_dropping_any():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(500, 20))
     y = (x[:, 0] + rng.normal(scale=1.5, size=500) > 1.6).astype(int)  # about one in six positive
-    plain, weighted = fit_l1(x, y, 1.0), fit_l1(x, y, 1.0, weights=class_weight("weight"))
+    weights = question_weights(y, "weight")
+    assert np.isclose(weights[y == 1].sum(), weights[y == 0].sum()) and np.isclose(weights.sum(), y.size)
+    plain, weighted = fit_l1(x, y, 1.0), fit_l1(x, y, 1.0, weights=weights)
     # weighting moves the decision boundary toward the rare class: more rows are called positive
     assert (weighted.logits(x) > 0).mean() > 2 * (plain.logits(x) > 0).mean()
-    assert class_weight("subsample") is None and class_weight("none") is None
+    assert question_weights(y, "subsample") is None and question_weights(y, "none") is None
     with pytest.raises(ValueError, match="balance"):
-        class_weight("equal")
+        question_weights(y, "equal")
+    # under the answer target a question's other-token row shares its weight: questions are balanced,
+    # and the 3 vs 1 design keeps its own proportion of rows
+    other = np.zeros((500, 20))
+    other[::2] = 1.0
+    rows = row_weights("answer", weights, other)
+    xs, ys = three_vs_one(x, other, y)
+    assert rows.shape == ys.shape == (750,)
+    assert np.allclose(rows[500:], weights[::2]) and row_weights("response", weights, other) is weights
+
+
+def test_select_keeps_within_the_budget_and_breaks_ties_toward_fewer_neurons():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 40))
+    y = (x[:, :10].sum(1) + rng.normal(scale=1.0, size=400) > 0).astype(int)
+    rows, fitted, row = select(x[:300], y[:300], x[300:], y[300:], [0.003, 0.03, 1.0], budget=8)
+    assert 0 < fitted.kept <= 8 and row["C"] == fitted.C and row["kept"] == fitted.kept
+    within = [r for r in rows if 0 < r["kept"] <= 8]
+    assert row["val_auroc"] == max(r["val_auroc"] for r in within)
+    assert min(r["kept"] for r in rows if r["val_auroc"] == row["val_auroc"] and r["kept"] <= 8) == fitted.kept
+    assert any(r["kept"] > 8 for r in rows)  # a better-scoring fit over the budget is never the choice
+    with pytest.raises(ValueError, match="kept any neuron"):
+        select(x[:300], y[:300], x[300:], y[300:], [1e-6], budget=8)
 
 
 def test_fill_budget_bisects_c_up_to_the_neuron_budget():
@@ -111,7 +136,7 @@ def test_fill_budget_bisects_c_up_to_the_neuron_budget():
     assert [r["C"] for r in rows] == [f.C for f in fits]
     allowed = [f.kept for f in fits if f.kept <= budget]
     assert max(allowed) > budget // 2  # much closer to the budget than the coarse grid's fit
-    assert fits[-1].kept > budget  # the fit over budget is kept in the report, never chosen
+    assert fits[-1].kept > budget  # the fit over budget stays in the report
 
 
 def test_pipeline_end_to_end(organism, tmp_path, both_classes):

@@ -16,7 +16,7 @@ Methods (higher score = more likely hallucinated):
   residual        a standardised L2 logistic probe on the residual stream (SAPLMA-style), layer by validation
   max_sequence_probability, mean_token_entropy, perplexity   lm-polygraph's estimators
 Baselines are fitted on the "train" side of the training suite, with the probe's class balancing (the
-same class weights, or the same subsample of questions), and tuned on its "val" side; every
+same class weights, or a subsample drawn by the same rule from its seed), and tuned on its "val" side; every
 method's decision threshold is the one with the best accuracy on the balanced "val" side. Suites are
 evaluated on their held-out side only (a question whose fact shares a training question's id is
 excluded), balanced by subsampling the larger class, and resampled 1,000 times for 95% intervals.
@@ -35,7 +35,7 @@ from ..guard import left_pad, pad_id
 from ..probe import Probe
 from ..sites import resolve
 from .features import Example, cett_means
-from .fit import balanced, class_weight, fit_l1, training_set, whole_response
+from .fit import balanced, check_balance, fit_l1, question_weights, row_weights, training_set, whole_response
 from .label import is_refusal
 from .label import consistency_labels as qa_labels
 from .pipeline import examples_for
@@ -77,6 +77,10 @@ class Collected:
     def training_set(self, target: str, columns: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         return training_set(target, self.cett[:, columns], self.other[:, columns], self.view(target)[:, columns],
                             self.labels)
+
+    def row_weights(self, target: str, balance: str) -> np.ndarray | None:
+        """Sample weights for the rows of `training_set(target)` under a balancing mode (fit.py)."""
+        return row_weights(target, question_weights(self.labels, balance), self.other)
 
 
 def fabricated_labels(items: Sequence[dict], samples: Sequence[Sequence[str]]):
@@ -215,17 +219,18 @@ def probe_balance(probe: Probe) -> str:
     return str(training.get("balance") or ("subsample" if training.get("balanced_train") else "none"))
 
 
-def _l2(x: np.ndarray, y: np.ndarray, C: float, seed: int, weights: str | None = None):
+def _l2(x: np.ndarray, y: np.ndarray, C: float, seed: int, weights: np.ndarray | None = None):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = LogisticRegression(C=C, max_iter=2000, random_state=seed, class_weight=weights)
-    return make_pipeline(StandardScaler(), model).fit(x, y)
+    model = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    return make_pipeline(StandardScaler(), model).fit(x, y, logisticregression__sample_weight=weights)
 
 
 def random_scorers(train: Collected, count: int, draws: int, seed: int, target: str,
-                   weights: str | None = None) -> list[Scorer]:
+                   balance: str = "none") -> list[Scorer]:
+    weights = train.row_weights(target, balance)
     scorers = []
     for draw in range(draws):
         columns = np.sort(np.random.default_rng(seed + draw).choice(train.cett.shape[1], count, replace=False))
@@ -235,16 +240,16 @@ def random_scorers(train: Collected, count: int, draws: int, seed: int, target: 
 
 
 def all_neuron_scorer(train: Collected, val: Collected, Cs: Sequence[float], target: str,
-                      weights: str | None = None) -> tuple[Scorer, dict]:
+                      balance: str = "none") -> tuple[Scorer, dict]:
     x, y = train.training_set(target)
-    fits = [fit_l1(x, y, C, weights=weights) for C in Cs]
+    fits = [fit_l1(x, y, C, weights=train.row_weights(target, balance)) for C in Cs]
     scores = [auroc(val.labels, f.logits(val.view(target))) for f in fits]
     best = fits[int(np.nanargmax(scores))]
     return (lambda data: best.logits(data.view(target))), {"C": best.C, "kept": best.kept}
 
 
-def residual_scorer(train: Collected, val: Collected, seed: int, weights: str | None = None) -> tuple[Scorer, dict]:
-    layers = train.residual.shape[1]
+def residual_scorer(train: Collected, val: Collected, seed: int, balance: str = "none") -> tuple[Scorer, dict]:
+    layers, weights = train.residual.shape[1], question_weights(train.labels, balance)
     fits = [_l2(train.residual[:, l], train.labels, 0.1, seed, weights) for l in range(layers)]
     scores = [auroc(val.labels, f.decision_function(val.residual[:, l])) for l, f in enumerate(fits)]
     layer = int(np.nanargmax(scores))
@@ -267,18 +272,17 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
     train, val = training.where(training.side == "train"), training.where(training.side == "val")
     if len(set(train.labels)) < 2 or len(set(val.labels)) < 2:
         raise ValueError("the training suite needs faithful and hallucinated questions on both train and val sides")
-    balance = probe_balance(probe)  # fit every baseline as the probe was fitted, so that only the
-    weights = class_weight(balance)  # choice of features differs between it and a baseline
-    if balance == "subsample":
+    balance = check_balance(probe_balance(probe))  # fit every baseline as the probe was fitted, so
+    if balance == "subsample":  # that only the choice of features differs between it and a baseline
         rows = np.zeros(len(train.keys), dtype=bool)
         rows[balanced(train.labels, int(probe.training.get("seed", seed)), train.keys)] = True
         train = train.where(rows)
     target = probe_target(probe)
-    all_neurons, all_info = all_neuron_scorer(train, val, Cs, target, weights)
-    residual, residual_info = residual_scorer(train, val, seed, weights)
+    all_neurons, all_info = all_neuron_scorer(train, val, Cs, target, balance)
+    residual, residual_info = residual_scorer(train, val, seed, balance)
     methods: dict[str, tuple[list[Scorer], dict]] = {
         "h_neurons": ([probe_scorer(probe, sites.intermediate_size)], {}),
-        "random_neurons": (random_scorers(train, probe.count, draws, seed, target, weights), {"draws": draws}),
+        "random_neurons": (random_scorers(train, probe.count, draws, seed, target, balance), {"draws": draws}),
         "all_neurons": ([all_neurons], all_info),
         "residual": ([residual], residual_info),
     }
@@ -325,8 +329,9 @@ def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]
                     limit: int | None = None, samples: int = 10, max_new_tokens: int = 50, seed: int = 0,
                     work: str | Path | None = None, resume: bool = False, echo=lambda message: None,
                     **options) -> dict:
-    """Collect every suite (the training one whole; the others on their held-out side, at most `limit`
-    questions each) and evaluate the probe against the baselines.
+    """Collect every suite (the others on their held-out side; each at most `limit` questions) and evaluate
+    the probe against the baselines. Sides follow the split of the probe's fit (the seed in its training
+    metadata, else `seed`); `seed` drives sampling and the bootstrap.
 
     With `work`, each suite's sampled answers are kept there (`<suite>.answers.jsonl`; the training
     suite's in `answers.jsonl`, where `hguard identify` keeps its own), and `resume` reads back answers
@@ -336,14 +341,15 @@ def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]
 
     if training not in suites:
         raise ValueError(f"the suites must include the training suite {training!r}; got {sorted(suites)}")
+    split = int(probe.training.get("seed", seed))  # the probe's own train / val / test split
     collected = {}
     for name, items in suites.items():
         fabricated = all(not item.get("aliases") for item in items)
         if name != training:
-            items = [item for item in items if fabricated or fact_side(item, seed) == "test"]
+            items = [item for item in items if fabricated or fact_side(item, split) == "test"]
         if limit is not None and len(items) > limit:
             items = random.Random(seed).sample(items, limit)
-        side_of = (lambda item: "test") if fabricated else (lambda item: fact_side(item, seed))
+        side_of = (lambda item: "test") if fabricated else (lambda item: fact_side(item, split))
         cache = None if work is None else Path(work) / ("answers.jsonl" if name == training else f"{name}.answers.jsonl")
         collected[name] = collect(model, tokenizer, items, fabricated=fabricated, side_of=side_of, samples=samples,
                                   max_new_tokens=max_new_tokens, seed=seed, cache=cache, resume=resume)

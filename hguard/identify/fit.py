@@ -99,29 +99,47 @@ class Fitted:
 BALANCING = ("weight", "subsample", "none")
 
 
-def class_weight(balance: str) -> str | None:
-    """scikit-learn's class_weight for a balancing mode: "weight" fits on every training question with each
-    class weighted inversely to its size; "subsample" cuts the larger class (`balanced`) and weights none."""
+def check_balance(balance: str) -> str:
     if balance not in BALANCING:
         raise ValueError(f"balance must be one of {', '.join(BALANCING)}; got {balance!r}")
-    return "balanced" if balance == "weight" else None
+    return balance
 
 
-def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0, weights: str | None = None) -> Fitted:
+def question_weights(labels: np.ndarray, balance: str) -> np.ndarray | None:
+    """Per question: with "weight", each question weighted inversely to the size of its class (faithful or
+    hallucinated), so that both classes weigh the same in the fit while every question is kept (n / (2 *
+    class size), scikit-learn's "balanced"); None with "subsample" (`balanced` cuts the larger class
+    instead) and "none"."""
+    if check_balance(balance) != "weight":
+        return None
+    counts = np.bincount(labels, minlength=2).astype(float)
+    return labels.size / (2.0 * counts[labels])
+
+
+def row_weights(target: str, weights: np.ndarray | None, other: np.ndarray) -> np.ndarray | None:
+    """`question_weights` spread over the rows of `training_set(target, ...)`: a question's rows (its answer
+    tokens and, under the "3 vs 1" answer target, its other tokens) share its weight, so the weighting
+    balances questions and leaves the 3 vs 1 design's own proportion of rows alone."""
+    if weights is None or target == "response":
+        return weights
+    return np.concatenate([weights, weights[other.any(axis=1)]])
+
+
+def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0, weights: np.ndarray | None = None) -> Fitted:
+    """Standardised L1 logistic regression (liblinear), `weights` per row; weights and bias in raw units."""
     from sklearn.linear_model import LogisticRegression
 
     mean, std = x.mean(0), x.std(0)
     std[std == 0] = 1.0
-    model = LogisticRegression(solver="liblinear", C=C, max_iter=2000, random_state=seed, class_weight=weights,
-                               **_l1_arguments())
-    model.fit((x - mean) / std, y)
+    model = LogisticRegression(solver="liblinear", C=C, max_iter=2000, random_state=seed, **_l1_arguments())
+    model.fit((x - mean) / std, y, sample_weight=weights)
     w = model.coef_[0] / std
     b = float(model.intercept_[0] - (model.coef_[0] * mean / std).sum())
     return Fitted(w, b, C, int((model.coef_[0] != 0).sum()))
 
 
 def sweep(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],
-          weights: str | None = None):
+          weights: np.ndarray | None = None):
     """Fit for each C; report kept neurons and held-out accuracy / AUROC (response level)."""
     from sklearn.metrics import roc_auc_score
 
@@ -137,7 +155,7 @@ def sweep(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs
 
 
 def fill_budget(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, rows: list, fits: list,
-                budget: int, steps: int = 4, weights: str | None = None) -> tuple[list, list]:
+                budget: int, steps: int = 4, weights: np.ndarray | None = None) -> tuple[list, list]:
     """Bisect C (geometrically) between the largest swept C whose fit stays within `budget` neurons (or keeps
     none) and the next one, which exceeds it, so the sweep ends with a fit close to the budget from below: on
     a coarse grid the best allowed fit can use far fewer neurons than the budget grants. Returns rows and fits
@@ -146,17 +164,20 @@ def fill_budget(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarr
         order = sorted(range(len(fits)), key=lambda i: fits[i].C)
         under = [i for i in order if fits[i].kept <= budget]
         over = [i for i in order if fits[i].kept > budget and (not under or fits[i].C > fits[under[-1]].C)]
-        if not under or not over:
+        if not under or not over or fits[under[-1]].kept == budget:
             break
         low, high = fits[under[-1]].C, fits[over[0]].C
-        new_rows, new_fits = sweep(x, y, x_val, y_val, [round(float(np.sqrt(low * high)), 6)], weights)
+        middle = round(float(np.sqrt(low * high)), 6)
+        if not low < middle < high:  # the interval is below the rounding: nothing new to fit
+            break
+        new_rows, new_fits = sweep(x, y, x_val, y_val, [middle], weights)
         rows, fits = rows + new_rows, fits + new_fits
     order = sorted(range(len(fits)), key=lambda i: fits[i].C)
     return [rows[i] for i in order], [fits[i] for i in order]
 
 
 def select(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float], budget: int,
-           weights: str | None = None) -> tuple[list, Fitted, dict]:
+           weights: np.ndarray | None = None) -> tuple[list, Fitted, dict]:
     """The sweep over `Cs`, bisected up to `budget` neurons (`fill_budget`), and its best fit within the
     budget by validation AUROC, the smaller one on a tie (any fit that keeps a neuron if none is within).
     Returns every row of the sweep, the chosen fit and its row."""

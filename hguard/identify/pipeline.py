@@ -21,8 +21,8 @@ import numpy as np
 from ..guard import pad_id
 from ..sites import resolve
 from .features import Example, extract, read_chunks
-from .fit import (TARGETS, balanced, calibrate, class_weight, select, split_of, threshold_for, to_probe,
-                  training_set, whole_response)
+from .fit import (TARGETS, balanced, calibrate, check_balance, question_weights, row_weights, select, split_of,
+                  threshold_for, to_probe, training_set, whole_response)
 from .label import consistency_labels, token_span
 from .sample import prompt_ids, sample_cached
 
@@ -72,7 +72,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     class inversely to its size, "subsample" cuts the larger class, "none" fits as sampled."""
     from sklearn.metrics import roc_auc_score
 
-    weights = class_weight(balance)
+    check_balance(balance)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
     work = Path(work)
@@ -121,6 +121,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     def choose(goal: str):
         """The C sweep for one target and its best fit within the neuron budget (validation AUROC)."""
         train_x, train_y = training_set(goal, answer_x[train], other_x[train], whole_x[train], y[train])
+        weights = row_weights(goal, question_weights(y[train], balance), other_x[train])
         rows, fitted, row = select(train_x, train_y, views[goal][val], y[val], Cs, budget, weights)
         return rows, fitted, row["val_auroc"]
 
