@@ -241,8 +241,8 @@ def random_scorers(train: Collected, count: int, draws: int, seed: int, target: 
 
 def all_neuron_scorer(train: Collected, val: Collected, Cs: Sequence[float], target: str,
                       balance: str = "none") -> tuple[Scorer, dict]:
-    x, y = train.training_set(target)
-    fits = [fit_l1(x, y, C, weights=train.row_weights(target, balance)) for C in Cs]
+    (x, y), weights = train.training_set(target), train.row_weights(target, balance)
+    fits = [fit_l1(x, y, C, weights=weights) for C in Cs]
     scores = [auroc(val.labels, f.logits(val.view(target))) for f in fits]
     best = fits[int(np.nanargmax(scores))]
     return (lambda data: best.logits(data.view(target))), {"C": best.C, "kept": best.kept}

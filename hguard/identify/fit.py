@@ -36,14 +36,16 @@ def _rank(key: str, seed: int) -> int:
 def balanced(labels: np.ndarray, seed: int, keys: Sequence[str] | None = None) -> np.ndarray:
     """Indices of a class-balanced subsample (the larger class cut to the smaller one's size). With `keys`
     (question ids, one per row) the rows kept are chosen by a hash of their id, so the same questions are
-    kept whatever the row order: `hguard eval` fits its baselines on exactly the probe's training rows."""
+    kept whatever the row order: `hguard eval` draws its baselines' subsample by the probe's own rule."""
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     size = min(pos.size, neg.size)
     if size == 0:  # one class only: nothing to balance against
         return np.arange(labels.size)
     if keys is not None:
-        pick = lambda rows: sorted(rows, key=lambda i: _rank(str(keys[i]), seed))[:size]  # noqa: E731
-        return np.sort(np.array(pick(pos) + pick(neg), dtype=int))
+        def first(rows: np.ndarray) -> list[int]:
+            return sorted(rows.tolist(), key=lambda i: _rank(str(keys[i]), seed))[:size]
+
+        return np.sort(np.array(first(pos) + first(neg), dtype=int))
     rng = np.random.default_rng(seed)
     return np.sort(np.concatenate([rng.choice(pos, size, replace=False), rng.choice(neg, size, replace=False)]))
 
