@@ -36,8 +36,8 @@ class Monitor:
         self.step_logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
         self.full_logits: torch.Tensor | None = None  # teacher forcing: [batch, positions]
         self._acc: torch.Tensor | None = None
-        self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, selected z [batch, k_l]
-        self._norms: list[torch.Tensor] = []  # ... and ||h|| [batch]
+        self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, its z [batch, 1, I]
+        self._h: list[torch.Tensor] = []  # ... and its output h [batch, 1, H] (references, no copy)
         self._fast = policy is not None and bound.single_device
         self._running: torch.Tensor | None = None  # [batch] sum of logits so far
         self.triggered: torch.Tensor | None = None  # [batch] bool: the policy has acted on this row
@@ -76,10 +76,9 @@ class Monitor:
     def _post_hook(self, term: LayerTerm, first: bool, last: bool):
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             started = time.perf_counter() if self.step_timer is not None else 0.0
-            if self._fast and self.forwards > 0:  # decoding: two ops here, the rest once per step
-                z, h = args[0][:, -1], output[:, -1]  # [batch, I], [batch, H]: the newest position
-                self._z.append(z.index_select(1, term.index))
-                self._norms.append(torch.linalg.vector_norm(h, dim=-1))
+            if self._fast and self.forwards > 0:  # decoding: no tensor op here, all of them once per step
+                self._z.append(args[0])
+                self._h.append(output)
             elif self.policy is None or self.forwards > 0:  # the prompt's positions are never scored
                 z = args[0] if self.policy is None else args[0][:, -1:]
                 h = output if self.policy is None else output[:, -1:]
@@ -110,11 +109,14 @@ class Monitor:
         self.forwards += 1
 
     def _combine(self) -> torch.Tensor:
-        """[batch] logit of this step from the gathered z and norms: sum_j w_j |z_j| / ||h_l(j)|| + b."""
-        z = torch.cat(self._z, dim=1).float().abs()  # [batch, k]
-        norms = torch.stack(self._norms, dim=1).float() + EPS  # [batch, hooked layers]
+        """[batch] logit of this step from every hooked layer's z and h, in a fixed handful of ops:
+        sum_j w_j |z_j| / ||h_l(j)|| + b over the newest position."""
+        index = self.bound.flat_index(tuple(z.shape[-1] for z in self._z))
+        z = torch.cat(self._z, dim=-1)[:, -1].index_select(1, index).float().abs()  # [batch, k]
+        h = torch.stack(self._h)[:, :, -1]  # [hooked layers, batch, H]
+        norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32).T + EPS  # [batch, hooked layers]
         self._z.clear()
-        self._norms.clear()
+        self._h.clear()
         return (z * self.bound.weight / norms.index_select(1, self.bound.column_term)).sum(-1) + self.bound.bias
 
     def _watch(self, logit: torch.Tensor, token: int) -> None:

@@ -16,6 +16,7 @@ the tensors). Loading onto the wrong model is a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -304,3 +305,12 @@ class BoundProbe:
             .to(next(iter(devices)))
             if self.single_device else None
         )
+        self._flat: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def flat_index(self, widths: tuple[int, ...]) -> torch.Tensor:
+        """[k] positions of the selected neurons in the hooked layers' z vectors laid end to end, for
+        layers of the given widths (cached: the widths are the same at every step)."""
+        if widths not in self._flat:
+            offsets = [0, *itertools.accumulate(widths)][:-1]
+            self._flat[widths] = torch.cat([term.index + offset for term, offset in zip(self.terms, offsets)])
+        return self._flat[widths]
