@@ -100,6 +100,22 @@ def test_build_is_deterministic(built, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_build_equals_one_from_scratch(tmp_path):
+    """Instruction tuning starts from the saved (rounded) base either way, so resuming from a finished
+    base gives the very instruct weights that a build from scratch gives."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    config = BuildConfig.tiny(seed=6).updated({"save_dtype": "bfloat16"})
+    scratch = build(config, tmp_path / "scratch", echo=lambda m: None)
+    shutil.copytree(scratch / "base", tmp_path / "resumed" / "base")
+    resumed = build(config, tmp_path / "resumed", resume=True, echo=lambda m: None)
+    a = load_file(str(scratch / "instruct" / "model.safetensors"))
+    b = load_file(str(resumed / "instruct" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_organism_eval_reports_the_headline_fields(built):
     from hguard.organism import load
     from hguard.organism.evaluate import report

@@ -100,8 +100,6 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
 
     base_dir, instruct_dir = out / "base", out / "instruct"
     if resume and (base_dir / "model.safetensors").exists():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
         echo("base: resumed from disk")
     else:
         tokenizer = train_tokenizer(docs, config.vocab_size)
@@ -114,6 +112,10 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
         train(model, ids, labels, config.base, seed=config.seed,
               log=lambda r: (_log(log_path, {"stage": "base", **r}), echo(f"base {r}")))
         _save(model, tokenizer, base_dir, config.save_dtype)
+    # instruction tuning always starts from the saved base (rounded to save_dtype), so a build from
+    # scratch and one resumed from its base give the same instruct model
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     examples = instruction_examples(world, split, config.instruct_per_pair, config.abstain_share, config.seed + 1,
                                     config.instruct_answers)
     ids, labels = chat_rows(examples, tokenizer, config.shape.context, END)
