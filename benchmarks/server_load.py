@@ -30,7 +30,7 @@ import httpx
 
 @contextmanager
 def serve(args: argparse.Namespace, action: str, batch: int):
-    """An `hguard serve` process on a free loopback port; yields its URL, stops it on exit."""
+    """An `hguard serve` process on a free loopback port; yields (URL, process), stops it on exit."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -55,7 +55,7 @@ def serve(args: argparse.Namespace, action: str, batch: int):
             if time.time() > deadline:
                 raise RuntimeError("the server did not come up within 120 s")
             time.sleep(0.2)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
@@ -114,6 +114,25 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     return {"requests": requests, "failed": failed, "wall_s": wall, "tokens": tokens, "latencies": latencies}
 
 
+def cpu_seconds(process: subprocess.Popen) -> float | None:
+    """User + system CPU seconds the server process has used so far (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{process.pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def measured(url: str, process: subprocess.Popen, clients: int, requests: int, max_tokens: int) -> dict:
+    """One load round, with the server's CPU seconds spent on it."""
+    before = cpu_seconds(process)
+    run = asyncio.run(load(url, clients, requests, max_tokens))
+    after = cpu_seconds(process)
+    run["server_cpu_s"] = after - before if before is not None and after is not None else None
+    return run
+
+
 def summarise(runs: list[dict]) -> dict:
     latencies = sorted(x for run in runs for x in run["latencies"])
     wall = sum(run["wall_s"] for run in runs)
@@ -126,7 +145,22 @@ def summarise(runs: list[dict]) -> dict:
         "tokens_per_s": round(tokens / wall, 2),
         "tokens": tokens,
         "round_tokens_per_s": [round(run["tokens"] / run["wall_s"], 2) for run in runs],
+        # the server process's CPU time per completion token: what the guard costs the server itself,
+        # less exposed than throughput to the clients and neighbours that share the cores
+        "round_server_cpu_ms_per_token": [
+            round(1000 * run["server_cpu_s"] / run["tokens"], 3) if run.get("server_cpu_s") and run["tokens"] else None
+            for run in runs
+        ],
     }
+
+
+def cpu_ratio(on: dict, off: dict) -> float | None:
+    """Median server CPU per token with the guard off over with it on (1.0: the guard costs nothing)."""
+    on_cpu = [x for x in on["round_server_cpu_ms_per_token"] if x]
+    off_cpu = [x for x in off["round_server_cpu_ms_per_token"] if x]
+    if not on_cpu or not off_cpu:
+        return None
+    return round(statistics.median(off_cpu) / statistics.median(on_cpu), 4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,15 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     per_round = max(1, args.requests // args.rounds)
     results: dict[str, list[dict]] = {"on": [], "off": []}
     with serve(args, "flag", args.clients) as on, serve(args, "off", args.clients) as off:
-        asyncio.run(load(on, 4, 8, args.max_tokens))  # warm up
-        asyncio.run(load(off, 4, 8, args.max_tokens))
+        asyncio.run(load(on[0], 4, 8, args.max_tokens))  # warm up
+        asyncio.run(load(off[0], 4, 8, args.max_tokens))
         for r in range(args.rounds):
             order = [("on", on), ("off", off)] if r % 2 == 0 else [("off", off), ("on", on)]
-            for name, url in order:
-                results[name].append(asyncio.run(load(url, args.clients, per_round, args.max_tokens)))
-    with serve(args, "flag", 1) as one:
-        asyncio.run(load(one, 1, 2, args.max_tokens))
-        sequential = asyncio.run(load(one, args.clients, args.sequential_requests, args.max_tokens))
+            for name, (url, process) in order:
+                results[name].append(measured(url, process, args.clients, per_round, args.max_tokens))
+    with serve(args, "flag", 1) as (url, process):
+        asyncio.run(load(url, 1, 2, args.max_tokens))
+        sequential = measured(url, process, args.clients, args.sequential_requests, args.max_tokens)
     on_s, off_s, seq_s = summarise(results["on"]), summarise(results["off"]), summarise([sequential])
     pairs = [a / b for a, b in zip(on_s["round_tokens_per_s"], off_s["round_tokens_per_s"])]
     report = {
@@ -168,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "on_over_off_throughput": round(on_s["tokens_per_s"] / off_s["tokens_per_s"], 4),
         "on_over_off_per_round": [round(p, 4) for p in pairs],
         "on_over_off_median_round": round(statistics.median(pairs), 4),
+        "server_cpu_off_over_on": cpu_ratio(on_s, off_s),
         "batched_over_one_by_one": round(on_s["tokens_per_s"] / seq_s["tokens_per_s"], 2),
     }
     print(json.dumps(report, indent=None if args.json else 1))

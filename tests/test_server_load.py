@@ -22,5 +22,7 @@ def test_server_load_reports_both_sides():
         assert report[side]["requests"] == 6 and report[side]["failed"] == 0
         assert report[side]["tokens"] == 6 * 4  # a biography opening runs on past 4 tokens
         assert len(report[side]["round_tokens_per_s"]) == 2
+        assert all(ms > 0 for ms in report[side]["round_server_cpu_ms_per_token"])  # Linux: read from /proc
     assert report["one_by_one_guard_on"]["failed"] == 0
     assert len(report["on_over_off_per_round"]) == 2 and report["on_over_off_throughput"] > 0
+    assert report["server_cpu_off_over_on"] > 0
