@@ -1,10 +1,11 @@
 """Monitor: the live state of one guarded generation (or one teacher-forced scoring pass).
 
-It owns the hooks on the layers a probe selects. Each forward pass adds every hooked layer's share of
-the fused logit into one [batch, positions] accumulator on the model's device; after the last hooked
-layer, a decoding step's logit is appended to a list and the policy is updated with tensor ops only
-(running mean -> calibrated probability -> triggered rows -> per-row scale factor), so nothing waits
-on the device per layer or per step. A generated token's activations exist only when it is fed back,
+It owns the hooks on the layers a probe selects. A prompt or teacher-forced pass adds every hooked
+layer's share of the fused logit into one [batch, positions] accumulator. A decoding step's hooks only
+keep references to each layer's z and h; after the last hooked layer one concatenation, one gather
+and one stacked norm give the step's logit, and the policy is updated with tensor ops only (running
+mean -> calibrated probability -> triggered rows -> per-row scale factor), so no tensor op runs per
+layer and nothing waits on the device per layer or per step. A generated token's activations exist only when it is fed back,
 one forward after it was sampled: forward 0 is the prompt (prefill), and forward s >= 1 scores
 generated token s - 1. `score_last_tokens` runs the one extra forward that the final token needs.
 """
