@@ -5,9 +5,9 @@ layer's share of the fused logit into one [batch, positions] accumulator. A deco
 keep references to each layer's z and h; after the last hooked layer one concatenation, one gather
 and one stacked norm give the step's logit, and the policy is updated with tensor ops only (running
 mean -> calibrated probability -> triggered rows -> per-row scale factor), so no tensor op runs per
-layer and nothing waits on the device per layer or per step. A generated token's activations exist only when it is fed back,
-one forward after it was sampled: forward 0 is the prompt (prefill), and forward s >= 1 scores
-generated token s - 1. `score_last_tokens` runs the one extra forward that the final token needs.
+layer and nothing waits on the device per layer or per step. A generated token's activations exist
+only when it is fed back, one forward after it was sampled: forward 0 is the prompt (prefill), and
+forward s >= 1 scores generated token s - 1. `score_last_tokens` runs the one extra forward that the final token needs.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Monitor:
         self._acc: torch.Tensor | None = None
         self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, its z [batch, 1, I]
         self._h: list[torch.Tensor] = []  # ... and its output h [batch, 1, H] (references, no copy)
+        self._index: torch.Tensor | None = None  # the selected neurons in those z laid end to end (first step)
         self._fast = policy is not None and bound.single_device
         self._running: torch.Tensor | None = None  # [batch] sum of logits so far
         self.triggered: torch.Tensor | None = None  # [batch] bool: the policy has acted on this row
@@ -112,8 +113,9 @@ class Monitor:
     def _combine(self) -> torch.Tensor:
         """[batch] logit of this step from every hooked layer's z and h, in a fixed handful of ops:
         sum_j w_j |z_j| / ||h_l(j)|| + b over the newest position."""
-        index = self.bound.flat_index(tuple(z.shape[-1] for z in self._z))
-        z = torch.cat(self._z, dim=-1)[:, -1].index_select(1, index).float().abs()  # [batch, k]
+        if self._index is None:  # the layers' widths are the same at every step
+            self._index = self.bound.flat_index(tuple(z.shape[-1] for z in self._z))
+        z = torch.cat(self._z, dim=-1)[:, -1].index_select(1, self._index).float().abs()  # [batch, k]
         h = torch.stack(self._h)[:, :, -1]  # [hooked layers, batch, H]
         norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32).T + EPS  # [batch, hooked layers]
         self._z.clear()
