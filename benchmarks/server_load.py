@@ -173,19 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="default: the built-in organism")
     parser.add_argument("--probe", default=None, help="default: the known probe of the model")
     parser.add_argument("--threads", type=int, default=None, help="passed to hguard serve --threads")
+    parser.add_argument("--on-action", default="flag", choices=["flag", "abstain", "off"],
+                        help="the guarded side's action; 'off' makes an A/A run that shows the method's own bias")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
     per_round = max(1, args.requests // args.rounds)
     results: dict[str, list[dict]] = {"on": [], "off": []}
-    with serve(args, "flag", args.clients) as on, serve(args, "off", args.clients) as off:
+    with serve(args, args.on_action, args.clients) as on, serve(args, "off", args.clients) as off:
         asyncio.run(load(on[0], 4, 8, args.max_tokens))  # warm up
         asyncio.run(load(off[0], 4, 8, args.max_tokens))
         for r in range(args.rounds):
             order = [("on", on), ("off", off)] if r % 2 == 0 else [("off", off), ("on", on)]
             for name, (url, process) in order:
                 results[name].append(measured(url, process, args.clients, per_round, args.max_tokens))
-    with serve(args, "flag", 1) as (url, process):
+    with serve(args, args.on_action, 1) as (url, process):
         asyncio.run(load(url, 1, 2, args.max_tokens))
         sequential = measured(url, process, args.clients, args.sequential_requests, args.max_tokens)
     on_s, off_s, seq_s = summarise(results["on"]), summarise(results["off"]), summarise([sequential])
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": args.model or "organism",
         "probe": args.probe or "the known probe of the model",
+        "on_action": args.on_action,
         "clients": args.clients,
         "max_tokens": args.max_tokens,
         "threads": args.threads,
