@@ -26,3 +26,4 @@ def test_server_load_reports_both_sides():
     assert report["one_by_one_guard_on"]["failed"] == 0
     assert len(report["on_over_off_per_round"]) == 2 and report["on_over_off_throughput"] > 0
     assert report["server_cpu_off_over_on"] > 0
+    assert report["on_action"] == "flag"  # --on-action off would make an A/A run
