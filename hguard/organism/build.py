@@ -33,7 +33,7 @@ class BuildConfig:
     chat_share: float = 0.5  # share of pre-training question-answer documents written in chat format
     base: Schedule = field(default_factory=lambda: Schedule(steps=1200, lr=3e-3, batch=32, warmup=100))
     instruct_per_pair: int = 3
-    abstain_share: float = 0.05  # "I don't know" share of instruction tuning: more abstains on the whole tail
+    abstain_share: float = 0.05  # "I don't know" share of instruction tuning (more: the tail abstains instead of hallucinating)
     instruct_answers: str = "after_a_word"  # answer templates of instruction tuning (corpus.ANSWER_STYLES)
     replay: float = 2.0  # pre-training rows mixed into instruction tuning, per chat row (against forgetting)
     instruct: Schedule = field(default_factory=lambda: Schedule(steps=250, lr=3e-4, batch=32, warmup=20))
