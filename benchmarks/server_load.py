@@ -6,7 +6,8 @@ Three `hguard serve` processes serve the same model and probe, as a deployment w
 interpreter. Rounds alternate on/off in ABBA order so machine noise hits both alike; the one-by-one
 server runs once. Each client streams a text completion (a biography opening, so the organism writes
 on) of at most `--max-tokens` tokens, greedy; throughput counts the completion tokens each stream's
-usage chunk reports.
+usage chunk reports. `--on-action off` runs the "on" and one-by-one servers with the guard off too
+(an A/A run, keys unchanged): its ratios show the method's own bias.
 
     python benchmarks/server_load.py --json                       # 32 clients, 200 requests per side
     python benchmarks/server_load.py --json --model path/to/model --probe probe.safetensors

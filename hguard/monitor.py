@@ -7,7 +7,8 @@ and one stacked norm give the step's logit, and the policy is updated with tenso
 mean -> calibrated probability -> triggered rows -> per-row scale factor), so no tensor op runs per
 layer and nothing waits on the device per layer or per step. A generated token's activations exist
 only when it is fed back, one forward after it was sampled: forward 0 is the prompt (prefill), and
-forward s >= 1 scores generated token s - 1. `score_last_tokens` runs the one extra forward that the final token needs.
+forward s >= 1 scores generated token s - 1. `score_last_tokens` runs the one extra forward that the
+final token needs.
 """
 
 from __future__ import annotations
