@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of a session with a lent device, as one script (run from the repository root by the
+# The GPU check of a session with a lent device, as one script (run from the repository root by the
 # device tool, which sets $OUT). It carries transformers 5.24 / tokenizers 0.23.3 wheels in .whl/.
-#  1. organism design grid: 4 designs x 2 seeds built and evaluated on the GPU at once, best 2 packed;
-#  2. guard overhead on a Llama-3-8B-shaped random model, bf16, batch 1 and 32 (issue 2's GPU goal).
+# Guard overhead on a Llama-3-8B-shaped random model, bf16, batch 1 and 32 (issue 2's GPU goal), at 64
+# new tokens and at 256 (the extra forward that scores the final token is 1/(n+1) of the decoding).
+# GRID=1 also runs the organism design grid first (benchmarks/organism_grid.py, 4 designs x 2 seeds).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/hguard-gpu-out}
@@ -14,10 +15,11 @@ else
   export PYTHONPATH=$PWD
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } 2>&1 | tee "$OUT/log.txt"
-python3 benchmarks/organism_grid.py --device cuda --out /tmp/grid --pack 2 --deadline "${GRID_DEADLINE:-360}" 2>&1 | tee -a "$OUT/log.txt"
-cp /tmp/grid/grid.json /tmp/grid/*.tar "$OUT/" 2>/dev/null
-for f in /tmp/grid/*.log; do echo "== $f"; tail -n 4 "$f"; done >> "$OUT/log.txt"
-timeout "${OVERHEAD_LIMIT:-170}" python3 benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32 \
-  --repeats 6 > "$OUT/overhead-8b.json" 2>> "$OUT/log.txt"
+if [ "${GRID:-0}" = 1 ]; then
+  python3 benchmarks/organism_grid.py --device cuda --out /tmp/grid --pack 2 --deadline "${GRID_DEADLINE:-360}" 2>&1 | tee -a "$OUT/log.txt"
+  cp /tmp/grid/grid.json /tmp/grid/*.tar "$OUT/" 2>/dev/null
+fi
+timeout "${OVERHEAD_LIMIT:-420}" python3 benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32 \
+  --new-tokens ${NEW_TOKENS:-64 256} --repeats "${REPEATS:-8}" > "$OUT/overhead-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)
 echo "overhead rc $?" | tee -a "$OUT/log.txt"
 cat "$OUT/overhead-8b.json"

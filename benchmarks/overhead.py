@@ -112,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="100m")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[64],
+                        help="one row per batch size and length (the extra forward is 1/(n+1) of the decoding)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--neurons", type=int, default=0, help="probe size (default: 1 per mille of all neurons)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print only the JSON list")
+    parser.add_argument("--json", action="store_true", help="print the JSON list only (progress still goes to stderr)")
     args = parser.parse_args(argv)
 
     shape = PRESETS[args.preset]
@@ -127,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in model.parameters())
     hooked = int(probe.layer.unique().numel())
     rows = []
-    for batch in args.batches:
-        row = measure(model, tokenizer, probe, batch, args.new_tokens, args.repeats, args.device)
-        row = {"model": f"llama-{args.preset} ({params / 1e6:.0f}M params, {args.dtype}, {args.device})",
-               "probe_neurons": neurons, "hooked_layers": hooked, **row}
-        rows.append(row)
-        if not args.json:
-            print(f"batch {batch}: ratio {row['ratio']}", file=sys.stderr)
+    for new_tokens in args.new_tokens:
+        for batch in args.batches:
+            row = measure(model, tokenizer, probe, batch, new_tokens, args.repeats, args.device)
+            row = {"model": f"llama-{args.preset} ({params / 1e6:.0f}M params, {args.dtype}, {args.device})",
+                   "probe_neurons": neurons, "hooked_layers": hooked, **row}
+            rows.append(row)
+            print(f"batch {batch}, {new_tokens} tokens: plain {row['plain_tokens_per_s']} tok/s, guarded "
+                  f"{row['guarded_tokens_per_s']} tok/s, ratio {row['ratio']}, pair median {row['pair_ratio_median']}",
+                  file=sys.stderr)
     print(json.dumps(rows, indent=2))
     return 0
 

@@ -41,13 +41,17 @@ class _RowsStopped(StoppingCriteria):
         self.monitor, self.cancel = monitor, cancel
         self.limits, self.prompt_width, self.cancelled_rows = limits, prompt_width, cancelled_rows
         self.kept: dict[int, int] = {}  # row -> generated tokens it had when a host-side decision stopped it
+        self._none: torch.Tensor | None = None  # [rows] all False, reused while no row is stopped
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         rows, device = input_ids.shape[0], input_ids.device
         if self.cancel.is_set():
             return torch.ones(rows, dtype=torch.bool, device=device)
         stopped = self.monitor.stopped() if self.monitor is not None else None
-        stopped = stopped.clone() if stopped is not None else torch.zeros(rows, dtype=torch.bool, device=device)
+        if stopped is None:  # made once and returned as is: transformers only reads what a criterion returns
+            if self._none is None or self._none.shape[0] != rows:
+                self._none = torch.zeros(rows, dtype=torch.bool, device=device)
+            stopped = self._none
         length = input_ids.shape[1] - self.prompt_width
         host = set(self.cancelled_rows()) if self.cancelled_rows is not None else set()
         if self.limits is not None:
@@ -55,7 +59,7 @@ class _RowsStopped(StoppingCriteria):
         for row in host:
             self.kept.setdefault(row, length)
         if host:
-            stopped |= torch.tensor([i in host for i in range(rows)], device=device)
+            stopped = stopped | torch.tensor([i in host for i in range(rows)], device=device)
         return stopped
 
 
@@ -388,7 +392,7 @@ class _Streamer:
         probs: list[float | None] = [None] * len(tokens)
         stopped = [False] * len(tokens)
         if self.monitor is not None and step < self.monitor.scored:
-            row_probs = self.guard.probe.calibration(self.monitor.step_logits[step].double())
+            row_probs = self.guard.probe.calibration(self.monitor.step_logit(step).double())
             rows_stopped = self.monitor.stopped()
             if rows_stopped is not None:
                 packed = torch.stack([row_probs, rows_stopped.double()], dim=1).cpu().tolist()

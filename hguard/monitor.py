@@ -2,10 +2,13 @@
 
 It owns the hooks on the layers a probe selects. A prompt or teacher-forced pass adds every hooked
 layer's share of the fused logit into one [batch, positions] accumulator. A decoding step's hooks only
-keep references to each layer's z and h; after the last hooked layer one concatenation, one gather
-and one stacked norm give the step's logit, and the policy is updated with tensor ops only (running
-mean -> calibrated probability -> triggered rows -> per-row scale factor), so no tensor op runs per
-layer and nothing waits on the device per layer or per step. A generated token's activations exist
+keep references to each layer's z and h; after the last hooked layer one concatenation, one gather,
+one stack and one norm reduce them to the step's selected z and per-layer ||h||. Where a decision
+depends on the score during decoding (abstain, dampen), the step's logit is formed at once and the
+policy is updated with tensor ops only (running mean -> calibrated probability -> triggered rows ->
+per-row scale factor); otherwise (flag) the remaining arithmetic waits and runs once for all pending
+steps when a score is read. No tensor op runs per layer, and nothing waits on the device per layer or
+per step (on a GPU each kernel launch is host time a step pays for). A generated token's activations exist
 only when it is fed back, one forward after it was sampled: forward 0 is the prompt (prefill), and
 forward s >= 1 scores generated token s - 1. `score_last_tokens` runs the one extra forward that the
 final token needs.
@@ -35,7 +38,8 @@ class Monitor:
         self.calibration = bound.probe.calibration
         self.stop_early = stop_early  # end each forward after the last hooked layer (no logits needed)
         self.forwards = 0  # completed forward passes; 0 until the prefill has run
-        self.step_logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
+        self._logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # later steps: ([batch, k] z, [layers, batch] ||h||)
         self.full_logits: torch.Tensor | None = None  # teacher forcing: [batch, positions]
         self._acc: torch.Tensor | None = None
         self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, its z [batch, 1, I]
@@ -104,24 +108,41 @@ class Monitor:
         if self.policy is None:
             self.full_logits = self._acc + self.bound.bias
         elif self.forwards > 0:
-            logit = self._combine() if self._fast else self._acc[:, -1] + self.bound.bias
-            self.step_logits.append(logit)
+            if not self._fast:
+                self._logits.append(self._acc[:, -1] + self.bound.bias)
+            elif self.policy.watches:
+                self._logits.append(self._combine(*self._reduce()))
+            else:  # nothing acts on the score during decoding: finish it when it is read
+                self._pending.append(self._reduce())
             if self.policy.watches:
-                self._watch(logit, token=self.forwards - 1)
+                self._watch(self._logits[-1], token=self.forwards - 1)
         self._acc = None
         self.forwards += 1
 
-    def _combine(self) -> torch.Tensor:
-        """[batch] logit of this step from every hooked layer's z and h, in a fixed handful of ops:
-        sum_j w_j |z_j| / ||h_l(j)|| + b over the newest position."""
+    def _reduce(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's selected z [batch, k] and ||h|| [hooked layers, batch] (fp32), from the references
+        the hooks kept, in four kernels whatever the number of hooked layers."""
         if self._index is None:  # the layers' widths are the same at every step
             self._index = self.bound.flat_index(tuple(z.shape[-1] for z in self._z))
-        z = torch.cat(self._z, dim=-1)[:, -1].index_select(1, self._index).float().abs()  # [batch, k]
-        h = torch.stack(self._h)[:, :, -1]  # [hooked layers, batch, H]
-        norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float32).T + EPS  # [batch, hooked layers]
+        z = torch.cat(self._z, dim=-1)[:, -1].index_select(1, self._index)
+        norms = torch.linalg.vector_norm(torch.stack(self._h)[:, :, -1], dim=-1, dtype=torch.float32)
         self._z.clear()
         self._h.clear()
-        return (z * self.bound.weight / norms.index_select(1, self.bound.column_term)).sum(-1) + self.bound.bias
+        return z, norms
+
+    def _combine(self, z: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j |z_j| / ||h_l(j)|| + b from `_reduce`'s output, for one step ([batch, k], [layers,
+        batch]) or several stacked ([steps, batch, k], [steps, layers, batch]) -> [(steps,) batch]."""
+        norms = norms.transpose(-1, -2) + EPS  # [..., batch, hooked layers]
+        return (z.float().abs() * self.bound.weight / norms.index_select(-1, self.bound.column_term)).sum(-1) \
+            + self.bound.bias
+
+    def _settle(self) -> None:
+        """Finish the pending steps' logits, all in one batch of kernels."""
+        if self._pending:
+            z, norms = (torch.stack(parts) for parts in zip(*self._pending))
+            self._logits.extend(self._combine(z, norms).unbind(0))
+            self._pending.clear()
 
     def _watch(self, logit: torch.Tensor, token: int) -> None:
         if self._running is None:
@@ -143,11 +164,17 @@ class Monitor:
     @property
     def scored(self) -> int:
         """How many generated tokens have a score so far."""
-        return len(self.step_logits)
+        return len(self._logits) + len(self._pending)
+
+    def step_logit(self, step: int) -> torch.Tensor:
+        """[batch] probe logit of generated token `step`, on the model's device."""
+        self._settle()
+        return self._logits[step]
 
     def token_logits(self) -> torch.Tensor:
         """[batch, scored] probe logits of the generated tokens, on the model's device."""
-        return torch.stack(self.step_logits, dim=1)
+        self._settle()
+        return torch.stack(self._logits, dim=1)
 
     def stopped(self) -> torch.Tensor | None:
         """[batch] rows the policy stopped (abstain), for a stopping criterion; None if none can be."""
