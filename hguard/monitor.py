@@ -81,6 +81,15 @@ class Monitor:
         return pre
 
     def _post_hook(self, term: LayerTerm, first: bool, last: bool):
+        if self._fast and not last and self.step_timer is None:  # most hooks of a generation: two appends
+            keep_z, keep_h = self._z.append, self._h.append
+
+            def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                keep_z(args[0])
+                keep_h(output)
+
+            return keep
+
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             started = time.perf_counter() if self.step_timer is not None else 0.0
             if self._fast and self.forwards > 0:  # decoding: no tensor op here, all of them once per step
@@ -107,7 +116,10 @@ class Monitor:
     def _end_forward(self) -> None:
         if self.policy is None:
             self.full_logits = self._acc + self.bound.bias
-        elif self.forwards > 0:
+        elif self.forwards == 0:  # the prompt's positions are never scored
+            self._z.clear()
+            self._h.clear()
+        else:
             if not self._fast:
                 self._logits.append(self._acc[:, -1] + self.bound.bias)
             elif self.policy.watches:

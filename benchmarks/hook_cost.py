@@ -1,0 +1,104 @@
+"""Where guarded decoding's host time goes, on a model where every op costs only its dispatch.
+
+The `host` preset of overhead.py (Llama-3-8B's 32 layers at width 64, on the CPU) stands in for a GPU
+whose decoding is bound by the host launching kernels. Four arms run interleaved (ABBA) on the same
+left-padded batch, each generating exactly `new_tokens` tokens greedily:
+
+    plain     model.generate
+    noop      the same with hguard's forward wrapper on every hooked down projection, doing nothing
+    keep      ... keeping references to each layer's z and h until the step's last layer (what the
+              guard's decoding hooks do), then dropping them
+    guarded   Guard.generate(action="flag"): the above plus one gather and one norm per step, the
+              extra forward that scores the final token, and result assembly
+
+Each arm's cost is printed as host microseconds per decoding step over plain, from the medians.
+
+    python benchmarks/hook_cost.py --json --batch 8 --new-tokens 64 --repeats 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from hguard import Guard
+from hguard.hooks import HookSpec, hooked
+from overhead import build, prompts_for
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--neurons", type=int, default=128, help="probe size (128 reaches all 32 layers)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    model, tokenizer, probe = build("host", torch.float32, "cpu", args.neurons, seed=0)
+    guard = Guard(model, tokenizer, probe)
+    prompts = prompts_for(args.batch)
+    ids, mask = guard._batch([guard.encode(p) for p in prompts])
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    downs = [guard.bound.sites.down(term.layer) for term in guard.bound.terms]
+    kept: list[torch.Tensor] = []
+
+    def noop(module, inputs, output) -> None:
+        pass
+
+    def keep(module, inputs, output) -> None:
+        kept.extend((inputs[0], output))
+        if len(kept) == 2 * len(downs):  # the step's last hooked layer: drop them, as the guard does
+            kept.clear()
+
+    def plain() -> None:
+        model.generate(input_ids=ids, attention_mask=mask, pad_token_id=guard._pad_id(), **kw)
+
+    def hooked_with(post):
+        def run() -> None:
+            with hooked([HookSpec(module=down, post=post) for down in downs]):
+                plain()
+
+        return run
+
+    def guarded() -> None:
+        guard.generate(prompts, action="flag", **kw)
+
+    arms = {"plain": plain, "noop": hooked_with(noop), "keep": hooked_with(keep), "guarded": guarded}
+    for run in arms.values():  # warm up every path
+        run()
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for i in range(args.repeats):
+        for name, run in arms.items() if i % 2 == 0 else reversed(arms.items()):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["plain"])
+    report = {
+        "model": f"llama-host ({len(downs)} hooked layers, cpu)", "batch": args.batch,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "plain_ms": round(base * 1e3, 2),
+        "arms": {
+            name: {
+                "median_ms": round(statistics.median(t) * 1e3, 2),
+                "ratio": round(base / statistics.median(t), 4),
+                "pair_ratio_median": round(statistics.median(p / g for p, g in zip(times["plain"], t)), 4),
+                "us_per_step": round((statistics.median(t) - base) / args.new_tokens * 1e6, 1),
+            }
+            for name, t in times.items()
+        },
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, row in report["arms"].items():
+            print(f"{name:8s} {row['median_ms']:8.1f} ms  ratio {row['ratio']:.4f}  "
+                  f"pair {row['pair_ratio_median']:.4f}  {row['us_per_step']:+.0f} us/step")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

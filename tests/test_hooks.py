@@ -1,0 +1,45 @@
+"""hooked(): torch's hook semantics, installed as forward wrappers that always come off."""
+
+import pytest
+import torch
+from torch import nn
+
+from hguard.hooks import HookSpec, hook_count, hooked
+
+
+def test_hooks_rewrite_inputs_and_outputs_nest_and_come_off():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    plain = layer(x)
+    seen = []
+    double_and_record = HookSpec(layer, pre=lambda m, args: (args[0] * 2,),
+                                 post=lambda m, args, out: seen.append((args[0], out)))
+    negate = HookSpec(layer, post=lambda m, args, out: -out)
+    with hooked([double_and_record]):
+        assert hook_count(layer) == 1
+        with hooked([negate]):  # a second spec wraps the first: it sees the first's output
+            assert hook_count(layer) == 2
+            assert torch.allclose(layer(x), -layer.__class__.forward(layer, 2 * x))
+        assert torch.allclose(layer(x), layer.__class__.forward(layer, 2 * x))
+    assert torch.equal(seen[0][0], 2 * x)  # the post-hook saw the pre-hook's rewritten input
+    assert hook_count(layer) == 0 and "forward" not in layer.__dict__
+    assert torch.equal(layer(x), plain)
+
+
+def test_an_existing_instance_forward_is_kept_and_restored():
+    layer = nn.Linear(4, 3)
+    calls = []
+    original = layer.forward
+
+    def device_hook(*args, **kwargs):  # what accelerate's add_hook_to_module installs
+        calls.append("device")
+        return original(*args, **kwargs)
+
+    layer.forward = device_hook
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooked([HookSpec(layer, post=lambda m, a, o: calls.append("post"))]):
+            layer(torch.randn(1, 4))
+            raise RuntimeError("boom")
+    assert calls == ["device", "post"]
+    assert layer.__dict__["forward"] is device_hook and hook_count(layer) == 0

@@ -1,0 +1,34 @@
+"""Smoke runs of the guard-overhead benchmarks on the host-bound preset: the keys the issue names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--json", *args], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_overhead_prints_one_row_per_batch_and_length():
+    rows = run("overhead.py", "--preset", "host", "--batches", "1", "2", "--new-tokens", "3", "5", "--repeats", "2")
+    assert [(r["new_tokens"], r["batch"]) for r in rows] == [(3, 1), (3, 2), (5, 1), (5, 2)]
+    for row in rows:
+        assert {"model", "batch", "new_tokens", "plain_tokens_per_s", "guarded_tokens_per_s", "ratio"} <= row.keys()
+        assert row["hooked_layers"] >= 1 and len(row["plain_s"]) == len(row["guarded_s"]) == 2
+        assert abs(row["ratio"] - row["guarded_tokens_per_s"] / row["plain_tokens_per_s"]) < 1e-3
+
+
+def test_hook_cost_times_every_arm():
+    report = run("hook_cost.py", "--batch", "2", "--new-tokens", "4", "--repeats", "2")
+    assert list(report["arms"]) == ["plain", "noop", "keep", "guarded"]
+    assert report["arms"]["plain"]["ratio"] == 1.0
+    assert all(arm["median_ms"] > 0 for arm in report["arms"].values())
