@@ -1,10 +1,12 @@
 """Where guarded decoding's host time goes, on a model where every op costs only its dispatch.
 
 The `host` preset of overhead.py (Llama-3-8B's 32 layers at width 64, on the CPU) stands in for a GPU
-whose decoding is bound by the host launching kernels. Four arms run interleaved (ABBA) on the same
+whose decoding is bound by the host launching kernels. Five arms run interleaved (ABBA) on the same
 left-padded batch, each generating exactly `new_tokens` tokens greedily:
 
     plain     model.generate
+    torch     the same with a registered torch forward hook on every hooked down projection, keeping
+              references as `keep` below does (how hguard hooked before its forward wrappers)
     noop      the same with hguard's forward wrapper on every hooked down projection, doing nothing
     keep      ... keeping references to each layer's z and h until the step's last layer (what the
               guard's decoding hooks do), then dropping them
@@ -65,10 +67,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
+    def torch_hooked() -> None:
+        handles = [down.register_forward_hook(keep) for down in downs]
+        try:
+            plain()
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def guarded() -> None:
         guard.generate(prompts, action="flag", **kw)
 
-    arms = {"plain": plain, "noop": hooked_with(noop), "keep": hooked_with(keep), "guarded": guarded}
+    arms = {"plain": plain, "torch": torch_hooked, "noop": hooked_with(noop), "keep": hooked_with(keep), "guarded": guarded}
     for run in arms.values():  # warm up every path
         run()
     times: dict[str, list[float]] = {name: [] for name in arms}

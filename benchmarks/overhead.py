@@ -1,14 +1,20 @@
-"""Guarded generation against plain `model.generate` on the same random-init Llama.
+"""Guarded generation against plain `model.generate` on the same model.
 
 Runs are interleaved in ABBA order (plain, guarded, guarded, plain, ...) so machine noise and drift
-hit both alike; `ratio` compares the medians, `pair_ratio_median` is the median over adjacent pairs, and `cpu_time_ratio` compares the
-median process CPU time (less exposed to a shared machine's neighbours than wall time). Every run generates exactly `new_tokens` tokens per row (min_new_tokens),
-greedy, from left-padded prompts of different lengths. The guarded side is the whole
+hit both alike; `ratio` compares the medians, `pair_ratio_median` is the median over adjacent pairs,
+and `cpu_time_ratio` compares the median process CPU time (less exposed to a shared machine's
+neighbours than wall time). Every run generates exactly `new_tokens` tokens per row
+(min_new_tokens), greedy, from left-padded prompts of different lengths. The guarded side is the whole
 `Guard.generate` call (hooks, the fused score, the extra forward that scores the final token, and the
 host-side assembly of results), with action="flag".
 
+Presets: `100m` (a random-init ~100M Llama, the issue's CPU check), `8b` (Llama-3-8B's shape, for a
+GPU), `host` (8B's 32 layers at width 64: on a CPU, a stand-in for a launch-bound GPU), `organism` (the
+shipped organism and its probe, what `hguard serve` runs by default).
+
     python benchmarks/overhead.py --json                 # ~100M Llama on the CPU, batch 1 and 16
     python benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32   # on a GPU
+    python benchmarks/overhead.py --json --preset organism --batches 32 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hguard import Guard, Probe
+from hguard import Guard, Probe, find_probe, organism
 from hguard.tiny import build_tokenizer, save_tiny, tiny_config
 
 PRESETS = {
@@ -40,7 +46,11 @@ PRESETS = {
 def build(preset: str, dtype: torch.dtype, device: str, neurons: int, seed: int):
     """The model through the real loading path (save_pretrained, from_pretrained) where it is small; an
     8B-shaped model is initialised in place on its device instead (writing 32 GB of fp32 random weights
-    to disk and reading them back would take longer than the benchmark)."""
+    to disk and reading them back would take longer than the benchmark). `organism` is the shipped
+    organism with its shipped probe (what `hguard serve` runs by default)."""
+    if preset == "organism":
+        model = AutoModelForCausalLM.from_pretrained(organism.path(), dtype=dtype).to(device).eval()
+        return model, AutoTokenizer.from_pretrained(organism.path()), find_probe(model)
     if preset != "8b":
         directory = tempfile.mkdtemp(prefix="hguard-bench-")
         save_tiny(directory, "llama", seed=seed, **PRESETS[preset])
@@ -113,7 +123,7 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="100m")
+    parser.add_argument("--preset", choices=[*sorted(PRESETS), "organism"], default="100m")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[64],
                         help="one row per batch size and length (the extra forward is 1/(n+1) of the decoding)")
@@ -125,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the JSON list only (progress still goes to stderr)")
     args = parser.parse_args(argv)
 
-    shape = PRESETS[args.preset]
-    neurons = args.neurons or max(1, shape["layers"] * shape["intermediate"] // 1000)
+    shape = PRESETS.get(args.preset)
+    neurons = args.neurons or (max(1, shape["layers"] * shape["intermediate"] // 1000) if shape else 0)
     model, tokenizer, probe = build(args.preset, getattr(torch, args.dtype), args.device, neurons, args.seed)
     params = sum(p.numel() for p in model.parameters())
     hooked = int(probe.layer.unique().numel())
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batches:
             row = measure(model, tokenizer, probe, batch, new_tokens, args.repeats, args.device)
             row = {"model": f"llama-{args.preset} ({params / 1e6:.0f}M params, {args.dtype}, {args.device})",
-                   "probe_neurons": neurons, "hooked_layers": hooked, **row}
+                   "probe_neurons": probe.count, "hooked_layers": hooked, **row}
             rows.append(row)
             print(f"batch {batch}, {new_tokens} tokens: plain {row['plain_tokens_per_s']} tok/s, guarded "
                   f"{row['guarded_tokens_per_s']} tok/s, ratio {row['ratio']}, pair median {row['pair_ratio_median']}",

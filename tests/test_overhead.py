@@ -29,6 +29,12 @@ def test_overhead_prints_one_row_per_batch_and_length():
 
 def test_hook_cost_times_every_arm():
     report = run("hook_cost.py", "--batch", "2", "--new-tokens", "4", "--repeats", "2")
-    assert list(report["arms"]) == ["plain", "noop", "keep", "guarded"]
+    assert list(report["arms"]) == ["plain", "torch", "noop", "keep", "guarded"]
     assert report["arms"]["plain"]["ratio"] == 1.0
     assert all(arm["median_ms"] > 0 for arm in report["arms"].values())
+
+
+def test_overhead_on_the_shipped_organism_uses_its_probe():
+    [row] = run("overhead.py", "--preset", "organism", "--batches", "2", "--new-tokens", "3", "--repeats", "1")
+    assert row["model"].startswith("llama-organism") and row["batch"] == 2
+    assert row["probe_neurons"] == 60 and row["hooked_layers"] == 5  # hguard/probes/organism.safetensors
