@@ -37,48 +37,59 @@ class HookSpec:
     post: PostHook | None = None
 
 
-_ABSENT = object()  # the module had no instance `forward` of its own before
-
-
 @contextmanager
 def hooked(specs: Sequence[HookSpec]) -> Iterator[None]:
-    """Install the given hooks for the duration of the block; every wrapper is removed on exit, last
-    installed first. A second spec on the same module wraps the first (its post-hook sees the first's
-    output, and its arguments before the first's pre-hook), so one spec carries a module's pre and post."""
-    installed: list[tuple[nn.Module, object]] = []  # (module, what its instance `forward` was, or _ABSENT)
+    """Install the given hooks for the duration of the block; every wrapper is removed on exit. A
+    second spec on the same module wraps the first (its post-hook sees the first's output, and its
+    arguments before the first's pre-hook), so one spec carries a module's pre and post. Blocks on one
+    module may end in any order: each takes out only its own wrapper."""
+    installed: list[tuple[nn.Module, Callable]] = []
     try:
         for spec in specs:
-            if spec.pre is None and spec.post is None:
-                continue
-            installed.append((spec.module, spec.module.__dict__.get("forward", _ABSENT)))
-            spec.module.forward = _wrapper(spec)
+            if spec.pre is not None or spec.post is not None:
+                wrapper = _wrapper(spec)
+                spec.module.forward = wrapper
+                installed.append((spec.module, wrapper))
         yield
     finally:
-        for module, previous in reversed(installed):
-            if previous is _ABSENT:
-                del module.forward
-            else:
-                module.forward = previous
+        for module, wrapper in reversed(installed):
+            _unwrap(module, wrapper)
 
 
 def _wrapper(spec: HookSpec) -> Callable:
     module, pre, post = spec.module, spec.pre, spec.post
-    inner = module.forward  # the class's bound method, or a wrapper already installed (accelerate's, ours)
 
     def forward(*args, **kwargs):
         if pre is not None:
             replaced = pre(module, args)
             if replaced is not None:
                 args = replaced if isinstance(replaced, tuple) else (replaced,)
-        output = inner(*args, **kwargs)
+        output = forward.hguard_inner(*args, **kwargs)
         if post is not None:
             replaced = post(module, args, output)
             if replaced is not None:
                 output = replaced
         return output
 
-    forward.hguard_inner = inner  # marks the wrapper as hguard's (see hook_count)
+    # what it wraps: the class's bound method, or a wrapper already there (accelerate's, another of ours)
+    forward.hguard_inner = module.forward
     return forward
+
+
+def _unwrap(module: nn.Module, wrapper: Callable) -> None:
+    """Take `wrapper` out of the module's chain of forward wrappers, wherever it is in the chain."""
+    outer, current = None, module.__dict__.get("forward")
+    while current is not None and current is not wrapper:
+        outer, current = current, getattr(current, "hguard_inner", None)
+    if current is None:  # not in the chain (already taken out)
+        return
+    inner = wrapper.hguard_inner
+    if outer is not None:
+        outer.hguard_inner = inner
+    elif getattr(inner, "__self__", None) is module and getattr(inner, "__func__", None) is type(module).forward:
+        del module.forward  # back to the class's own method
+    else:
+        module.forward = inner
 
 
 @contextmanager

@@ -43,3 +43,18 @@ def test_an_existing_instance_forward_is_kept_and_restored():
             raise RuntimeError("boom")
     assert calls == ["device", "post"]
     assert layer.__dict__["forward"] is device_hook and hook_count(layer) == 0
+
+
+def test_blocks_on_one_module_may_end_in_any_order():
+    layer = nn.Linear(4, 3)
+    calls = []
+    first = hooked([HookSpec(layer, post=lambda m, a, o: calls.append("first"))])
+    second = hooked([HookSpec(layer, post=lambda m, a, o: calls.append("second"))])
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the inner wrapper leaves first; the outer one keeps working
+    layer(torch.randn(1, 4))
+    assert calls == ["second"] and hook_count(layer) == 1
+    second.__exit__(None, None, None)
+    layer(torch.randn(1, 4))
+    assert calls == ["second"] and hook_count(layer) == 0 and "forward" not in layer.__dict__
