@@ -58,3 +58,26 @@ def test_blocks_on_one_module_may_end_in_any_order():
     second.__exit__(None, None, None)
     layer(torch.randn(1, 4))
     assert calls == ["second"] and hook_count(layer) == 0 and "forward" not in layer.__dict__
+
+
+def test_guard_under_accelerate_device_hooks(make_guard):
+    """accelerate's hooks (what device_map installs) stay in place under the guard's and after it, and
+    the scores are those of the same model without them."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    guard = make_guard("llama")
+    prompt = "Where was Ada Lovelace born?"
+    expected = guard.generate([prompt], max_new_tokens=6, do_sample=False)[0]
+    downs = [guard.bound.sites.down(term.layer) for term in guard.bound.terms]
+    for down in downs:
+        add_hook_to_module(down, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    installed = [down.forward for down in downs]
+    result = guard.generate([prompt], max_new_tokens=6, do_sample=False)[0]
+    assert result.token_ids == expected.token_ids
+    assert result.token_probs == pytest.approx(expected.token_probs, abs=1e-6)
+    assert [down.forward for down in downs] == installed and hook_count(guard.model) == 0
+    for down in downs:
+        remove_hook_from_module(down)  # accelerate's own removal still finds what it installed
+        assert not hasattr(down, "_hf_hook") and not hasattr(down.forward, "hguard_inner")
+    assert guard.generate([prompt], max_new_tokens=6, do_sample=False)[0].token_probs == \
+        pytest.approx(expected.token_probs, abs=1e-6)
