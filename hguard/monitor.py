@@ -8,9 +8,9 @@ depends on the score during decoding (abstain, dampen), the step's logit is form
 policy is updated with tensor ops only (running mean -> calibrated probability -> triggered rows ->
 per-row scale factor); otherwise (flag) the remaining arithmetic waits and runs once for all pending
 steps when a score is read. No tensor op runs per layer, and nothing waits on the device per layer or
-per step (on a GPU each kernel launch is host time a step pays for). A generated token's activations exist
-only when it is fed back, one forward after it was sampled: forward 0 is the prompt (prefill), and
-forward s >= 1 scores generated token s - 1. `score_last_tokens` runs the one extra forward that the
+per step (on a GPU each kernel launch is host time a step pays for). A generated token's activations
+exist only when it is fed back, one forward after it was sampled: forward 0 is the prompt (prefill),
+and forward s >= 1 scores generated token s - 1. `score_last_tokens` runs the one extra forward that the
 final token needs.
 """
 
@@ -39,7 +39,8 @@ class Monitor:
         self.stop_early = stop_early  # end each forward after the last hooked layer (no logits needed)
         self.forwards = 0  # completed forward passes; 0 until the prefill has run
         self._logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # later steps: ([batch, k] z, [layers, batch] ||h||)
+        # flag's unfinished steps: ([batch, k] selected z, [hooked layers, batch] ||h||) each
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.full_logits: torch.Tensor | None = None  # teacher forcing: [batch, positions]
         self._acc: torch.Tensor | None = None
         self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, its z [batch, 1, I]
@@ -85,8 +86,9 @@ class Monitor:
             keep_z, keep_h = self._z.append, self._h.append
 
             def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                keep_z(args[0])
-                keep_h(output)
+                if self.forwards > 0:  # never the prompt's: its whole z would stay alive to the last layer
+                    keep_z(args[0])
+                    keep_h(output)
 
             return keep
 
@@ -116,10 +118,7 @@ class Monitor:
     def _end_forward(self) -> None:
         if self.policy is None:
             self.full_logits = self._acc + self.bound.bias
-        elif self.forwards == 0:  # the prompt's positions are never scored
-            self._z.clear()
-            self._h.clear()
-        else:
+        elif self.forwards > 0:  # the prompt's positions are never scored
             if not self._fast:
                 self._logits.append(self._acc[:, -1] + self.bound.bias)
             elif self.policy.watches:

@@ -81,3 +81,26 @@ def test_guard_under_accelerate_device_hooks(make_guard):
         assert not hasattr(down, "_hf_hook") and not hasattr(down.forward, "hguard_inner")
     assert guard.generate([prompt], max_new_tokens=6, do_sample=False)[0].token_probs == \
         pytest.approx(expected.token_probs, abs=1e-6)
+
+
+def test_decoding_hooks_hold_no_prompt_activations(make_guard):
+    """The prefill's z and h (the whole prompt, every hooked layer) are never kept for the step's
+    combine: only decoding steps, one position each, are."""
+    from hguard.monitor import Monitor
+    from hguard.policy import Policy
+
+    guard = make_guard("llama")
+    monitor = Monitor(guard.bound, Policy("flag"))
+    last = guard.bound.sites.down(guard.bound.terms[-1].layer)
+    held = []  # at the last hooked layer of each forward: what the earlier layers' hooks kept
+    handle = last.register_forward_pre_hook(lambda m, args: held.append([tuple(z.shape) for z in monitor._z]))
+    ids, mask = guard._batch([guard.encode(p) for p in ("Who wrote it?", "Where was Ada Lovelace born?")])
+    try:
+        with monitor.attached(), torch.no_grad():
+            guard.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                 pad_token_id=guard._pad_id())
+    finally:
+        handle.remove()
+    earlier = len(guard.bound.terms) - 1
+    assert held[0] == [] and len(held) == 3
+    assert all(len(step) == earlier and all(shape[:2] == (2, 1) for shape in step) for step in held[1:])
