@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print the JSON list only (progress still goes to stderr)")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list (the figures go to stderr either way)")
     args = parser.parse_args(argv)
 
     shape = PRESETS.get(args.preset)
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {batch}, {new_tokens} tokens: plain {row['plain_tokens_per_s']} tok/s, guarded "
                   f"{row['guarded_tokens_per_s']} tok/s, ratio {row['ratio']}, pair median {row['pair_ratio_median']}",
                   file=sys.stderr)
-    print(json.dumps(rows, indent=2))
+    if args.json:
+        print(json.dumps(rows, indent=2))
     return 0
 
 
