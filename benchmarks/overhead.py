@@ -6,7 +6,8 @@ and `cpu_time_ratio` compares the median process CPU time (less exposed to a sha
 neighbours than wall time). Every run generates exactly `new_tokens` tokens per row
 (min_new_tokens), greedy, from left-padded prompts of different lengths. The guarded side is the whole
 `Guard.generate` call (hooks, the fused score, the extra forward that scores the final token, and the
-host-side assembly of results), with action="flag".
+host-side assembly of results), with action="flag". With `--stream`, both sides are `Guard.stream`
+(guard off against guard on), as in the two servers of server_load.py, without the server.
 
 Presets: `100m` (a random-init ~100M Llama, the issue's CPU check), `8b` (Llama-3-8B's shape, for a
 GPU), `host` (8B's 32 layers at width 64: on a CPU, a stand-in for a launch-bound GPU), `organism` (the
@@ -78,17 +79,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
+def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, device: str,
+            stream: bool = False) -> dict:
     guard = Guard(model, tokenizer, probe)
     prompts = prompts_for(batch)
     ids, mask = guard._batch([guard.encode(p) for p in prompts])
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
     def plain() -> None:
-        model.generate(input_ids=ids, attention_mask=mask, pad_token_id=guard._pad_id(), **kw)
+        if stream:
+            for _ in guard.stream(prompts, action=None, **kw):
+                pass
+        else:
+            model.generate(input_ids=ids, attention_mask=mask, pad_token_id=guard._pad_id(), **kw)
 
     def guarded() -> None:
-        guard.generate(prompts, action="flag", **kw)
+        if stream:
+            for _ in guard.stream(prompts, action="flag", **kw):
+                pass
+        else:
+            guard.generate(prompts, action="flag", **kw)
 
     plain(), guarded()  # warm up both paths
     times: dict[str, list[float]] = {"plain": [], "guarded": []}
@@ -109,6 +119,7 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
     return {
         "batch": batch,
         "new_tokens": new_tokens,
+        "compared": "Guard.stream, guard on / off" if stream else "Guard.generate / model.generate",
         "plain_tokens_per_s": round(plain_tps, 2),
         "guarded_tokens_per_s": round(guarded_tps, 2),
         "ratio": round(guarded_tps / plain_tps, 4),
@@ -132,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream", action="store_true",
+                        help="compare Guard.stream with the guard on against the guard off (what a server's "
+                             "two sides run) instead of Guard.generate against model.generate")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list (the figures go to stderr either way)")
     args = parser.parse_args(argv)
 
@@ -143,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for new_tokens in args.new_tokens:
         for batch in args.batches:
-            row = measure(model, tokenizer, probe, batch, new_tokens, args.repeats, args.device)
+            row = measure(model, tokenizer, probe, batch, new_tokens, args.repeats, args.device, args.stream)
             row = {"model": f"llama-{args.preset} ({params / 1e6:.0f}M params, {args.dtype}, {args.device})",
                    "probe_neurons": probe.count, "hooked_layers": hooked, **row}
             rows.append(row)

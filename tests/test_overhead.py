@@ -22,6 +22,7 @@ def test_overhead_prints_one_row_per_batch_and_length():
     rows = run("overhead.py", "--preset", "host", "--batches", "1", "2", "--new-tokens", "3", "5", "--repeats", "2")
     assert [(r["new_tokens"], r["batch"]) for r in rows] == [(3, 1), (3, 2), (5, 1), (5, 2)]
     for row in rows:
+        assert row["compared"] == "Guard.generate / model.generate"
         assert {"model", "batch", "new_tokens", "plain_tokens_per_s", "guarded_tokens_per_s", "ratio"} <= row.keys()
         assert row["hooked_layers"] >= 1 and len(row["plain_s"]) == len(row["guarded_s"]) == 2
         assert abs(row["ratio"] - row["guarded_tokens_per_s"] / row["plain_tokens_per_s"]) < 1e-3
@@ -35,6 +36,8 @@ def test_hook_cost_times_every_arm():
 
 
 def test_overhead_on_the_shipped_organism_uses_its_probe():
-    [row] = run("overhead.py", "--preset", "organism", "--batches", "2", "--new-tokens", "3", "--repeats", "1")
+    [row] = run("overhead.py", "--preset", "organism", "--batches", "2", "--new-tokens", "3", "--repeats", "1",
+                "--stream")
     assert row["model"].startswith("llama-organism") and row["batch"] == 2
+    assert row["compared"] == "Guard.stream, guard on / off"
     assert row["probe_neurons"] == 60 and row["hooked_layers"] == 5  # hguard/probes/organism.safetensors
