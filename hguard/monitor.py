@@ -82,21 +82,21 @@ class Monitor:
         return pre
 
     def _post_hook(self, term: LayerTerm, first: bool, last: bool):
-        if self._fast and not last and self.step_timer is None:  # most hooks of a generation: two appends
-            keep_z, keep_h = self._z.append, self._h.append
+        keep_z, keep_h = self._z.append, self._h.append
 
-            def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                if self.forwards > 0:  # never the prompt's: its whole z would stay alive to the last layer
-                    keep_z(args[0])
-                    keep_h(output)
+        def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            """Decoding: no tensor op here, all of them once per step (`_end_forward`)."""
+            if self.forwards > 0:  # never the prompt's: its whole z would stay alive to the last layer
+                keep_z(args[0])
+                keep_h(output)
 
+        if self._fast and not last and self.step_timer is None:  # most hooks of a generation
             return keep
 
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             started = time.perf_counter() if self.step_timer is not None else 0.0
-            if self._fast and self.forwards > 0:  # decoding: no tensor op here, all of them once per step
-                self._z.append(args[0])
-                self._h.append(output)
+            if self._fast:
+                keep(module, args, output)
             elif self.policy is None or self.forwards > 0:  # the prompt's positions are never scored
                 z = args[0] if self.policy is None else args[0][:, -1:]
                 h = output if self.policy is None else output[:, -1:]
