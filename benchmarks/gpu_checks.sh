@@ -3,7 +3,9 @@
 # device tool, which sets $OUT). It carries transformers 5.24 / tokenizers 0.23.3 wheels in .whl/.
 # Guard overhead on a Llama-3-8B-shaped random model, bf16, batch 1 and 32 (issue 2's GPU goal), at 64
 # new tokens and at 256 (the extra forward that scores the final token is 1/(n+1) of the decoding).
-# GRID=1 also runs the organism design grid first (benchmarks/organism_grid.py, 4 designs x 2 seeds).
+# CHECK=split runs benchmarks/hook_cost.py instead: where the guard's cost goes on the 8B model (batch
+# 1 and 32, 64 tokens), arm by arm. GRID=1 also runs the organism design grid first
+# (benchmarks/organism_grid.py, 4 designs x 2 seeds).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/hguard-gpu-out}
@@ -18,6 +20,13 @@ fi
 if [ "${GRID:-0}" = 1 ]; then
   python3 benchmarks/organism_grid.py --device cuda --out /tmp/grid --pack 2 --deadline "${GRID_DEADLINE:-360}" 2>&1 | tee -a "$OUT/log.txt"
   cp /tmp/grid/grid.json /tmp/grid/*.tar "$OUT/" 2>/dev/null
+fi
+if [ "${CHECK:-overhead}" = split ]; then
+  timeout "${OVERHEAD_LIMIT:-420}" python3 benchmarks/hook_cost.py --json --preset 8b --device cuda --dtype bfloat16 \
+    --batches 1 32 --neurons 458 --new-tokens "${NEW_TOKENS:-64}" --repeats "${REPEATS:-8}" \
+    > "$OUT/hook-cost-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)
+  echo "hook_cost rc $?" | tee -a "$OUT/log.txt"
+  exit 0
 fi
 timeout "${OVERHEAD_LIMIT:-420}" python3 benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32 \
   --new-tokens ${NEW_TOKENS:-64 256} --repeats "${REPEATS:-8}" > "$OUT/overhead-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)

@@ -10,12 +10,15 @@ left-padded batch, each generating exactly `new_tokens` tokens greedily:
     noop      the same with hguard's forward wrapper on every hooked down projection, doing nothing
     keep      ... keeping references to each layer's z and h until the step's last layer (what the
               guard's decoding hooks do), then dropping them
-    guarded   Guard.generate(action="flag"): the above plus one gather and one norm per step, the
-              extra forward that scores the final token, and result assembly
+    monitor   the guard's Monitor (action "flag") around model.generate, scores read at the end: the
+              above plus the per-step gather and norm, without the extra forward or any text
+    guarded   Guard.generate(action="flag"): the above plus the extra forward that scores the final
+              token, encoding the prompts and assembling the results
 
-Each arm's cost is printed as host microseconds per decoding step over plain, from the medians.
+Each arm's cost is printed as microseconds per decoding step over plain, from the medians. On a GPU
+(`--preset 8b --device cuda --dtype bfloat16`) the same arms split the guard's cost on the real thing.
 
-    python benchmarks/hook_cost.py --json --batch 8 --new-tokens 64 --repeats 25
+    python benchmarks/hook_cost.py --json --batches 8 --new-tokens 64 --repeats 25
 """
 
 from __future__ import annotations
@@ -23,27 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 
 from hguard import Guard
 from hguard.hooks import HookSpec, hooked
-from overhead import build, prompts_for
+from hguard.monitor import Monitor
+from hguard.policy import Policy
+from overhead import build, prompts_for, sync
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=25)
-    parser.add_argument("--neurons", type=int, default=128, help="probe size (128 reaches all 32 layers)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-
-    model, tokenizer, probe = build("host", torch.float32, "cpu", args.neurons, seed=0)
-    guard = Guard(model, tokenizer, probe)
-    prompts = prompts_for(args.batch)
+def measure(guard: Guard, batch: int, args: argparse.Namespace) -> dict:
+    """Every arm at one batch size, interleaved (ABBA)."""
+    model = guard.model
+    prompts = prompts_for(batch)
     ids, mask = guard._batch([guard.encode(p) for p in prompts])
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     downs = [guard.bound.sites.down(term.layer) for term in guard.bound.terms]
@@ -75,22 +73,31 @@ def main(argv: list[str] | None = None) -> int:
             for handle in handles:
                 handle.remove()
 
+    def monitored() -> None:
+        monitor = Monitor(guard.bound, Policy(action="flag", threshold=guard.threshold))
+        with torch.no_grad(), monitor.attached():
+            plain()
+        monitor.token_logits()
+
     def guarded() -> None:
         guard.generate(prompts, action="flag", **kw)
 
-    arms = {"plain": plain, "torch": torch_hooked, "noop": hooked_with(noop), "keep": hooked_with(keep), "guarded": guarded}
+    arms = {"plain": plain, "torch": torch_hooked, "noop": hooked_with(noop), "keep": hooked_with(keep),
+            "monitor": monitored, "guarded": guarded}
     for run in arms.values():  # warm up every path
         run()
     times: dict[str, list[float]] = {name: [] for name in arms}
     for i in range(args.repeats):
         for name, run in arms.items() if i % 2 == 0 else reversed(arms.items()):
+            sync(args.device)
             start = time.perf_counter()
             run()
+            sync(args.device)
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plain"])
     report = {
-        "model": f"llama-host ({len(downs)} hooked layers, cpu)", "batch": args.batch,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "plain_ms": round(base * 1e3, 2),
+        "model": f"llama-{args.preset} ({len(downs)} hooked layers, {args.dtype}, {args.device})",
+        "batch": batch, "new_tokens": args.new_tokens, "repeats": args.repeats, "plain_ms": round(base * 1e3, 2),
         "arms": {
             name: {
                 "median_ms": round(statistics.median(t) * 1e3, 2),
@@ -101,12 +108,28 @@ def main(argv: list[str] | None = None) -> int:
             for name, t in times.items()
         },
     }
+    for name, row in report["arms"].items():
+        print(f"batch {batch} {name:8s} {row['median_ms']:8.1f} ms  ratio {row['ratio']:.4f}  "
+              f"pair {row['pair_ratio_median']:.4f}  {row['us_per_step']:+.0f} us/step", file=sys.stderr)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--neurons", type=int, default=128, help="probe size (128 reaches all 32 layers)")
+    parser.add_argument("--preset", default="host", help="a model preset of overhead.py")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", action="store_true", help="print one JSON list, a row per batch size")
+    args = parser.parse_args(argv)
+
+    model, tokenizer, probe = build(args.preset, getattr(torch, args.dtype), args.device, args.neurons, seed=0)
+    reports = [measure(Guard(model, tokenizer, probe), batch, args) for batch in args.batches]
     if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for name, row in report["arms"].items():
-            print(f"{name:8s} {row['median_ms']:8.1f} ms  ratio {row['ratio']:.4f}  "
-                  f"pair {row['pair_ratio_median']:.4f}  {row['us_per_step']:+.0f} us/step")
+        print(json.dumps(reports, indent=2))
     return 0
 
 

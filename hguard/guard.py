@@ -332,7 +332,7 @@ class Guard:
                     [mask.repeat_interleave(copies, dim=0), torch.ones_like(sequences[:, prompt_width:])], dim=1
                 )
                 score_last_tokens(self.model, monitor, sequences, full_mask, out.cache)
-        logits = monitor.token_logits().cpu() if monitor is not None and monitor.scored else None
+        logits = monitor.token_logits().double().cpu().tolist() if monitor is not None and monitor.scored else None
         results = [
             assemble(
                 self.tokenizer,
@@ -392,13 +392,14 @@ class _Streamer:
         probs: list[float | None] = [None] * len(tokens)
         stopped = [False] * len(tokens)
         if self.monitor is not None and step < self.monitor.scored:
-            row_probs = self.guard.probe.calibration(self.monitor.step_logit(step).double())
+            logits = self.monitor.step_logit(step)
             rows_stopped = self.monitor.stopped()
-            if rows_stopped is not None:
-                packed = torch.stack([row_probs, rows_stopped.double()], dim=1).cpu().tolist()
-                probs, stopped = [p for p, _ in packed], [bool(s) for _, s in packed]
+            if rows_stopped is not None:  # one device-to-host copy for both
+                packed = torch.stack([logits.double(), rows_stopped.double()]).cpu().tolist()
+                logits, stopped = packed[0], [bool(s) for s in packed[1]]
             else:
-                probs = row_probs.cpu().tolist()
+                logits = logits.cpu().tolist()
+            probs = self.guard.probe.calibration.probs(logits)
         entries = self.recorder.step(step) if self.recorder is not None else [None] * len(tokens)
         for row, token in enumerate(tokens):
             if row in self.finished:

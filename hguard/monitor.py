@@ -142,18 +142,19 @@ class Monitor:
         return z, norms
 
     def _combine(self, z: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        """sum_j w_j |z_j| / ||h_l(j)|| + b from `_reduce`'s output, for one step ([batch, k], [layers,
-        batch]) or several stacked ([steps, batch, k], [steps, layers, batch]) -> [(steps,) batch]."""
-        norms = norms.transpose(-1, -2) + EPS  # [..., batch, hooked layers]
-        return (z.float().abs() * self.bound.weight / norms.index_select(-1, self.bound.column_term)).sum(-1) \
-            + self.bound.bias
+        """sum_l (sum_{j in l} w_j |z_j|) / ||h_l|| + b from `_reduce`'s output, for one step ([batch, k],
+        [layers, batch]) or several stacked ([steps, batch, k], [steps, layers, batch]) -> [(steps,) batch]."""
+        per_layer = z.float().abs() @ self.bound.layer_weight  # [..., batch, hooked layers]
+        return (per_layer / (norms.transpose(-1, -2) + EPS)).sum(-1) + self.bound.bias
 
     def _settle(self) -> None:
         """Finish the pending steps' logits, all in one batch of kernels."""
-        if self._pending:
+        if len(self._pending) == 1:  # a streamed generation reads every step as it comes
+            self._logits.append(self._combine(*self._pending[0]))
+        elif self._pending:
             z, norms = (torch.stack(parts) for parts in zip(*self._pending))
             self._logits.extend(self._combine(z, norms).unbind(0))
-            self._pending.clear()
+        self._pending.clear()
 
     def _watch(self, logit: torch.Tensor, token: int) -> None:
         if self._running is None:

@@ -15,6 +15,7 @@ threshold is fitted to the peak of the running mean (`running_peak`) for the sam
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Sequence
@@ -26,6 +27,13 @@ import torch
 Action = Literal["flag", "abstain", "dampen", "scale"]
 ACTIONS: tuple[str, ...] = ("flag", "abstain", "dampen", "scale")
 Verdict = Literal["ok", "flagged", "abstained", "dampened"]
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,22 @@ class Calibration:
         slope = torch.where(x1 > x0, (y1 - y0) / (x1 - x0).clamp_min(1e-12), torch.zeros_like(x0))
         return (y0 + slope * (flat - x0)).reshape(logit.shape)
 
+    def probs(self, logits: Sequence[float]) -> list[float]:
+        """The same map on host floats: what a streamed step or a finished answer reports (a few rows
+        or tokens, where a tensor op per row costs more than the arithmetic)."""
+        if self.method == "platt":
+            return [_sigmoid(v * self.a + self.b) for v in logits]
+        xs, ys = self.x, self.y
+        out = []
+        for v in logits:
+            v = min(max(v, xs[0]), xs[-1])
+            right = min(max(bisect.bisect_right(xs, v), 1), len(xs) - 1)
+            x0, x1, y0, y1 = xs[right - 1], xs[right], ys[right - 1], ys[right]
+            out.append(y0 + ((y1 - y0) / max(x1 - x0, 1e-12) if x1 > x0 else 0.0) * (v - x0))
+        return out
+
     def prob(self, logit: float) -> float:
-        return float(self(torch.tensor([logit], dtype=torch.float64))[0])
+        return self.probs([logit])[0]
 
     def to_json(self) -> str:
         if self.method == "platt":

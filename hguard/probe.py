@@ -299,11 +299,10 @@ class BoundProbe:
         # step; it needs all hooked layers on one device (not so under a multi-device device_map).
         devices = {term.index.device for term in self.terms}
         self.single_device = len(devices) == 1
-        self.weight = torch.cat([term.weight for term in self.terms]) if self.single_device else None  # [k]
-        self.column_term = (  # [k]: which hooked layer (term) each selected neuron belongs to
-            torch.cat([torch.full((t.index.numel(),), i, dtype=torch.long) for i, t in enumerate(self.terms)])
-            .to(next(iter(devices)))
-            if self.single_device else None
+        # [k, hooked layers]: column t holds the weights of term t's neurons, zero elsewhere, so that
+        # |z| @ layer_weight is each hooked layer's weighted sum in one matrix product
+        self.layer_weight = (
+            torch.block_diag(*(term.weight.unsqueeze(1) for term in self.terms)) if self.single_device else None
         )
         self._flat: dict[tuple[int, ...], torch.Tensor] = {}
 

@@ -8,6 +8,7 @@ streaming and the non-streaming paths agree on the same tokens, text and scores.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,11 +44,12 @@ class Scores:
     @classmethod
     def of(cls, token_ids: Sequence[int], logits: torch.Tensor, calibration: Calibration) -> "Scores":
         """Scores from the probe logits of the tokens ([n] float64, host)."""
+        values = logits.tolist()
         return cls(
             token_ids=list(token_ids),
-            token_probs=calibration(logits).tolist(),
-            token_logits=logits.tolist(),
-            probability=calibration.prob(float(logits.mean())),
+            token_probs=calibration.probs(values),
+            token_logits=values,
+            probability=calibration.prob(mean(values)) if values else None,
         )
 
 
@@ -211,6 +213,11 @@ def cut(
     return Cut(length, text, reason)
 
 
+def mean(values: Sequence[float]) -> float:
+    """The mean of host floats, correctly rounded (the response's mean logit)."""
+    return math.fsum(values) / len(values)
+
+
 def char_offset(tokenizer, ids: Sequence[int], n: int, text: str) -> int:
     """Character offset in `text` where the first `n` tokens' text ends (clipped to the text)."""
     return min(len(decode(tokenizer, ids[:n])), len(text)) if n else 0
@@ -220,20 +227,20 @@ def assemble(
     tokenizer,
     cut_: Cut,
     generated: Sequence[int],
-    logits: torch.Tensor | None,
+    logits: Sequence[float] | None,
     calibration: Calibration,
     policy: Policy | None,
     triggered: bool,
     prompt_tokens: int,
     row: int,
 ) -> GuardResult:
-    """One GuardResult from a row's cut and its per-token logits ([>= cut.length], host, or None if off)."""
+    """One GuardResult from a row's cut and its per-token logits (at least cut.length, or None if off)."""
     ids = list(generated[: cut_.length])
     if policy is None or logits is None:
         return GuardResult(cut_.text, ids, [], None, "ok", cut_.finish_reason, None, [], prompt_tokens, row)
-    logits = logits[: cut_.length].double()
-    probs = calibration(logits).tolist()
-    probability = calibration.prob(float(logits.mean())) if ids else None
+    logits = logits[: cut_.length]
+    probs = calibration.probs(logits)
+    probability = calibration.prob(mean(logits)) if ids else None
     spans = [
         Span(char_offset(tokenizer, ids, a, cut_.text), char_offset(tokenizer, ids, b, cut_.text), p, a, b)
         for a, b, p in flagged_spans(probs, policy.threshold)

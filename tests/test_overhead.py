@@ -29,8 +29,9 @@ def test_overhead_prints_one_row_per_batch_and_length():
 
 
 def test_hook_cost_times_every_arm():
-    report = run("hook_cost.py", "--batch", "2", "--new-tokens", "4", "--repeats", "2")
-    assert list(report["arms"]) == ["plain", "torch", "noop", "keep", "guarded"]
+    [report] = run("hook_cost.py", "--batches", "2", "--new-tokens", "4", "--repeats", "2")
+    assert report["batch"] == 2 and report["model"].startswith("llama-host")
+    assert list(report["arms"]) == ["plain", "torch", "noop", "keep", "monitor", "guarded"]
     assert report["arms"]["plain"]["ratio"] == 1.0
     assert all(arm["median_ms"] > 0 for arm in report["arms"].values())
 

@@ -19,6 +19,20 @@ def test_platt_and_isotonic():
 
 
 @pytest.mark.parametrize(
+    "calibration",
+    [Calibration("platt", a=2.0, b=-1.0), Calibration("platt", a=-3.5, b=0.25),
+     Calibration("isotonic", x=(0.0, 1.0, 1.0, 3.0), y=(0.0, 0.2, 0.6, 1.0)),  # a vertical step at 1
+     Calibration("isotonic", x=(-2.0, 0.5, 4.0), y=(0.1, 0.1, 0.9))],  # a flat stretch
+)
+def test_host_calibration_equals_the_tensor_one(calibration):
+    """What streamed steps and finished answers report (host floats) is the device map's value."""
+    logits = [-1000.0, -40.0, -3.0, -0.5, 0.0, 0.5, 1.0, 1.0 + 1e-9, 2.0, 3.0, 7.5, 40.0, 1000.0]
+    expected = calibration(torch.tensor(logits, dtype=torch.float64)).tolist()
+    assert calibration.probs(logits) == pytest.approx(expected, abs=1e-15)
+    assert calibration.prob(2.0) == pytest.approx(expected[logits.index(2.0)], abs=1e-15)
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [dict(method="spline"), dict(method="isotonic", x=(0.0,), y=(0.5,)), dict(method="isotonic", x=(1.0, 0.0), y=(0.1, 0.2)),
      dict(method="isotonic", x=(0.0, 1.0), y=(0.2, 1.5)), dict(a=float("inf"))],
