@@ -4,7 +4,8 @@
 # Guard overhead on a Llama-3-8B-shaped random model, bf16, batch 1 and 32 (issue 2's GPU goal), at 64
 # new tokens and at 256 (the extra forward that scores the final token is 1/(n+1) of the decoding).
 # CHECK=split runs benchmarks/hook_cost.py instead: where the guard's cost goes on the 8B model (batch
-# 1 and 32, 64 tokens), arm by arm. GRID=1 also runs the organism design grid first
+# 1 and 32, 64 tokens), arm by arm. CHECK=step runs benchmarks/step_cost.py: the Monitor's cost per
+# decoding step on the 8B model, from single forwards (no generate around them, so far less noise). GRID=1 also runs the organism design grid first
 # (benchmarks/organism_grid.py, 4 designs x 2 seeds).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
@@ -26,6 +27,12 @@ if [ "${CHECK:-overhead}" = split ]; then
     --batches 1 32 --neurons 458 --new-tokens "${NEW_TOKENS:-64}" --repeats "${REPEATS:-8}" \
     > "$OUT/hook-cost-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)
   echo "hook_cost rc $?" | tee -a "$OUT/log.txt"
+  exit 0
+fi
+if [ "${CHECK:-overhead}" = step ]; then
+  timeout "${OVERHEAD_LIMIT:-420}" python3 benchmarks/step_cost.py --json --preset 8b --device cuda --dtype bfloat16 \
+    --batch 1 32 --rounds "${REPEATS:-16}" > "$OUT/step-cost-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)
+  echo "step_cost rc $?" | tee -a "$OUT/log.txt"
   exit 0
 fi
 timeout "${OVERHEAD_LIMIT:-420}" python3 benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32 \

@@ -69,6 +69,13 @@ def build(preset: str, dtype: torch.dtype, device: str, neurons: int, seed: int)
     return model, tokenizer, probe
 
 
+def default_neurons(preset: str) -> int:
+    """A random probe's size for a preset: 1 per mille of its neurons (0 for the organism, whose
+    shipped probe is used)."""
+    shape = PRESETS.get(preset)
+    return max(1, shape["layers"] * shape["intermediate"] // 1000) if shape else 0
+
+
 def prompts_for(batch: int) -> list[str]:
     base = "Where was Ada Lovelace born and in which year did she move to Paris? "
     return [base * (1 + i % 3) for i in range(batch)]
@@ -149,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list (the figures go to stderr either way)")
     args = parser.parse_args(argv)
 
-    shape = PRESETS.get(args.preset)
-    neurons = args.neurons or (max(1, shape["layers"] * shape["intermediate"] // 1000) if shape else 0)
+    neurons = args.neurons or default_neurons(args.preset)
     model, tokenizer, probe = build(args.preset, getattr(torch, args.dtype), args.device, neurons, args.seed)
     params = sum(p.numel() for p in model.parameters())
     hooked = int(probe.layer.unique().numel())

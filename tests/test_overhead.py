@@ -36,6 +36,14 @@ def test_hook_cost_times_every_arm():
     assert all(arm["median_ms"] > 0 for arm in report["arms"].values())
 
 
+def test_step_cost_times_plain_and_monitored_steps():
+    [report] = run("step_cost.py", "--preset", "host", "--neurons", "64", "--batch", "2", "--steps", "3", "--rounds", "2")
+    assert report["batch"] == 2 and report["model"].startswith("llama-host")
+    assert report["plain_step_us"] > 0 and report["monitored_step_us"] > 0
+    assert report["end_of_step_us"] > 0  # the monitored forwards did run the end-of-step reduction
+    assert abs(report["us_per_step"] - (report["monitored_step_us"] - report["plain_step_us"])) < 0.2
+
+
 def test_overhead_on_the_shipped_organism_uses_its_probe():
     [row] = run("overhead.py", "--preset", "organism", "--batches", "2", "--new-tokens", "3", "--repeats", "1",
                 "--stream")
