@@ -1,8 +1,9 @@
-"""Where guarded decoding's host time goes, on a model where every op costs only its dispatch.
+"""Where guarded decoding's time goes, arm by arm.
 
-The `host` preset of overhead.py (Llama-3-8B's 32 layers at width 64, on the CPU) stands in for a GPU
-whose decoding is bound by the host launching kernels. Five arms run interleaved (ABBA) on the same
-left-padded batch, each generating exactly `new_tokens` tokens greedily:
+By default on the `host` preset of overhead.py (Llama-3-8B's 32 layers at width 64, on the CPU), a
+model where every op costs only its dispatch: a stand-in for a GPU whose decoding is bound by the host
+launching kernels. Six arms run interleaved (ABBA) on the same left-padded batch, each generating
+exactly `new_tokens` tokens greedily:
 
     plain     model.generate
     torch     the same with a registered torch forward hook on every hooked down projection, keeping
