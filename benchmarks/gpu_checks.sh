@@ -5,8 +5,8 @@
 # new tokens and at 256 (the extra forward that scores the final token is 1/(n+1) of the decoding).
 # CHECK=split runs benchmarks/hook_cost.py instead: where the guard's cost goes on the 8B model (batch
 # 1 and 32, 64 tokens), arm by arm. CHECK=step runs benchmarks/step_cost.py: the Monitor's cost per
-# decoding step on the 8B model, from single forwards (no generate around them, so far less noise). GRID=1 also runs the organism design grid first
-# (benchmarks/organism_grid.py, 4 designs x 2 seeds).
+# decoding step on the 8B model, from single forwards (no generate around them, so far less noise).
+# GRID=1 also runs the organism design grid first (benchmarks/organism_grid.py, 4 designs x 2 seeds).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/hguard-gpu-out}
