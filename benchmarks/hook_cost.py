@@ -52,6 +52,8 @@ def measure(guard: Guard, batch: int, args: argparse.Namespace) -> dict:
         pass
 
     def keep(module, inputs, output) -> None:
+        if inputs[0].shape[1] != 1:  # the prefill: the guard keeps nothing of the prompt either
+            return
         kept.extend((inputs[0], output))
         if len(kept) == 2 * len(downs):  # the step's last hooked layer: drop them, as the guard does
             kept.clear()
