@@ -28,7 +28,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 
@@ -36,7 +35,7 @@ from hguard import Guard
 from hguard.hooks import HookSpec, hooked
 from hguard.monitor import Monitor
 from hguard.policy import Policy
-from overhead import build, prompts_for, sync
+from overhead import build, interleaved, prompts_for
 
 
 def measure(guard: Guard, batch: int, args: argparse.Namespace) -> dict:
@@ -89,14 +88,7 @@ def measure(guard: Guard, batch: int, args: argparse.Namespace) -> dict:
             "monitor": monitored, "guarded": guarded}
     for run in arms.values():  # warm up every path
         run()
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for i in range(args.repeats):
-        for name, run in arms.items() if i % 2 == 0 else reversed(arms.items()):
-            sync(args.device)
-            start = time.perf_counter()
-            run()
-            sync(args.device)
-            times[name].append(time.perf_counter() - start)
+    times, _ = interleaved(arms, args.repeats, args.device)
     base = statistics.median(times["plain"])
     report = {
         "model": f"llama-{args.preset} ({len(downs)} hooked layers, {args.dtype}, {args.device})",

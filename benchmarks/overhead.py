@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,6 +87,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def interleaved(arms: dict[str, Callable[[], object]], repeats: int, device: str) -> tuple[dict, dict]:
+    """Run every arm `repeats` times, in ABBA order (drift hits every arm alike), each timed between
+    device syncs: (wall seconds, process CPU seconds) per arm, in run order."""
+    wall: dict[str, list[float]] = {name: [] for name in arms}
+    cpu: dict[str, list[float]] = {name: [] for name in arms}
+    order = list(arms.items())
+    for i in range(repeats):
+        for name, run in order if i % 2 == 0 else order[::-1]:
+            sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            sync(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
 def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, device: str,
             stream: bool = False) -> dict:
     guard = Guard(model, tokenizer, probe)
@@ -108,17 +126,7 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
             guard.generate(prompts, action="flag", **kw)
 
     plain(), guarded()  # warm up both paths
-    times: dict[str, list[float]] = {"plain": [], "guarded": []}
-    cpu: dict[str, list[float]] = {"plain": [], "guarded": []}
-    order = [("plain", plain), ("guarded", guarded)]
-    for i in range(repeats):
-        for name, run in order if i % 2 == 0 else order[::-1]:  # ABBA: drift hits both sides alike
-            sync(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
+    times, cpu = interleaved({"plain": plain, "guarded": guarded}, repeats, device)
     pair_ratios = [p / g for p, g in zip(times["plain"], times["guarded"])]
     tokens = batch * new_tokens
     plain_tps = tokens / statistics.median(times["plain"])

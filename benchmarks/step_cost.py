@@ -31,7 +31,7 @@ import torch
 from hguard import Guard
 from hguard.monitor import Monitor
 from hguard.policy import Policy
-from overhead import PRESETS, build, default_neurons, sync
+from overhead import PRESETS, build, default_neurons, interleaved
 
 
 def measure(guard: Guard, batch: int, args: argparse.Namespace) -> dict:
@@ -53,29 +53,22 @@ def measure(guard: Guard, batch: int, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         cache = model(input_ids=prompt, use_cache=True).cache
 
-        def run(steps: int) -> float:
-            sync(device)
-            started = time.perf_counter()
-            for _ in range(steps):
+        def run() -> None:
+            for _ in range(args.steps):
                 model(input_ids=token, cache=cache, use_cache=True)
                 cache.crop(-1)
                 if len(monitor._pending) >= 64:  # what reading the scores does, now and then
                     monitor.token_logits()
                     monitor._logits.clear()
-            sync(device)
-            return (time.perf_counter() - started) / steps
 
-        def monitored(steps: int) -> float:
+        def monitored() -> None:
             with monitor.attached():
-                return run(steps)
+                run()
 
-        run(args.steps), monitored(args.steps)  # warm up both
+        run(), monitored()  # warm up both
         end_seconds[0] = 0.0
-        plain_s, monitored_s = [], []
-        for i in range(args.rounds):
-            for side, times in ((run, plain_s), (monitored, monitored_s)) if i % 2 == 0 else \
-                    ((monitored, monitored_s), (run, plain_s)):
-                times.append(side(args.steps))
+        times, _ = interleaved({"plain": run, "monitored": monitored}, args.rounds, device)
+    plain_s, monitored_s = ([t / args.steps for t in times[side]] for side in ("plain", "monitored"))
     plain, guarded = statistics.median(plain_s), statistics.median(monitored_s)
     report = {
         "model": f"llama-{args.preset} ({len(guard.bound.terms)} hooked layers, {args.dtype}, {device})",
