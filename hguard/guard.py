@@ -332,7 +332,7 @@ class Guard:
                     [mask.repeat_interleave(copies, dim=0), torch.ones_like(sequences[:, prompt_width:])], dim=1
                 )
                 score_last_tokens(self.model, monitor, sequences, full_mask, out.cache)
-        logits = monitor.token_logits().double().cpu().tolist() if monitor is not None and monitor.scored else None
+        logits = monitor.token_logits().cpu().tolist() if monitor is not None and monitor.scored else None
         results = [
             assemble(
                 self.tokenizer,
@@ -395,7 +395,7 @@ class _Streamer:
             logits = self.monitor.step_logit(step)
             rows_stopped = self.monitor.stopped()
             if rows_stopped is not None:  # one device-to-host copy for both
-                packed = torch.stack([logits.double(), rows_stopped.double()]).cpu().tolist()
+                packed = torch.stack([logits, rows_stopped.to(logits.dtype)]).cpu().tolist()  # exact: floats, 0/1
                 logits, stopped = packed[0], [bool(s) for s in packed[1]]
             else:
                 logits = logits.cpu().tolist()
