@@ -13,7 +13,7 @@ Presets: `100m` (a random-init ~100M Llama, the issue's CPU check), `8b` (Llama-
 GPU), `host` (8B's 32 layers at width 64: on a CPU, a stand-in for a launch-bound GPU), `organism` (the
 shipped organism and its probe, what `hguard serve` runs by default).
 
-    python benchmarks/overhead.py --json                 # ~100M Llama on the CPU, batch 1 and 16
+    python benchmarks/overhead.py --json                 # ~100M Llama on the CPU, batch 1 and 16, 64 and 128 tokens
     python benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32   # on a GPU
     python benchmarks/overhead.py --json --preset organism --batches 32 --new-tokens 32
 """
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=[*sorted(PRESETS), "organism"], default="100m")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--new-tokens", type=int, nargs="+", default=[64],
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[64, 128],
                         help="one row per batch size and length (the extra forward is 1/(n+1) of the decoding)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--neurons", type=int, default=0, help="probe size (default: 1 per mille of all neurons)")
