@@ -4,8 +4,8 @@ Generation is transformers' own `generate` with hooks on the probe's layers (see
 abstention is a stopping criterion, streaming a streamer, and nothing else of the decoding loop is
 rewritten, so every generation option keeps working. Prompts are left-padded into one batch. With
 `action=None` the guard is off: plain `generate`, no hook installed (unless `logprobs` asks for the
-output's log-probabilities). One generation runs at a time per Guard (the hooks belong to the model),
-guarded by a lock.
+output's log-probabilities). One generation runs at a time per model (the hooks belong to the model,
+so every Guard on one model shares its lock).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .hooks import model_lock, stoppable
 from .logprobs import Entry, LogprobRecorder, check_top
 from .monitor import Monitor, score_last_tokens
 from .policy import Policy
@@ -33,13 +34,17 @@ Prompt = str | list[dict] | list[int]
 
 class _RowsStopped(StoppingCriteria):
     """Stops rows the policy abstained on (a device tensor), rows past their own length limit, rows a
-    caller cancelled, and every row once `cancel` is set. Host-side decisions cost a tiny host-to-device
-    copy, never a device-to-host wait."""
+    caller cancelled, rows the caller's own stopping criteria end, and every row once `cancel` is set.
+    Host-side decisions cost a tiny host-to-device copy, never a device-to-host wait; the caller's
+    criteria (when given) are asked here, and the rows they end are read back once a step, so that
+    `kept` knows where every row that did not end on EOS, a stop string or abstain ended."""
 
     def __init__(self, monitor: Monitor | None, cancel: threading.Event, limits: list[int] | None,
-                 prompt_width: int, cancelled_rows: Callable[[], Collection[int]] | None) -> None:
+                 prompt_width: int, cancelled_rows: Callable[[], Collection[int]] | None,
+                 criteria: StoppingCriteriaList | None = None) -> None:
         self.monitor, self.cancel = monitor, cancel
         self.limits, self.prompt_width, self.cancelled_rows = limits, prompt_width, cancelled_rows
+        self.criteria = criteria if criteria else None
         self.kept: dict[int, int] = {}  # row -> generated tokens it had when a host-side decision stopped it
         self._none: torch.Tensor | None = None  # [rows] all False, reused while no row is stopped
 
@@ -52,10 +57,15 @@ class _RowsStopped(StoppingCriteria):
             if self._none is None or self._none.shape[0] != rows:
                 self._none = torch.zeros(rows, dtype=torch.bool, device=device)
             stopped = self._none
+        elif stopped.device != device:  # hooked layers on another device than the input (device_map)
+            stopped = stopped.to(device)
         length = input_ids.shape[1] - self.prompt_width
         host = set(self.cancelled_rows()) if self.cancelled_rows is not None else set()
         if self.limits is not None:
             host |= {i for i, limit in enumerate(self.limits) if length >= limit}
+        if self.criteria is not None:
+            theirs = self.criteria(input_ids, scores, **kwargs)
+            host |= set(theirs.nonzero().flatten().tolist())
         for row in host:
             self.kept.setdefault(row, length)
         if host:
@@ -91,7 +101,7 @@ class Guard:
         self.watch_threshold = probe.watch_threshold if threshold is None else None
         Policy(threshold=self.threshold, watch_threshold=self.watch_threshold)  # validate
         self.bound = probe.bind(model)
-        self._lock = threading.Lock()
+        self._lock = model_lock(model)  # shared by every Guard on this model
         self.step_timer: Callable[[float], None] | None = None  # e.g. a metrics histogram's observe
 
     @classmethod
@@ -150,7 +160,14 @@ class Guard:
     def _pad_id(self) -> int:
         return pad_id(self.tokenizer)
 
-    def _eos_ids(self) -> set[int]:
+    def _eos_ids(self, generate_kwargs: dict | None = None) -> set[int]:
+        """The end-of-sequence ids generation stops on: `eos_token_id` or a `generation_config` passed to
+        this call where they set one, else the model's generation config's, plus the tokenizer's."""
+        kwargs = generate_kwargs or {}
+        config = kwargs.get("generation_config")
+        for eos in (kwargs.get("eos_token_id"), getattr(config, "eos_token_id", None)):
+            if eos is not None:
+                return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -182,11 +199,8 @@ class Guard:
             raise ValueError("response must contain at least one token")
         ids, mask = self._batch([prompt_ids + response_ids])
         monitor = Monitor(self.bound, stop_early=True)
-        with self._lock, monitor.attached():
-            from .hooks import stoppable
-
-            with stoppable():
-                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        with self._lock, monitor.attached(), stoppable():
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
         return Scores.of(response_ids, monitor.full_logits[0, len(prompt_ids):].double().cpu(), self.probe.calibration)
 
     # ---- generation ---------------------------------------------------------------------------
@@ -197,7 +211,7 @@ class Guard:
         action: str | None = "flag",
         threshold: float | None = None,
         alpha: float | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         logprobs: int | None = None,
         **generate_kwargs,
     ) -> list[GuardResult]:
@@ -213,7 +227,7 @@ class Guard:
         policy = self.policy(action, threshold, alpha)
         rows = self._prompts(prompts)
         with self._lock:
-            return self._run(rows, policy, list(stop or []), {**generate_kwargs, "logprobs": logprobs},
+            return self._run(rows, policy, stop_strings(stop), {**generate_kwargs, "logprobs": logprobs},
                              on_step=None, cancel=None)
 
     def stream(
@@ -223,7 +237,7 @@ class Guard:
         action: str | None = "flag",
         threshold: float | None = None,
         alpha: float | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         cancelled_rows: Callable[[], Collection[int]] | None = None,
         logprobs: int | None = None,
         **generate_kwargs,
@@ -236,6 +250,7 @@ class Guard:
         generate_kwargs = {**generate_kwargs, "logprobs": logprobs}
         policy = self.policy(action, threshold, alpha)
         rows = self._prompts(prompts)
+        stops = stop_strings(stop)  # bad arguments raise here, not from the generating thread
         events: queue.Queue = queue.Queue()
         cancel = threading.Event()
         done = object()
@@ -243,7 +258,7 @@ class Guard:
         def work() -> None:
             try:
                 with self._lock:
-                    results = self._run(rows, policy, list(stop or []), generate_kwargs, events.put, cancel,
+                    results = self._run(rows, policy, stops, generate_kwargs, events.put, cancel,
                                         cancelled_rows)
                 for item in results:
                     events.put(item)
@@ -264,7 +279,6 @@ class Guard:
             thread.join()
 
     def _run(self, rows, policy, stop, generate_kwargs, on_step, cancel, cancelled_rows=None) -> list[GuardResult]:
-        stop = [s for s in stop if s]  # an empty stop string would end every row at once
         for key in ("streamer", "return_dict_in_generate", "stop_strings"):
             if key in generate_kwargs:
                 raise ValueError(f"{key!r} is set by the guard; use Guard.stream / stop= / logprobs= instead")
@@ -274,6 +288,9 @@ class Guard:
                 if generate_kwargs.get(key) is not None:
                     raise ValueError(f"{key!r} (assisted decoding) cannot be used with the guard or logprobs: "
                                      "they need one forward per generated token")
+            if generate_kwargs.get("prefill_chunk_size") is not None:
+                raise ValueError("'prefill_chunk_size' cannot be used with the guard or logprobs: they read the "
+                                 "prompt as one forward and every later forward as one generated token")
         if generate_kwargs.get("num_beams", 1) != 1:
             raise ValueError(f"num_beams must be 1 with the guard (got {generate_kwargs['num_beams']})")
         limits = generate_kwargs.pop("max_new_tokens", None)
@@ -291,14 +308,15 @@ class Guard:
         ids, mask = self._batch(rows)
         prompt_width = ids.shape[1]
         monitor = Monitor(self.bound, policy, step_timer=self.step_timer) if policy is not None else None
-        criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
-        rows_stopped = _RowsStopped(monitor, cancel or threading.Event(), limits, prompt_width, cancelled_rows)
-        criteria.append(rows_stopped)
+        theirs = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+        rows_stopped = _RowsStopped(monitor, cancel or threading.Event(), limits, prompt_width, cancelled_rows, theirs)
+        criteria = StoppingCriteriaList([rows_stopped])
         recorder = LogprobRecorder(self.model, top) if top is not None else None
         if recorder is not None:
             criteria.append(recorder)  # sees each step's tokens; never stops a row
-        eos_ids = self._eos_ids()
-        streamer = _Streamer(self, monitor, recorder, on_step, eos_ids, stop, limits) if on_step is not None else None
+        eos_ids = self._eos_ids(generate_kwargs)
+        streamer = (_Streamer(self, monitor, recorder, on_step, eos_ids, stop, limits, rows_stopped.kept)
+                    if on_step is not None else None)
         kwargs = dict(generate_kwargs)
         kwargs.setdefault("pad_token_id", self._pad_id())
         if stop:
@@ -322,16 +340,21 @@ class Guard:
                 if monitor is not None and monitor.trigger_token is not None
                 else [-1] * len(generated)
             )
-            abstain_at = trigger_token if policy is not None and policy.action == "abstain" else [-1] * len(generated)
-            cuts = [
-                cut(self.tokenizer, g[: rows_stopped.kept.get(i, len(g))], eos_ids, stop, a)
-                for i, (g, a) in enumerate(zip(generated, abstain_at))
-            ]
+            kept = [g[: rows_stopped.kept.get(i, len(g))] for i, g in enumerate(generated)]
+            cuts = [cut(self.tokenizer, k, eos_ids, stop) for k in kept]
+            # A trigger counts where the row was still generating when its token was fed back: a row that
+            # ends at a limit or a stop string never feeds its last token back (the extra forward below
+            # scores it too late to act), unless other rows of the batch are still going; then it does,
+            # and the verdict would depend on the rest of the batch.
+            trigger_token = [t if 0 <= t < c.produced - 1 else -1 for t, c in zip(trigger_token, cuts)]
+            if policy is not None and policy.action == "abstain":
+                cuts = [cut(self.tokenizer, k, eos_ids, stop, t) if t >= 0 else c
+                        for k, c, t in zip(kept, cuts, trigger_token)]
             if monitor is not None and max(c.length for c in cuts) > monitor.scored:
                 full_mask = torch.cat(
                     [mask.repeat_interleave(copies, dim=0), torch.ones_like(sequences[:, prompt_width:])], dim=1
                 )
-                score_last_tokens(self.model, monitor, sequences, full_mask, out.cache)
+                score_last_tokens(self.model, monitor, sequences, full_mask, out.cache, prompt_width)
         logits = monitor.token_logits().cpu().tolist() if monitor is not None and monitor.scored else None
         results = [
             assemble(
@@ -341,7 +364,7 @@ class Guard:
                 logits[i] if logits is not None else None,
                 self.probe.calibration,
                 policy,
-                0 <= trigger_token[i] < c.length,  # the policy acted on a token of the answer itself
+                trigger_token[i] >= 0,  # the policy acted on a token of the answer itself
                 len(rows[i // copies]),
                 i,
             )
@@ -365,9 +388,10 @@ class _Streamer:
     """
 
     def __init__(self, guard: Guard, monitor: Monitor | None, recorder: LogprobRecorder | None, emit,
-                 eos_ids: set[int], stop: list[str], limits: list[int] | None):
+                 eos_ids: set[int], stop: list[str], limits: list[int] | None, kept: dict[int, int]):
         self.guard, self.monitor, self.recorder, self.emit = guard, monitor, recorder, emit
         self.eos_ids, self.stop, self.limits = eos_ids, stop, limits
+        self.kept = kept  # row -> tokens it keeps, where a host-side decision stopped it (filled as it goes)
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.calls = 0
         self.pending: list[int] | None = None
@@ -404,10 +428,11 @@ class _Streamer:
         for row, token in enumerate(tokens):
             if row in self.finished:
                 continue
-            if token in self.eos_ids:
+            kept = self.kept.get(row)
+            if token in self.eos_ids or (kept is not None and step >= kept):  # what follows is padding
                 self.finished.add(row)
                 continue
-            self._send(row, token, probs[row], entries[row], final=stopped[row])
+            self._send(row, token, probs[row], entries[row], final=stopped[row] or step + 1 == kept)
 
     def _send(self, row: int, token: int, probability: float | None, logprob: Entry | None, final: bool,
               text: str | None = None) -> None:
@@ -451,6 +476,14 @@ class _Streamer:
 
 # generate() arguments that verify several drafted tokens per forward
 ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "custom_generate")
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
+    """`stop=` as a list: one string or a sequence of them (an empty one ends nothing)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stops):
+        raise ValueError(f"stop must be a string or a list of strings; got {stop!r:.60}")
+    return [s for s in stops if s]
 
 
 def pad_id(tokenizer) -> int:

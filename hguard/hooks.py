@@ -15,6 +15,8 @@ layer anyone needs has run (the rest of the model and the LM head are skipped), 
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,20 @@ from torch import nn
 
 PreHook = Callable[[nn.Module, tuple], tuple | None]
 PostHook = Callable[[nn.Module, tuple, torch.Tensor], None]
+
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.Lock:
+    """The one lock of `model`: whatever hooks a model (every Guard on it, every scorer) holds it for the
+    whole forward or generation, since hooks on a module see every forward that runs through it."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.Lock()
+        return lock
 
 
 class StopForward(Exception):

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, StaticLayer
 
 from .hooks import HookSpec, StopForward, hooked, stoppable
 from .policy import Policy
@@ -37,6 +38,7 @@ class Monitor:
         self.policy = policy
         self.calibration = bound.probe.calibration
         self.stop_early = stop_early  # end each forward after the last hooked layer (no logits needed)
+        self.whole = False  # the next forward feeds whole sequences to score their last position only
         self.forwards = 0  # completed forward passes; 0 until the prefill has run
         self._logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
         # flag's unfinished steps: ([batch, k] selected z, [hooked layers, batch] ||h||) each
@@ -87,7 +89,10 @@ class Monitor:
         def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             """Decoding: no tensor op here, all of them once per step (`_end_forward`)."""
             if self.forwards > 0:  # never the prompt's: its whole z would stay alive to the last layer
-                keep_z(args[0])
+                z = args[0]
+                if self.whole:  # the final token's forward without a cache: hold its last position only
+                    z, output = z[:, -1:].clone(), output[:, -1:].clone()
+                keep_z(z)
                 keep_h(output)
 
         if self._fast and not last and self.step_timer is None:  # most hooks of a generation
@@ -101,7 +106,7 @@ class Monitor:
                 z = args[0] if self.policy is None else args[0][:, -1:]
                 h = output if self.policy is None else output[:, -1:]
                 part = term.logit(z, h)
-                self._acc = part if first else self._acc + part
+                self._acc = part if first else self._acc + part.to(self._acc.device)  # layers on several devices
             if last:
                 self._end_forward()
             if self.step_timer is not None:
@@ -200,23 +205,41 @@ def score_last_tokens(
     monitor: Monitor,
     sequences: torch.Tensor,
     attention_mask: torch.Tensor,
-    cache,
+    cache: Cache | None,
+    prompt_width: int,
 ) -> None:
     """Feed the final generated token of every row back once, so it gets a score like the others.
 
-    `attention_mask` covers `sequences` (prompt padding and all generated positions). The forward stops
-    after the last hooked layer: no later layer and no LM head run.
+    `attention_mask` covers `sequences` (prompt padding and all generated positions); the prompt is
+    `sequences`' first `prompt_width` columns. The forward stops after the last hooked layer: no later
+    layer and no LM head run. With generation's cache it is one position; without one (`use_cache=False`)
+    or with a fixed-size one that is full (`cache_implementation="static"`), the whole sequences run
+    again and only their last position is kept. Dampen's factors apply as generation applied them:
+    after a cached generation, to each row's positions after its trigger; without a cache, every step
+    ran the whole sequences with the row's current factor, and so does this one.
     """
-    positions = attention_mask.long().cumsum(-1)[:, -1:] - 1
-    monitor.stop_early = True
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    factor = monitor.factor
+    whole = not _extendable(cache)
+    if whole and cache is not None and isinstance(factor, torch.Tensor):  # alpha after each row's trigger
+        width = sequences.shape[1]
+        trigger = monitor.trigger_token
+        first = torch.where(trigger >= 0, prompt_width + trigger + 1, width)
+        columns = torch.arange(width, device=first.device)
+        monitor.factor = torch.where(columns >= first[:, None], monitor.policy.alpha, 1.0).to(factor.dtype)
+    monitor.stop_early, monitor.whole = True, whole
     try:
         with torch.no_grad(), stoppable():
-            model(
-                input_ids=sequences[:, -1:],
-                attention_mask=attention_mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-            )
+            if whole:
+                model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+            else:
+                model(input_ids=sequences[:, -1:], attention_mask=attention_mask, position_ids=positions[:, -1:],
+                      cache=cache, use_cache=True)
     finally:
-        monitor.stop_early = False
+        monitor.stop_early, monitor.whole, monitor.factor = False, False, factor
+
+
+def _extendable(cache: Cache | None) -> bool:
+    """Whether generation's cache can take one more position: not where there is none, nor where a
+    layer is a fixed-size static one (full once generation ends at its length)."""
+    return cache is not None and not any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ()))

@@ -163,15 +163,16 @@ def running_peak(logits: Sequence[float], calibration: Calibration) -> float:
     return float(calibration(means).max())
 
 
-def verdict(policy: Policy, probability: float, triggered: bool) -> Verdict:
-    """The verdict of one finished sequence. `triggered`: the policy acted during generation."""
+def verdict(policy: Policy, probability: float | None, triggered: bool) -> Verdict:
+    """The verdict of one finished sequence. `triggered`: the policy acted during generation;
+    `probability` None: an empty answer, which nothing flags."""
     if policy.action == "abstain" and triggered:
         return "abstained"
     if policy.action == "dampen" and triggered:
         return "dampened"
     if policy.action == "scale" and policy.alpha != 1.0:
         return "dampened"
-    return "flagged" if probability >= policy.threshold else "ok"
+    return "flagged" if probability is not None and probability >= policy.threshold else "ok"
 
 
 def flagged_spans(probs: list[float], threshold: float) -> list[tuple[int, int, float]]:

@@ -267,11 +267,13 @@ class LayerTerm:
         return dot / (torch.linalg.vector_norm(h.float(), dim=-1) + eps)
 
     def scale(self, z: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
-        """z with its H-Neurons multiplied by `factor` (a scalar or one value per row), in place."""
+        """z with its H-Neurons multiplied by `factor` (a scalar, one value per row, or one per row and
+        position), in place."""
         if self.h_index.numel() == 0:
             return z
         if isinstance(factor, torch.Tensor):
-            factor = factor.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
+            factor = factor.to(device=z.device, dtype=z.dtype)
+            factor = factor.view(*factor.shape, *([1] * (z.dim() - factor.dim())))
         return z.index_copy_(-1, self.h_index, z.index_select(-1, self.h_index) * factor)
 
 

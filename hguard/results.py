@@ -95,11 +95,13 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class Cut:
-    """Where one row's answer ends: `length` tokens, `text`, and why."""
+    """Where one row's answer ends: `length` tokens, `text`, and why. `produced`: the tokens the row
+    generated up to its end, counting the EOS that ended it (which the answer leaves out)."""
 
     length: int
     text: str
     finish_reason: FinishReason
+    produced: int
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:
@@ -189,13 +191,13 @@ def cut(
 ) -> Cut:
     """The answer inside one row's generated ids: up to EOS, a stop string, or the abstaining token."""
     ids = list(generated)
-    length, reason = len(ids), "length"
+    length, reason, eos = len(ids), "length", 0
     for i, token in enumerate(ids):
         if token in eos_ids:
-            length, reason = i, "stop"
+            length, reason, eos = i, "stop", 1
             break
     if 0 <= abstain_at < length:
-        length, reason = abstain_at + 1, "abstain"
+        length, reason, eos = abstain_at + 1, "abstain", 0
     text = decode(tokenizer, ids[:length])
     hits = [(text.find(s), s) for s in stop if s and s in text]
     if hits:
@@ -208,9 +210,8 @@ def cut(
             middle = (low + high) // 2
             prefix = decode(tokenizer, ids[:middle])
             low, high = (low, middle) if any(s in prefix for _, s in hits) else (middle + 1, high)
-        length = low
-        reason = "stop"
-    return Cut(length, text, reason)
+        length, reason, eos = low, "stop", 0
+    return Cut(length, text, reason, length + eos)
 
 
 def mean(values: Sequence[float]) -> float:
@@ -236,9 +237,9 @@ def assemble(
 ) -> GuardResult:
     """One GuardResult from a row's cut and its per-token logits (at least cut.length, or None if off)."""
     ids = list(generated[: cut_.length])
-    if policy is None or logits is None:
+    if policy is None:
         return GuardResult(cut_.text, ids, [], None, "ok", cut_.finish_reason, None, [], prompt_tokens, row)
-    logits = logits[: cut_.length]
+    logits = logits[: cut_.length] if logits is not None else []  # None: no row has a token to score
     probs = calibration.probs(logits)
     probability = calibration.prob(mean(logits)) if ids else None
     spans = [
@@ -250,7 +251,7 @@ def assemble(
         token_ids=ids,
         token_probs=probs,
         probability=probability,
-        verdict=verdict(policy, probability if probability is not None else 0.0, triggered),
+        verdict=verdict(policy, probability, triggered),
         finish_reason=cut_.finish_reason,
         action=policy.action,
         flagged_spans=spans,
