@@ -93,9 +93,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         model=args.model, probe=args.probe, served_model_name=args.served_model_name, api_key=args.api_key,
         dtype=args.dtype, device_map=args.device_map, max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue, upstream=args.upstream,
+        max_queue=args.max_queue, upstream=args.upstream, upstream_timeout=args.upstream_timeout,
+        upstream_api_key=args.upstream_api_key or os.environ.get("HGUARD_UPSTREAM_API_KEY"),
         defaults=GuardDefaults(action=None if args.action == "off" else args.action, threshold=args.threshold,
-                               alpha=args.alpha, max_tokens=args.max_tokens),
+                               alpha=args.alpha, max_tokens=args.max_tokens,
+                               **({"abstain_message": args.abstain_message} if args.abstain_message else {})),
     )
     uvicorn.run(build_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -206,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU threads per operation (torch.set_num_threads); default: half the cores")
     serve.add_argument("--upstream", default=None, help="proxy mode: forward to this OpenAI-compatible URL and "
                        "score the answers with the local copy of the weights given by --model")
+    serve.add_argument("--upstream-api-key", default=None,
+                       help="proxy mode: the upstream's API key (default: $HGUARD_UPSTREAM_API_KEY)")
+    serve.add_argument("--upstream-timeout", type=float, default=60.0, help="proxy mode: seconds per upstream call")
+    serve.add_argument("--abstain-message", default=None, help="the answer that replaces an abstained one")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)

@@ -61,6 +61,24 @@ class BodyLimit:
         await _error(413, self._message(), "invalid_request_error")(scope, receive, send)
 
 
+class ApiKey:
+    """ASGI middleware: /v1/ needs `Authorization: Bearer <key>` (401 otherwise). A plain ASGI layer,
+    not an `@app.middleware("http")` one: those hide the client's disconnect from the route, which then
+    could not stop generating for a client that left."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.key):
+                response = _error(401, "Incorrect or missing API key", "invalid_request_error", code="invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 @dataclass
 class ServerSettings:
     model: str | None = None  # local directory or hub id; None: the built-in organism
@@ -122,10 +140,11 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
         engine = Engine(loaded, settings.max_batch_size, settings.max_queue, metrics)
         if not settings.upstream:  # a proxy forwards generation: its engine would only idle
             engine.start()
-        app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
+        serving = app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
         if settings.upstream:
             app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,
-                                    settings.upstream_api_key, max_streams=settings.max_batch_size + settings.max_queue)
+                                    settings.upstream_api_key, max_streams=settings.max_batch_size + settings.max_queue,
+                                    record=serving.count)
         try:
             yield
         finally:
@@ -142,14 +161,8 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
     app.include_router(router)
     app.add_middleware(BodyLimit)
 
-    @app.middleware("http")
-    async def guard_the_door(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-                return _error(401, "Incorrect or missing API key", "invalid_request_error", code="invalid_api_key")
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key)
 
     def refused(request: Request, status: int) -> None:
         serving = request.app.state.serving

@@ -183,7 +183,8 @@ class Engine:
                     timing.result(job, item, self.guard.threshold if settings.threshold is None else settings.threshold)
                 else:
                     item = dataclasses.replace(item, row=index)
-                    timing.token(job)
+                    if item.token_id >= 0:  # not the text held back until the row ended
+                        timing.token(job, index)
                 job.send(item)
         finally:
             stream.close()
@@ -194,23 +195,27 @@ class _Timing:
 
     def __init__(self, metrics: Metrics | None, batch: list[Job]) -> None:
         self.metrics = metrics
-        self.last: dict[int, float] = {}
+        self.last: dict[tuple[int, int], float] = {}  # (job, choice) -> when its last token went out
+        self.first: set[int] = set()  # jobs whose first token went out
         if metrics is not None:
             self.ttft = metrics.labels(metrics.time_to_first_token)
             self.itl = metrics.labels(metrics.inter_token_latency)
             for job in batch:
                 metrics.labels(metrics.queue_time).observe(job.started - job.enqueued)
 
-    def token(self, job: Job) -> None:
+    def token(self, job: Job, choice: int) -> None:
+        """A token of one choice went out: time to the job's first token, and between each choice's
+        tokens (the n choices of a request step together, and are not each other's gaps)."""
         if self.metrics is None:
             return
         now = time.perf_counter()
-        previous = self.last.get(id(job))
-        if previous is None:
+        if id(job) not in self.first:
+            self.first.add(id(job))
             self.ttft.observe(now - job.enqueued)
-        else:
+        previous = self.last.get((id(job), choice))
+        if previous is not None:
             self.itl.observe(now - previous)
-        self.last[id(job)] = now
+        self.last[(id(job), choice)] = now
 
     def result(self, job: Job, result: GuardResult, threshold: float) -> None:
         m = self.metrics

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
@@ -23,18 +24,27 @@ from ..incremental import IncrementalScorer
 from ..policy import Policy, flagged_spans, running_peak, verdict
 from ..results import char_offset
 from .serving import (APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of,
-                      withheld_logprobs)
+                      withheld_logprobs, worst)
+
+
+# what one finished proxied request reports to the metrics: endpoint, status, action, verdict, prompt tokens
+Recorder = Callable[[str, int, str, str, int], None]
 
 
 class Proxy:
     def __init__(self, guard: Guard, upstream: str, model_name: str, defaults: GuardDefaults,
-                 timeout: float = 60.0, api_key: str | None = None, max_streams: int = 288) -> None:
+                 timeout: float = 60.0, api_key: str | None = None, max_streams: int = 288,
+                 record: Recorder | None = None) -> None:
         self.guard, self.model_name, self.defaults = guard, model_name, defaults
         self.max_streams = max_streams  # each open stream keeps a KV cache of the local weights
-        self.streams = 0
+        self.streams = 0  # open streams, counted from admission (before the upstream answers) to their end
+        self.record = record or (lambda *args: None)
         self.upstream = upstream.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(timeout=timeout, headers=headers)
+        # no pool limit of its own: the streams are bounded above, and a pool smaller than that bound
+        # would turn healthy but busy upstream connections into timeouts
+        self.client = httpx.AsyncClient(timeout=timeout, headers=headers,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -49,7 +59,9 @@ class Proxy:
         return self.guard.policy(action, threshold)
 
     def _forward_body(self, request) -> dict:
-        body = request.model_dump(exclude_none=True, exclude={"guard"})
+        """What the client sent, as it sent it: a field it left out stays out, so the upstream's own
+        defaults (vLLM's from the model's generation config) apply."""
+        body = request.model_dump(exclude_unset=True, exclude={"guard"})
         body.pop("user", None)
         return body
 
@@ -72,13 +84,8 @@ class Proxy:
             raise APIError(502, f"the upstream at {self.upstream} is unreachable: {error}", "upstream_error") from error
         if response.status_code >= 400:
             payload = (await response.aread()) if stream else response.content
-            try:
-                error = json.loads(payload)["error"]
-                message = error.get("message", "upstream error")
-            except (ValueError, KeyError, TypeError):
-                message = payload.decode(errors="replace")[:500]
-            status = response.status_code if response.status_code < 500 else 502
-            raise APIError(status, f"upstream: {message}", "upstream_error")
+            await response.aclose()
+            raise _upstream_error(response.status_code, payload, response.headers)
         return response
 
     async def _score(self, prompt, text: str):
@@ -107,6 +114,12 @@ class Proxy:
         policy = self.policy(request)
         prompt = self._prompt(request, chat)
         path = "/v1/chat/completions" if chat else "/v1/completions"
+        body = await self._complete(request, chat, policy, prompt, path)  # errors are counted where they are rendered
+        verdicts = [choice["hallucination"]["verdict"] for choice in body.get("choices", [])]
+        self.record(_endpoint(chat), 200, policy.action, worst(verdicts), len(prompt))
+        return body
+
+    async def _complete(self, request, chat: bool, policy: Policy, prompt: list[int], path: str) -> dict:
         response = await self._post(path, self._forward_body(request), stream=False)
         try:
             body = response.json()
@@ -138,15 +151,24 @@ class Proxy:
             raise APIError(429, f"{self.max_streams} proxied streams are open; retry later", "rate_limit_exceeded",
                            headers={"Retry-After": "1"})
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        response = await self._post(path, self._forward_body(request), stream=True)
-        return self._relay(response, request, policy, prompt, chat)
+        slot = _Slot(self)  # taken before waiting on the upstream, so that requests arriving together count
+        try:
+            response = await self._post(path, self._forward_body(request), stream=True)
+        except APIError:
+            slot.release()
+            raise
+        relay = self._relay(response, request, policy, prompt, chat, slot)
+        weakref.finalize(relay, slot.release)  # a response never iterated (the client left at once)
+        return relay
 
-    async def _relay(self, response, request, policy: Policy, prompt, chat: bool) -> AsyncIterator[str]:
+    async def _relay(self, response, request, policy: Policy, prompt, chat: bool, slot: "_Slot") -> AsyncIterator[str]:
         texts: dict[int, str] = {}
         scorers: dict[int, IncrementalScorer] = {}  # per choice: each token runs through the model once
         sent: dict[int, int] = {}  # tokens whose scores were already sent, per choice
         stopped: set[int] = set()
-        self.streams += 1
+        verdicts: list[str] = []
+        tokens: dict[int, int] = {}  # local tokens of each choice's text so far
+        usage_sent, last = False, {}
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
@@ -164,6 +186,8 @@ class Proxy:
                     yield f"data: {json.dumps(chunk)}\n\n"
                     continue
                 chunk["model"] = self.model_name
+                last = chunk
+                usage_sent = usage_sent or chunk.get("usage") is not None
                 keep = []
                 for choice in chunk.get("choices", []):
                     index = choice.get("index", 0)
@@ -176,6 +200,7 @@ class Proxy:
                     scores = await asyncio.to_thread(scorers[index].score, texts[index])
                     final = choice.get("finish_reason") is not None
                     if scores is not None:
+                        tokens[index] = len(scores.token_ids)
                         # all but the last token are stable under re-tokenisation until the choice ends
                         ready = len(scores.token_ids) if final else max(0, len(scores.token_ids) - 1)
                         new = scores.token_probs[sent.get(index, 0): ready]
@@ -192,17 +217,69 @@ class Proxy:
                                            choice["finish_reason"] == "content_filter"),
                             "token_scores": choice.get("hallucination", {}).get("token_scores", []),
                         }
+                        verdicts.append(choice["hallucination"]["verdict"])
                     keep.append(choice)
                 if keep or not chunk.get("choices"):
                     chunk["choices"] = keep
                     yield f"data: {json.dumps(chunk)}\n\n"
                 if len(stopped) >= request.n:
-                    break  # every choice abstained: stop reading (closing the response ends the upstream's work)
+                    # every choice abstained: stop reading (closing the response ends the upstream's work);
+                    # the usage the client asked for is counted here, since the upstream's will not come
+                    include = request.stream_options is not None and request.stream_options.include_usage
+                    if include and not usage_sent:
+                        yield f"data: {json.dumps(self._usage_chunk(last, len(prompt), sum(tokens.values())))}\n\n"
+                    break
         except httpx.HTTPError as error:
             body = APIError(502, f"the upstream stream failed: {error}", "upstream_error").body()
             yield f"data: {json.dumps(body)}\n\n"
         finally:
-            self.streams -= 1
+            slot.release()
+            self.record(_endpoint(chat), 200, policy.action, worst(verdicts), len(prompt))
             scorers.clear()  # the KV caches go now, not when the response object does
             await response.aclose()
         yield "data: [DONE]\n\n"
+
+    def _usage_chunk(self, last: dict, prompt: int, completion: int) -> dict:
+        """The usage chunk the upstream would have sent last, counted in local tokens."""
+        return {"id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
+                "created": last.get("created", 0), "model": self.model_name, "choices": [],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+class _Slot:
+    """One admitted stream's place in `Proxy.streams`, given back exactly once."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy, self.held = proxy, True
+        proxy.streams += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.proxy.streams -= 1
+
+
+def _endpoint(chat: bool) -> str:
+    return "chat" if chat else "completions"
+
+
+def _upstream_error(status: int, payload: bytes, headers) -> APIError:
+    """The upstream's error as this server's: its message, param and code where its body is OpenAI's
+    shape (or TGI's, an `error` string); 5xx, and an upstream that refuses this server's own key
+    (401, 403: a misconfigured server, not the client's fault), become 502; a 429 keeps Retry-After."""
+    try:
+        parsed = json.loads(payload)
+    except ValueError:
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict):
+        message, param, code = error.get("message") or "upstream error", error.get("param"), error.get("code")
+    elif isinstance(error, str):
+        message, param, code = error, None, None
+    else:
+        message, param, code = payload.decode(errors="replace")[:500] or "upstream error", None, None
+    retry = {"Retry-After": headers["retry-after"]} if status == 429 and "retry-after" in headers else None
+    if status >= 500 or status in (401, 403):
+        status = 502
+    return APIError(status, f"upstream: {message}", "upstream_error", param=param if isinstance(param, str) else None,
+                    code=str(code) if code is not None else None, headers=retry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -48,15 +50,36 @@ async def _complete(http: Request, body, chat: bool):
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    endpoint = "chat" if chat else "completions"
     try:
-        results = await serving.results(job)
+        results = await _unless_disconnected(http, serving.results(job))
     except Exception:
-        serving.record("chat" if chat else "completions", 500, job)
+        serving.record(endpoint, 500, job)
         raise
     finally:
-        job.cancelled.set()
-    serving.record("chat" if chat else "completions", 200, job, results, body.n)
+        job.cancelled.set()  # done, failed, or the client left: free the rows
+    if results is None:  # nobody is waiting for the answer
+        serving.record(endpoint, CLIENT_CLOSED, job)
+        return Response(status_code=CLIENT_CLOSED)
+    serving.record(endpoint, 200, job, results, body.n)
     return JSONResponse(serving.response(body, job, results, chat))
+
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection first
+
+
+async def _unless_disconnected(http: Request, work, poll: float = 0.25):
+    """`work`'s result, or None as soon as the client has disconnected (then `work` is cancelled)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                return None
+    finally:
+        task.cancel()
 
 
 @router.post("/v1/chat/completions")

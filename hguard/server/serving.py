@@ -82,6 +82,11 @@ class GuardDefaults:
 _SEVERITY = {"ok": 0, "flagged": 1, "dampened": 2, "abstained": 3}
 
 
+def worst(verdicts) -> str:
+    """The most severe of a request's verdicts (its metrics label), "" for none."""
+    return max(verdicts, key=_SEVERITY.get, default="")
+
+
 class Serving:
     def __init__(self, guard: Guard, engine: Engine, model_name: str, defaults: GuardDefaults,
                  metrics: Metrics | None = None) -> None:
@@ -131,15 +136,25 @@ class Serving:
     def record(self, endpoint: str, status: int, job: Job | None = None, results: list[GuardResult] = (),
                n: int = 1) -> None:
         """One finished request (or a refused one, without a job) into the metrics."""
+        if job is None:
+            self.count(endpoint, status)
+            return
+        self.count(endpoint, status, job.settings.action, worst(r.verdict for r in results), self.prompt_tokens(job, n),
+                   time.perf_counter() - job.enqueued)
+
+    def count(self, endpoint: str, status: int, action: str | None = "", verdict: str = "",
+              prompt_tokens: int | None = None, latency: float | None = None) -> None:
+        """One request into the metrics: a hosted one (`record`), a proxied one, or a refused one
+        (no action, verdict or tokens). `action` None: the guard was off."""
         m = self.metrics
         if m is None:
             return
-        action = (job.settings.action or "off") if job is not None else ""
-        verdict = max((r.verdict for r in results), key=_SEVERITY.get, default="") if results else ""
-        m.labels(m.requests, endpoint=endpoint, status=str(status), action=action, verdict=verdict).inc()
-        if job is not None:
-            m.labels(m.prompt_tokens).inc(self.prompt_tokens(job, n))
-            m.labels(m.request_latency).observe(time.perf_counter() - job.enqueued)
+        m.labels(m.requests, endpoint=endpoint, status=str(status), action=action if action is not None else "off",
+                 verdict=verdict).inc()
+        if prompt_tokens is not None:
+            m.labels(m.prompt_tokens).inc(prompt_tokens)
+        if latency is not None:
+            m.labels(m.request_latency).observe(latency)
 
     # ---- job -> response ----------------------------------------------------------------------
     def _hallucination(self, result: GuardResult, token_scores: bool) -> dict:

@@ -1,0 +1,206 @@
+"""Server behaviour an OpenAI or vLLM client relies on at the edges: null fields, seeds, a client that
+leaves a non-streaming request, per-choice token latency, and proxy mode's forwarding, upstream
+errors, stream bound, usage after an abstention and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from hguard import Guard, Probe
+from hguard.server.app import ServerSettings, build_app
+from hguard.server.serving import GuardDefaults
+
+from conftest import load
+from test_server import KEY, MESSAGES, LiveServer, guard, live  # noqa: F401 - fixtures
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _metric(url: str, prefix: str) -> list[str]:
+    return [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(prefix)]
+
+
+def _value(url: str, series: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _metric(url, series))
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
+                                   "logprobs", "max_tokens", "stop", "seed", "stream_options"])
+def test_a_null_field_is_a_field_not_sent(live, field):  # noqa: F811
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3, field: None}
+    response = httpx.post(f"{live.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_a_seed_outside_64_bits_is_a_400(live):  # noqa: F811
+    for stream in (False, True):
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3, "seed": 2**64, "stream": stream}
+        response = httpx.post(f"{live.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "seed"
+
+
+def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation(tiny_dirs):
+    model, tokenizer = load(tiny_dirs("llama"))
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))  # 480 steps: over 2 s
+    slow = Guard(model, tokenizer, Probe.random(model, 12, seed=1))
+    with LiveServer(build_app(ServerSettings(served_model_name="tiny"), guard=slow)) as server:
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 480, "temperature": 0}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=0.3)
+        deadline = time.time() + 1.5  # well before the generation would have ended
+        while not _metric(server.url, 'hguard_requests_total{action="flag",endpoint="chat",model_name="tiny",'
+                                      'status="499"') and time.time() < deadline:
+            time.sleep(0.05)
+        assert _metric(server.url, 'hguard_requests_total{action="flag",endpoint="chat",model_name="tiny",status="499"')
+        quick = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60)
+        assert quick.status_code == 200
+        assert _value(server.url, "hguard_generation_tokens_total") <= 2  # the abandoned rows were not finished
+
+
+def test_token_latency_is_per_choice(live):  # noqa: F811
+    itl = "hguard_inter_token_latency_seconds_count"
+    ttft = "hguard_time_to_first_token_seconds_count"
+    before_itl, before_ttft = _value(live.url, itl), _value(live.url, ttft)
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "n": 4, "temperature": 1.0, "seed": 3}
+    response = httpx.post(f"{live.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60).json()
+    choices = [c for c in response["choices"] if c["message"]["content"] or c["finish_reason"] == "length"]
+    completion = response["usage"]["completion_tokens"]
+    # each choice's first token starts its gaps; the request's first token is its time to first token
+    assert _value(live.url, itl) - before_itl == completion - len(choices)
+    assert _value(live.url, ttft) - before_ttft == 1
+
+
+# ---- proxy mode against a scripted upstream -------------------------------------------------------
+def _upstream(script: dict) -> FastAPI:
+    app = FastAPI()
+    app.state.seen = []
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        app.state.seen.append(body)
+        mode = script["mode"]
+        if mode == "tgi":
+            return JSONResponse({"error": "Input validation error: too long", "error_type": "validation"}, 422)
+        if mode == "unauthorized":
+            return JSONResponse({"error": {"message": "Invalid API key", "type": "invalid_request_error",
+                                           "param": None, "code": "invalid_api_key"}}, 401)
+        if mode == "ratelimit":
+            return JSONResponse({"error": {"message": "slow down", "type": "rate_limit", "param": None,
+                                           "code": None}}, 429, headers={"Retry-After": "7"})
+        if mode == "badparam":
+            return JSONResponse({"error": {"message": "bad n", "type": "BadRequestError", "param": "n",
+                                           "code": 400}}, 400)
+        base = {"id": "up", "object": "chat.completion.chunk", "created": 0, "model": "up"}
+        await asyncio.sleep(script.get("pause", 0.0))  # before the headers: requests wait on the upstream together
+        if body.get("stream"):
+            async def events():
+                for piece in ["Hel", "lo", " world"]:
+                    choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+                    yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+                choice = {"index": 0, "delta": {}, "finish_reason": "stop"}
+                yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+                    yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return {"id": "up", "object": "chat.completion", "created": 0, "model": "up",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world"},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    script = {"mode": "ok"}
+    app = _upstream(script)
+    with LiveServer(app) as server:
+        yield server, script, app.state.seen
+
+
+def _proxy(guard, upstream_url: str, **settings) -> LiveServer:  # noqa: F811
+    defaults = GuardDefaults(max_tokens=16, abstain_message="Not sure.")
+    return LiveServer(build_app(ServerSettings(served_model_name="tiny", upstream=upstream_url, defaults=defaults,
+                                               **settings), guard=guard))
+
+
+def test_proxy_forwards_what_the_client_sent_and_maps_upstream_errors(guard, upstream):  # noqa: F811
+    server, script, seen = upstream
+    with _proxy(guard, server.url) as proxy:
+        url = f"{proxy.url}/v1/chat/completions"
+        script["mode"] = "ok"
+        assert httpx.post(url, json={"model": "tiny", "messages": MESSAGES, "temperature": None}).status_code == 200
+        assert seen[-1] == {"model": "tiny", "messages": MESSAGES}  # the upstream's defaults apply
+        expected = {  # mode -> (status, retry-after, message, param)
+            "tgi": (422, None, "upstream: Input validation error: too long", None),
+            "unauthorized": (502, None, "upstream: Invalid API key", None),  # this server's key, not the client's
+            "ratelimit": (429, "7", "upstream: slow down", None),
+            "badparam": (400, None, "upstream: bad n", "n"),
+        }
+        for mode, (status, retry, message, param) in expected.items():
+            script["mode"] = mode
+            response = httpx.post(url, json={"model": "tiny", "messages": MESSAGES})
+            error = response.json()["error"]
+            assert (response.status_code, response.headers.get("retry-after"), error["message"], error["param"]) == \
+                (status, retry, message, param), mode
+        script["mode"] = "ok"
+        series = 'hguard_requests_total{action="flag",endpoint="chat",model_name="tiny",status="200"'
+        before = _value(proxy.url, series)
+        httpx.post(url, json={"model": "tiny", "messages": MESSAGES})
+        with httpx.stream("POST", url, json={"model": "tiny", "messages": MESSAGES, "stream": True}) as response:
+            assert response.read()
+        assert _value(proxy.url, series) == before + 2  # proxied answers count like hosted ones
+
+
+def test_proxy_counts_streams_from_admission(guard, upstream):  # noqa: F811
+    server, script, _ = upstream
+    script.update(mode="ok", pause=0.3)
+    try:
+        with _proxy(guard, server.url, max_batch_size=1, max_queue=0) as proxy:
+            statuses: list[int] = []
+
+            def one() -> None:
+                body = {"model": "tiny", "messages": MESSAGES, "stream": True}
+                with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, timeout=30) as response:
+                    response.read()
+                    statuses.append(response.status_code)
+
+            threads = [threading.Thread(target=one) for _ in range(5)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert Counter(statuses) == {200: 1, 429: 4}
+    finally:
+        script["pause"] = 0.0
+
+
+def test_proxy_abstention_still_sends_the_usage_asked_for(guard, upstream):  # noqa: F811
+    server, script, _ = upstream
+    script["mode"] = "ok"
+    with _proxy(guard, server.url) as proxy:
+        body = {"model": "tiny", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True},
+                "guard": {"action": "abstain", "threshold": 0.0}}
+        with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
+            events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["finish_reason"] == "content_filter"
+    usage = chunks[-1]["usage"]
+    prompt = len(guard.encode(MESSAGES))
+    assert chunks[-1]["choices"] == [] and usage["prompt_tokens"] == prompt
+    assert usage["total_tokens"] == prompt + usage["completion_tokens"] > prompt
