@@ -69,5 +69,21 @@ class Metrics:
             child = self._children[key] = metric.labels(model_name=self.model_name, **labels)
         return child
 
+    def answer(self, token_probs: list[float], probability: float | None, verdict: str, threshold: float) -> None:
+        """One scored answer (a hosted choice, or an upstream's answer in proxy mode): its tokens'
+        probabilities, its response probability and what the guard did."""
+        if token_probs:
+            self.labels(self.tokens_scored).inc(len(token_probs))
+            self.labels(self.flagged_tokens).inc(sum(p >= threshold for p in token_probs))
+            histogram = self.labels(self.token_probability)
+            for p in token_probs:
+                histogram.observe(p)
+        if probability is not None:
+            self.labels(self.response_probability).observe(probability)
+        if verdict == "abstained":
+            self.labels(self.abstentions).inc()
+        elif verdict == "dampened":
+            self.labels(self.dampened).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -104,10 +104,12 @@ def _upstream(script: dict) -> FastAPI:
         base = {"id": "up", "object": "chat.completion.chunk", "created": 0, "model": "up"}
         await asyncio.sleep(script.get("pause", 0.0))  # before the headers: requests wait on the upstream together
         if body.get("stream"):
+            prefix = "data:" if mode == "nospace" else "data: "  # SSE allows both
+
             async def events():
                 for piece in ["Hel", "lo", " world"]:
                     choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
-                    yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+                    yield f"{prefix}{json.dumps({**base, 'choices': [choice]})}\n\n"
                 choice = {"index": 0, "delta": {}, "finish_reason": "stop"}
                 yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
                 if (body.get("stream_options") or {}).get("include_usage"):
@@ -132,10 +134,14 @@ def upstream():
         yield server, script, app.state.seen
 
 
-def _proxy(guard, upstream_url: str, **settings) -> LiveServer:  # noqa: F811
+def _proxy_app(guard, upstream_url: str, **settings):  # noqa: F811
     defaults = GuardDefaults(max_tokens=16, abstain_message="Not sure.")
-    return LiveServer(build_app(ServerSettings(served_model_name="tiny", upstream=upstream_url, defaults=defaults,
-                                               **settings), guard=guard))
+    return build_app(ServerSettings(served_model_name="tiny", upstream=upstream_url, defaults=defaults, **settings),
+                     guard=guard)
+
+
+def _proxy(guard, upstream_url: str, **settings) -> LiveServer:  # noqa: F811
+    return LiveServer(_proxy_app(guard, upstream_url, **settings))
 
 
 def test_proxy_forwards_what_the_client_sent_and_maps_upstream_errors(guard, upstream):  # noqa: F811
@@ -204,3 +210,52 @@ def test_proxy_abstention_still_sends_the_usage_asked_for(guard, upstream):  # n
     prompt = len(guard.encode(MESSAGES))
     assert chunks[-1]["choices"] == [] and usage["prompt_tokens"] == prompt
     assert usage["total_tokens"] == prompt + usage["completion_tokens"] > prompt
+
+
+def test_proxy_reads_sse_without_the_space_and_a_base_url_ending_in_v1(guard, upstream):  # noqa: F811
+    server, script, _ = upstream
+    script["mode"] = "nospace"
+    try:
+        with _proxy(guard, f"{server.url}/v1/") as proxy:  # what an OpenAI SDK user would paste
+            body = {"model": "tiny", "messages": MESSAGES, "stream": True}
+            with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
+                chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+        assert response.status_code == 200
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Hello world"
+        assert chunks[-1]["choices"][0]["hallucination"]["verdict"] in ("ok", "flagged")
+    finally:
+        script["mode"] = "ok"
+
+
+def test_proxied_answers_fill_the_score_histograms(guard, upstream):  # noqa: F811
+    server, script, _ = upstream
+    script["mode"] = "ok"
+    with _proxy(guard, server.url) as proxy:
+        url = f"{proxy.url}/v1/chat/completions"
+        httpx.post(url, json={"model": "tiny", "messages": MESSAGES})
+        with httpx.stream("POST", url, json={"model": "tiny", "messages": MESSAGES, "stream": True}) as response:
+            response.read()
+        tokens = len(guard.tokenizer("Hello world", add_special_tokens=False)["input_ids"])
+        assert _value(proxy.url, "hguard_tokens_scored_total") == 2 * tokens
+        assert _value(proxy.url, "hguard_response_hallucination_probability_count") == 2
+
+
+def test_a_scoring_failure_ends_a_proxied_stream_with_an_error_event(guard, upstream, monkeypatch):  # noqa: F811
+    from hguard.incremental import IncrementalScorer
+
+    server, script, _ = upstream
+    script["mode"] = "ok"
+
+    def fail(self, text):
+        raise RuntimeError("out of positions")
+
+    monkeypatch.setattr(IncrementalScorer, "score", fail)
+    app = _proxy_app(guard, server.url)
+    with LiveServer(app) as proxy:
+        body = {"model": "tiny", "messages": MESSAGES, "stream": True}
+        with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert app.state.proxy.streams == 0  # its place was given back
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"] == "scoring failed: RuntimeError: out of positions"

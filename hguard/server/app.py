@@ -144,7 +144,7 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
         if settings.upstream:
             app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,
                                     settings.upstream_api_key, max_streams=settings.max_batch_size + settings.max_queue,
-                                    record=serving.count)
+                                    record=serving.count, metrics=metrics)
         try:
             yield
         finally:

@@ -222,15 +222,4 @@ class _Timing:
         if m is None:
             return
         m.labels(m.generation_tokens).inc(len(result.token_ids))
-        if result.token_probs:
-            m.labels(m.tokens_scored).inc(len(result.token_probs))
-            m.labels(m.flagged_tokens).inc(sum(p >= threshold for p in result.token_probs))
-            histogram = m.labels(m.token_probability)
-            for p in result.token_probs:
-                histogram.observe(p)
-        if result.probability is not None:
-            m.labels(m.response_probability).observe(result.probability)
-        if result.verdict == "abstained":
-            m.labels(m.abstentions).inc()
-        elif result.verdict == "dampened":
-            m.labels(m.dampened).inc()
+        m.answer(result.token_probs, result.probability, result.verdict, threshold)

@@ -21,6 +21,7 @@ import httpx
 
 from ..guard import Guard
 from ..incremental import IncrementalScorer
+from ..metrics import Metrics
 from ..policy import Policy, flagged_spans, running_peak, verdict
 from ..results import char_offset
 from .serving import (APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of,
@@ -34,12 +35,14 @@ Recorder = Callable[[str, int, str, str, int], None]
 class Proxy:
     def __init__(self, guard: Guard, upstream: str, model_name: str, defaults: GuardDefaults,
                  timeout: float = 60.0, api_key: str | None = None, max_streams: int = 288,
-                 record: Recorder | None = None) -> None:
+                 record: Recorder | None = None, metrics: Metrics | None = None) -> None:
         self.guard, self.model_name, self.defaults = guard, model_name, defaults
         self.max_streams = max_streams  # each open stream keeps a KV cache of the local weights
         self.streams = 0  # open streams, counted from admission (before the upstream answers) to their end
         self.record = record or (lambda *args: None)
-        self.upstream = upstream.rstrip("/")
+        self.metrics = metrics
+        # the paths below start with /v1; an OpenAI-style base URL (".../v1") means the same server
+        self.upstream = upstream.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # no pool limit of its own: the streams are bounded above, and a pool smaller than that bound
         # would turn healthy but busy upstream connections into timeouts
@@ -94,6 +97,14 @@ class Proxy:
         return await asyncio.to_thread(self.guard.score, prompt, text)
 
     def _report(self, policy: Policy, scores, text: str, token_scores: bool, abstained: bool) -> dict:
+        """A finished choice's `hallucination` object; the answer goes into the metrics too."""
+        report = self._summary(policy, scores, text, token_scores, abstained)
+        if self.metrics is not None:
+            self.metrics.answer(scores.token_probs if scores is not None else [], report["probability"],
+                                report["verdict"], policy.threshold)
+        return report
+
+    def _summary(self, policy: Policy, scores, text: str, token_scores: bool, abstained: bool) -> dict:
         if scores is None:
             return {"probability": None, "verdict": "ok", "action": policy.action, "flagged_spans": []}
         probability = scores.probability
@@ -171,9 +182,9 @@ class Proxy:
         usage_sent, last = False, {}
         try:
             async for line in response.aiter_lines():
-                if not line.startswith("data: "):
+                if not line.startswith("data:"):
                     continue
-                data = line[len("data: "):]
+                data = line[len("data:"):].removeprefix(" ")  # SSE: one space after the colon is optional
                 if data.strip() == "[DONE]":
                     break
                 try:
@@ -197,7 +208,10 @@ class Proxy:
                     texts[index] = texts.get(index, "") + piece
                     if index not in scorers:
                         scorers[index] = IncrementalScorer(self.guard, prompt)
-                    scores = await asyncio.to_thread(scorers[index].score, texts[index])
+                    try:
+                        scores = await asyncio.to_thread(scorers[index].score, texts[index])
+                    except Exception as error:  # the client gets it as the stream's last event
+                        raise _ScoringFailed(f"{type(error).__name__}: {error}") from error
                     final = choice.get("finish_reason") is not None
                     if scores is not None:
                         tokens[index] = len(scores.token_ids)
@@ -232,6 +246,8 @@ class Proxy:
         except httpx.HTTPError as error:
             body = APIError(502, f"the upstream stream failed: {error}", "upstream_error").body()
             yield f"data: {json.dumps(body)}\n\n"
+        except _ScoringFailed as error:
+            yield f"data: {json.dumps(APIError(500, f'scoring failed: {error}', 'server_error').body())}\n\n"
         finally:
             slot.release()
             self.record(_endpoint(chat), 200, policy.action, worst(verdicts), len(prompt))
@@ -244,6 +260,10 @@ class Proxy:
         return {"id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
                 "created": last.get("created", 0), "model": self.model_name, "choices": [],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+class _ScoringFailed(Exception):
+    """Scoring a streamed choice failed (the stream ends with an error event)."""
 
 
 class _Slot:
