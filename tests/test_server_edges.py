@@ -259,3 +259,24 @@ def test_a_scoring_failure_ends_a_proxied_stream_with_an_error_event(guard, upst
         assert app.state.proxy.streams == 0  # its place was given back
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["message"] == "scoring failed: RuntimeError: out of positions"
+
+
+def test_a_queued_request_whose_client_left_holds_no_place(guard):  # noqa: F811
+    from hguard.server.engine import Engine, Job, QueueFull, Settings
+
+    engine = Engine(guard, max_batch_size=1, max_queue=1)  # not started: jobs stay queued
+    settings = Settings(temperature=0.0, top_p=1.0, stop=(), seed=None, action="flag", threshold=None, alpha=None)
+    loop = asyncio.new_event_loop()
+    try:
+        def job() -> Job:
+            return Job(rows=[[5, 6]], max_new_tokens=2, settings=settings, loop=loop)
+
+        left = job()
+        engine.submit(left)
+        with pytest.raises(QueueFull):
+            engine.submit(job())
+        left.cancelled.set()
+        engine.submit(job())  # the place of the client that left
+        assert engine.queue_depth == 1
+    finally:
+        loop.close()

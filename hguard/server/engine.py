@@ -92,6 +92,8 @@ class Engine:
     # ---- submission ---------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self._condition:
+            if len(self._waiting) >= self.max_queue:  # jobs whose clients left hold no place
+                self._waiting = deque(waiting for waiting in self._waiting if not waiting.cancelled.is_set())
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue holds {self.max_queue} requests; retry later")
             self._waiting.append(job)
