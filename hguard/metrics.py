@@ -69,6 +69,17 @@ class Metrics:
             child = self._children[key] = metric.labels(model_name=self.model_name, **labels)
         return child
 
+    def request(self, endpoint: str, status: int, action: str | None = "", verdict: str = "",
+                prompt_tokens: int | None = None, latency: float | None = None) -> None:
+        """One finished request: hosted, proxied, or refused (no action, verdict or tokens). `action`
+        None: the guard was off."""
+        self.labels(self.requests, endpoint=endpoint, status=str(status), action="off" if action is None else action,
+                    verdict=verdict).inc()
+        if prompt_tokens is not None:
+            self.labels(self.prompt_tokens).inc(prompt_tokens)
+        if latency is not None:
+            self.labels(self.request_latency).observe(latency)
+
     def answer(self, token_probs: list[float], probability: float | None, verdict: str, threshold: float) -> None:
         """One scored answer (a hosted choice, or an upstream's answer in proxy mode): its tokens'
         probabilities, its response probability and what the guard did."""

@@ -140,11 +140,11 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
         engine = Engine(loaded, settings.max_batch_size, settings.max_queue, metrics)
         if not settings.upstream:  # a proxy forwards generation: its engine would only idle
             engine.start()
-        serving = app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
+        app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
         if settings.upstream:
             app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,
                                     settings.upstream_api_key, max_streams=settings.max_batch_size + settings.max_queue,
-                                    record=serving.count, metrics=metrics)
+                                    metrics=metrics)
         try:
             yield
         finally:

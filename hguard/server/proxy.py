@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -25,22 +25,17 @@ from ..metrics import Metrics
 from ..policy import Policy, flagged_spans, running_peak, verdict
 from ..results import char_offset
 from .serving import (APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of,
-                      withheld_logprobs, worst)
-
-
-# what one finished proxied request reports to the metrics: endpoint, status, action, verdict, prompt tokens
-Recorder = Callable[[str, int, str, str, int], None]
+                      endpoint_name, withheld_logprobs, worst)
 
 
 class Proxy:
     def __init__(self, guard: Guard, upstream: str, model_name: str, defaults: GuardDefaults,
                  timeout: float = 60.0, api_key: str | None = None, max_streams: int = 288,
-                 record: Recorder | None = None, metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.guard, self.model_name, self.defaults = guard, model_name, defaults
         self.max_streams = max_streams  # each open stream keeps a KV cache of the local weights
         self.streams = 0  # open streams, counted from admission (before the upstream answers) to their end
-        self.record = record or (lambda *args: None)
-        self.metrics = metrics
+        self.metrics = metrics  # proxied answers count like hosted ones (errors: where they are rendered)
         # the paths below start with /v1; an OpenAI-style base URL (".../v1") means the same server
         self.upstream = upstream.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -125,10 +120,13 @@ class Proxy:
         policy = self.policy(request)
         prompt = self._prompt(request, chat)
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        body = await self._complete(request, chat, policy, prompt, path)  # errors are counted where they are rendered
-        verdicts = [choice["hallucination"]["verdict"] for choice in body.get("choices", [])]
-        self.record(_endpoint(chat), 200, policy.action, worst(verdicts), len(prompt))
+        body = await self._complete(request, chat, policy, prompt, path)
+        self._count(chat, policy, [choice["hallucination"]["verdict"] for choice in body.get("choices", [])], prompt)
         return body
+
+    def _count(self, chat: bool, policy: Policy, verdicts: list[str], prompt: list[int]) -> None:
+        if self.metrics is not None:
+            self.metrics.request(endpoint_name(chat), 200, policy.action, worst(verdicts), len(prompt))
 
     async def _complete(self, request, chat: bool, policy: Policy, prompt: list[int], path: str) -> dict:
         response = await self._post(path, self._forward_body(request), stream=False)
@@ -250,7 +248,7 @@ class Proxy:
             yield f"data: {json.dumps(APIError(500, f'scoring failed: {error}', 'server_error').body())}\n\n"
         finally:
             slot.release()
-            self.record(_endpoint(chat), 200, policy.action, worst(verdicts), len(prompt))
+            self._count(chat, policy, verdicts, prompt)
             scorers.clear()  # the KV caches go now, not when the response object does
             await response.aclose()
         yield "data: [DONE]\n\n"
@@ -277,10 +275,6 @@ class _Slot:
         if self.held:
             self.held = False
             self.proxy.streams -= 1
-
-
-def _endpoint(chat: bool) -> str:
-    return "chat" if chat else "completions"
 
 
 def _upstream_error(status: int, payload: bytes, headers) -> APIError:

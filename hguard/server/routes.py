@@ -11,7 +11,7 @@ from ..metrics import CONTENT_TYPE_LATEST
 
 from .engine import QueueFull
 from .protocol import ChatCompletionRequest, CompletionRequest
-from .serving import APIError, Serving
+from .serving import APIError, Serving, endpoint_name
 
 router = APIRouter()
 
@@ -50,7 +50,7 @@ async def _complete(http: Request, body, chat: bool):
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    endpoint = "chat" if chat else "completions"
+    endpoint = endpoint_name(chat)
     try:
         results = await _unless_disconnected(http, serving.results(job))
     except Exception:

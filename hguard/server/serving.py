@@ -82,6 +82,11 @@ class GuardDefaults:
 _SEVERITY = {"ok": 0, "flagged": 1, "dampened": 2, "abstained": 3}
 
 
+def endpoint_name(chat: bool) -> str:
+    """The `endpoint` label of a completion request."""
+    return "chat" if chat else "completions"
+
+
 def worst(verdicts) -> str:
     """The most severe of a request's verdicts (its metrics label), "" for none."""
     return max(verdicts, key=_SEVERITY.get, default="")
@@ -136,25 +141,13 @@ class Serving:
     def record(self, endpoint: str, status: int, job: Job | None = None, results: list[GuardResult] = (),
                n: int = 1) -> None:
         """One finished request (or a refused one, without a job) into the metrics."""
+        if self.metrics is None:
+            return
         if job is None:
-            self.count(endpoint, status)
+            self.metrics.request(endpoint, status)
             return
-        self.count(endpoint, status, job.settings.action, worst(r.verdict for r in results), self.prompt_tokens(job, n),
-                   time.perf_counter() - job.enqueued)
-
-    def count(self, endpoint: str, status: int, action: str | None = "", verdict: str = "",
-              prompt_tokens: int | None = None, latency: float | None = None) -> None:
-        """One request into the metrics: a hosted one (`record`), a proxied one, or a refused one
-        (no action, verdict or tokens). `action` None: the guard was off."""
-        m = self.metrics
-        if m is None:
-            return
-        m.labels(m.requests, endpoint=endpoint, status=str(status), action=action if action is not None else "off",
-                 verdict=verdict).inc()
-        if prompt_tokens is not None:
-            m.labels(m.prompt_tokens).inc(prompt_tokens)
-        if latency is not None:
-            m.labels(m.request_latency).observe(latency)
+        self.metrics.request(endpoint, status, job.settings.action, worst(r.verdict for r in results),
+                             self.prompt_tokens(job, n), time.perf_counter() - job.enqueued)
 
     # ---- job -> response ----------------------------------------------------------------------
     def _hallucination(self, result: GuardResult, token_scores: bool) -> dict:
@@ -268,7 +261,7 @@ class Serving:
                           "logprobs": None} for i in range(len(job.rows))])
         completion = 0
         results: list[GuardResult] = []
-        endpoint = "chat" if chat else "completions"
+        endpoint = endpoint_name(chat)
         token_chars: dict[int, int] = {}  # per choice: characters of token text so far (text_offset)
 
         def logprobs(event: TokenEvent) -> dict | None:
