@@ -164,13 +164,12 @@ class Guard:
         """The end-of-sequence ids generation stops on: `eos_token_id` or a `generation_config` passed to
         this call where they set one, else the model's generation config's, plus the tokenizer's."""
         kwargs = generate_kwargs or {}
-        config = kwargs.get("generation_config")
-        for eos in (kwargs.get("eos_token_id"), getattr(config, "eos_token_id", None)):
-            if eos is not None:
-                return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
+        given = kwargs.get("eos_token_id")
+        if given is None:
+            given = getattr(kwargs.get("generation_config"), "eos_token_id", None)
+        eos = given if given is not None else getattr(self.model.generation_config, "eos_token_id", None)
+        ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])}
+        if given is None and self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
 
