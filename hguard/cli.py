@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "answer tokens with the paper's '3 vs 1' labels")
     ident.set_defaults(run=_identify)
 
-    ev = commands.add_parser("eval", help="the probe against baselines on every QA suite (bootstrap 95% CIs)")
+    ev = commands.add_parser("eval", help="the probe against baselines on every QA suite (bootstrap 95%% CIs)")
     ev.add_argument("--model", default="organism", help="local directory, hub id, or 'organism' (default)")
     ev.add_argument("--probe", default=None, help="probe file (default: the known probe matching the model)")
     ev.add_argument("--suites", default=None, help="directory of <suite>.jsonl (default: the organism's suites)")
