@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         dtype=args.dtype, device_map=args.device_map, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, upstream=args.upstream, upstream_timeout=args.upstream_timeout,
         upstream_api_key=args.upstream_api_key or os.environ.get("HGUARD_UPSTREAM_API_KEY"),
-        defaults=GuardDefaults(action=None if args.action == "off" else args.action, threshold=args.threshold,
+        defaults=GuardDefaults(action=args.action, threshold=args.threshold,
                                alpha=args.alpha, max_tokens=args.max_tokens,
                                **({"abstain_message": args.abstain_message} if args.abstain_message else {})),
     )

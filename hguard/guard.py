@@ -3,8 +3,8 @@
 Generation is transformers' own `generate` with hooks on the probe's layers (see monitor.py):
 abstention is a stopping criterion, streaming a streamer, and nothing else of the decoding loop is
 rewritten, so every generation option keeps working. Prompts are left-padded into one batch. With
-`action=None` the guard is off: plain `generate`, no hook installed (unless `logprobs` asks for the
-output's log-probabilities). One generation runs at a time per model (the hooks belong to the model,
+`action="off"` (or None) the guard is off: plain `generate`, no hook installed (unless `logprobs` asks
+for the output's log-probabilities). One generation runs at a time per model (the hooks belong to the model,
 so every Guard on one model shares its lock).
 """
 
@@ -23,7 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .hooks import model_lock, stoppable
 from .logprobs import Entry, LogprobRecorder, check_top
 from .monitor import Monitor, score_last_tokens
-from .policy import Policy
+from .policy import Policy, action_name
 from .probe import Probe
 from .registry import find_probe
 from .results import GuardResult, IncrementalText, Scores, TokenEvent, assemble, cut, decode
@@ -174,9 +174,10 @@ class Guard:
         return ids
 
     def policy(self, action: str | None = "flag", threshold: float | None = None, alpha: float | None = None):
-        """A validated Policy (None when `action` is None: guard off). Without `threshold`, the probe's
-        two thresholds (flag, and the running mean's for abstain / dampen); with it, that one for both."""
-        if action is None:
+        """A validated Policy (None when `action` is "off" or None: guard off). Without `threshold`, the
+        probe's two thresholds (flag, and the running mean's for abstain / dampen); with it, that one for
+        both."""
+        if action_name(action) == "off":
             return None
         return Policy(
             action=action,
@@ -217,7 +218,7 @@ class Guard:
         """Generate for a batch of prompts; one GuardResult per choice (prompt-major with n > 1).
 
         action: "flag" (score only), "abstain", "dampen", "scale" (fixed alpha from the first token), or
-        None (guard off). threshold: probability in [0, 1] (default: the probe's calibrated ones, one for
+        "off" (guard off, no hook; None means the same). threshold: probability in [0, 1] (default: the probe's calibrated ones, one for
         flags and one for the running mean that abstain and dampen watch).
         alpha: the H-Neuron scale for dampen/scale. logprobs: None, or k in [0, 20] to return each
         token's log-probability under the model's raw distribution and the k most likely tokens at

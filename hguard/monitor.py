@@ -56,6 +56,7 @@ class Monitor:
         self.step_timer = step_timer  # receives the host seconds spent in hooks per forward, if set
         self._hook_seconds = 0.0
         self._alpha: torch.Tensor | None = None
+        self._unscaled: dict[int, torch.Tensor] = {}  # layer -> its H-Neurons' z before this forward scaled them
         self._ones: torch.Tensor | None = None
         if policy is not None and policy.action == "scale":
             self.factor = float(policy.alpha)
@@ -79,17 +80,32 @@ class Monitor:
         def pre(module: nn.Module, args: tuple) -> tuple | None:
             if isinstance(self.factor, float) and self.factor == 1.0:
                 return None
+            self._unscaled[term.layer] = args[0].index_select(-1, term.h_index)  # what the probe reads
             return (term.scale(args[0], self.factor), *args[1:])
 
         return pre
 
+    def _as_read(self, term: LayerTerm, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """After a scaled forward of `term`'s layer: put the H-Neurons' values from before the scaling back
+        into z (the model is done with it) and return h as the unscaled z would have made it, so that the
+        score says what the probe read before the guard acted, not the damped activations."""
+        before = self._unscaled.pop(term.layer, None)
+        if before is None:
+            return h
+        removed = before - z.index_select(-1, term.h_index)  # [..., m] what the scaling took away
+        z.index_copy_(-1, term.h_index, before)
+        return h + removed.to(h.dtype) @ self.bound.h_columns(term).to(h.dtype)
+
     def _post_hook(self, term: LayerTerm, first: bool, last: bool):
         keep_z, keep_h = self._z.append, self._h.append
+        reads_unscaled = self.policy is not None and self.policy.scales
 
         def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             """Decoding: no tensor op here, all of them once per step (`_end_forward`)."""
             if self.forwards > 0:  # never the prompt's: its whole z would stay alive to the last layer
                 z = args[0]
+                if reads_unscaled:
+                    output = self._as_read(term, z, output)
                 if self.whole:  # the final token's forward without a cache: hold its last position only
                     z, output = z[:, -1:].clone(), output[:, -1:].clone()
                 keep_z(z)
@@ -103,6 +119,8 @@ class Monitor:
             if self._fast:
                 keep(module, args, output)
             elif self.policy is None or self.forwards > 0:  # the prompt's positions are never scored
+                if reads_unscaled:
+                    output = self._as_read(term, args[0], output)
                 z = args[0] if self.policy is None else args[0][:, -1:]
                 h = output if self.policy is None else output[:, -1:]
                 part = term.logit(z, h)

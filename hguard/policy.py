@@ -24,8 +24,9 @@ from typing import Literal
 
 import torch
 
-Action = Literal["flag", "abstain", "dampen", "scale"]
-ACTIONS: tuple[str, ...] = ("flag", "abstain", "dampen", "scale")
+Action = Literal["off", "flag", "abstain", "dampen", "scale"]
+# One vocabulary for the library, the CLI (`--action`) and HTTP (`guard.action`). "off": no hook at all.
+ACTIONS: tuple[str, ...] = ("off", "flag", "abstain", "dampen", "scale")
 Verdict = Literal["ok", "flagged", "abstained", "dampened"]
 
 
@@ -107,9 +108,18 @@ class Calibration:
         )
 
 
+def action_name(action: str | None) -> str:
+    """`action` checked against ACTIONS; None, the library's older spelling of "off", becomes "off"."""
+    if action is None:
+        return "off"
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {action!r}")
+    return action
+
+
 @dataclass(frozen=True)
 class Policy:
-    """One generation's guard settings, validated on construction.
+    """One generation's guard settings, validated on construction (a guard that is off has none).
 
     flag    score and report; change nothing.
     abstain stop a sequence once its running hallucination probability reaches `watch_threshold`.
@@ -124,8 +134,8 @@ class Policy:
     watch_threshold: float | None = None  # what abstain/dampen compare the running mean with (default: threshold)
 
     def __post_init__(self) -> None:
-        if self.action not in ACTIONS:
-            raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {self.action!r}")
+        if self.action not in ACTIONS or self.action == "off":
+            raise ValueError(f"action must be one of {', '.join(ACTIONS[1:])}; got {self.action!r}")
         for name in ("threshold", "watch_threshold"):
             value = getattr(self, name)
             if value is None and name == "watch_threshold":

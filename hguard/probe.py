@@ -307,6 +307,15 @@ class BoundProbe:
             torch.block_diag(*(term.weight.unsqueeze(1) for term in self.terms)) if self.single_device else None
         )
         self._flat: dict[tuple[int, ...], torch.Tensor] = {}
+        self._h_columns: dict[int, torch.Tensor] = {}
+
+    def h_columns(self, term: LayerTerm) -> torch.Tensor:
+        """[m_l, hidden] the down projection's columns of `term`'s H-Neurons (cached): what one unit of each
+        adds to the layer's output h."""
+        if term.layer not in self._h_columns:
+            weight = self.sites.down_weight(term.layer)  # [hidden, intermediate]
+            self._h_columns[term.layer] = weight.detach().index_select(1, term.h_index.to(weight.device)).t()
+        return self._h_columns[term.layer]
 
     def flat_index(self, widths: tuple[int, ...]) -> torch.Tensor:
         """[k] positions of the selected neurons in the hooked layers' z vectors laid end to end, for

@@ -63,7 +63,7 @@ class GuardResult:
     probability: float | None
     verdict: Verdict
     finish_reason: FinishReason
-    action: str | None
+    action: str  # one of policy.ACTIONS; "off" when the guard did not run
     flagged_spans: list[Span] = field(default_factory=list)
     prompt_tokens: int = 0
     row: int = 0
@@ -238,7 +238,7 @@ def assemble(
     """One GuardResult from a row's cut and its per-token logits (at least cut.length, or None if off)."""
     ids = list(generated[: cut_.length])
     if policy is None:
-        return GuardResult(cut_.text, ids, [], None, "ok", cut_.finish_reason, None, [], prompt_tokens, row)
+        return GuardResult(cut_.text, ids, [], None, "ok", cut_.finish_reason, "off", [], prompt_tokens, row)
     logits = logits[: cut_.length] if logits is not None else []  # None: no row has a token to score
     probs = calibration.probs(logits)
     probability = calibration.prob(mean(logits)) if ids else None

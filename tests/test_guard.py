@@ -413,3 +413,45 @@ def test_assisted_decoding_is_refused_with_the_guard(make_guard):
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
         guard.generate(PROMPTS[:1], action=None, logprobs=1, max_new_tokens=4, prompt_lookup_num_tokens=3)
     assert guard.generate(PROMPTS[:1], action=None, max_new_tokens=4, prompt_lookup_num_tokens=3)[0].token_ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("action", ["dampen", "scale"])
+def test_scores_under_intervention_are_what_the_probe_read_before_acting(make_guard, arch, action):
+    """With every probe neuron in one layer, scaling that layer's H-Neurons changes nothing that layer reads
+    later (only the layers above it, and so the tokens sampled); so on the same tokens the reported scores
+    must equal an unintervened teacher-forced pass, and the verdict must still say the guard acted."""
+    from hguard import Guard, Probe
+
+    guard = make_guard(arch)
+    model = guard.model
+    generator = torch.Generator().manual_seed(3)
+    width = guard.sites.intermediate_size
+    neuron = torch.randperm(width, generator=generator)[:16]
+    weight = torch.randn(16, generator=generator).abs() + 0.1
+    layer = torch.full((16,), guard.sites.num_layers - 2)
+    guard = Guard(model, guard.tokenizer, Probe.from_weights(model, layer, neuron, weight, 0.0))
+    kw = dict(max_new_tokens=10, do_sample=False, action=action, threshold=0.0, alpha=0.0)
+    plain = guard.generate(PROMPTS, action="off", max_new_tokens=10, do_sample=False)
+    acted = guard.generate(PROMPTS, **kw)
+    assert any(a.token_ids != b.token_ids for a, b in zip(plain, acted)), "alpha 0 should change some answers"
+    tokens, streamed = collect(guard.stream(PROMPTS, **kw))
+    for prompt, result, again in zip(PROMPTS, acted, streamed):
+        assert result.verdict == "dampened" and result.action == action
+        reference = guard.score(prompt, result.token_ids)
+        assert result.token_probs == pytest.approx(reference.token_probs, abs=TOL)
+        assert result.probability == pytest.approx(reference.probability, abs=TOL)
+        assert again.token_probs == pytest.approx(result.token_probs, abs=TOL)
+
+
+def test_one_action_vocabulary(make_guard):
+    from hguard import ACTIONS
+
+    guard = make_guard()
+    assert ACTIONS == ("off", "flag", "abstain", "dampen", "scale")
+    off = guard.generate(PROMPTS[:2], action="off", max_new_tokens=4, do_sample=False)
+    none = guard.generate(PROMPTS[:2], action=None, max_new_tokens=4, do_sample=False)
+    assert [r.token_ids for r in off] == [r.token_ids for r in none]
+    assert all(r.action == "off" and r.probability is None and r.token_probs == [] for r in off)
+    with pytest.raises(ValueError, match="action must be one of off, flag, abstain, dampen, scale"):
+        guard.generate(PROMPTS[:1], action="block", max_new_tokens=2)

@@ -20,7 +20,7 @@ IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_ca
 class GuardOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["flag", "abstain", "dampen"] | None = None
+    action: Literal["off", "flag", "abstain", "dampen", "scale"] | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     alpha: float | None = Field(default=None, ge=0.0, le=10.0)
     token_scores: bool = False

@@ -49,9 +49,9 @@ class Proxy:
 
     def policy(self, request) -> Policy:
         options = request.guard
-        action = options.action or self.defaults.action or "flag"
-        if action == "dampen":
-            raise APIError(400, "guard.action 'dampen' needs the model's activations, which a proxied upstream "
+        action = options.action or self.defaults.action
+        if action in ("dampen", "scale"):
+            raise APIError(400, f"guard.action '{action}' needs the model's activations, which a proxied upstream "
                            "does not expose; use 'flag' or 'abstain', or host the model", param="guard.action")
         threshold = options.threshold if options.threshold is not None else self.defaults.threshold
         return self.guard.policy(action, threshold)

@@ -72,7 +72,7 @@ def withheld_logprobs(chat: bool) -> dict:
 
 @dataclass
 class GuardDefaults:
-    action: str | None = "flag"
+    action: str = "flag"  # policy.ACTIONS
     threshold: float | None = None
     alpha: float | None = None
     abstain_message: str = "I'm not confident enough to answer that."
