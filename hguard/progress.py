@@ -24,7 +24,7 @@ def enabled() -> bool:
 
 def _options(desc: str, total: int | None, unit: str) -> dict:
     interactive = sys.stderr.isatty()
-    return dict(desc=desc, total=total, unit=unit, file=sys.stderr, disable=not enabled(), leave=interactive,
+    return dict(desc=desc, total=total, unit=unit, file=sys.stderr, disable=not enabled(), leave=True,
                 dynamic_ncols=interactive, mininterval=0.5 if interactive else 30.0)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..guard import left_pad, pad_id
+from ..progress import progress
 
 PAPER_SAMPLING = dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)
 SUFFIX = " Respond with the answer only, without any explanation."
@@ -40,7 +41,8 @@ def sample(model, tokenizer, items: Sequence[dict | str], samples: int = 10, bat
     per_call = max(1, batch // samples)
     device = model.get_input_embeddings().weight.device
     pad = pad_id(tokenizer)
-    for start in range(0, len(items), per_call):
+    for start in progress(range(0, len(items), per_call), "sampling answers", total=-(-len(items) // per_call),
+                          unit="batch"):
         rows = [prompt_ids(tokenizer, item, suffix) for item in items[start: start + per_call]]
         ids, mask = left_pad(rows, pad, device)
         kwargs = dict(PAPER_SAMPLING, num_return_sequences=samples) if samples > 1 else dict(do_sample=False)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..progress import progress
+
 IGNORE = -100
 
 
@@ -120,7 +122,7 @@ def train(
     history = []
     start = time.time()
     running = 0.0
-    for step in range(schedule.steps):
+    for step in progress(range(schedule.steps), "training", unit="step"):
         if len(order) < schedule.batch:
             epoch = list(range(ids.shape[0]))
             rng.shuffle(epoch)
