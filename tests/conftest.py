@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hguard import Guard, Probe
 from hguard.tiny import save_tiny
 
+import openai_schema
+
 PROMPTS = ["Where was Ada born?", "The quick brown fox jumps over", "Hi", "Numbers like 1024 and 3.14 appear in"]
 
 
@@ -73,3 +75,18 @@ def both_classes():
         return items
 
     return relabel
+
+
+@pytest.fixture(autouse=True)
+def _replies_follow_openai_schema():
+    """Every reply an hguard server sent during the test (recorded by LiveServer) validates against the
+    official OpenAI schemas (tests/openai_spec/); the test fails otherwise."""
+    start = len(openai_schema.RECORDED)
+    yield
+    openai_schema.VALIDATED.append(openai_schema.check(openai_schema.RECORDED[start:]))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if openai_schema.RECORDED:
+        terminalreporter.write_line(f"OpenAI schema: {sum(openai_schema.VALIDATED)} objects from "
+                                    f"{len(openai_schema.RECORDED)} replies validated")

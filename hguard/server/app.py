@@ -126,6 +126,22 @@ def _validation_message(error: dict) -> tuple[str, str | None]:
     return f"{param or 'body'}: {error.get('msg', 'invalid value')}", param
 
 
+def _without_422(openapi):
+    """FastAPI's OpenAPI document, less the 422 it adds to every route with a body: this server answers
+    invalid requests with 400 (declared on each route), as the OpenAI API does."""
+
+    def document() -> dict:
+        schema = openapi()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    return document
+
+
 def build_app(settings: ServerSettings | None = None, guard: Guard | None = None) -> FastAPI:
     """The OpenAI-compatible app. Pass `guard` to serve an already loaded model (tests, notebooks)."""
     settings = settings or ServerSettings()
@@ -188,7 +204,9 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return _error(error.status_code, str(error.detail), kind)
+        return _error(error.status_code, str(error.detail), kind, headers=error.headers)  # 405: Allow
+
+    app.openapi = _without_422(app.openapi)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # a bug of ours, never the client's input

@@ -83,6 +83,14 @@ class _Sampling(BaseModel):
         return self
 
 
+class ContentPartError(ValueError):
+    """A content part this server cannot read; `part` is its index in the message's content list."""
+
+    def __init__(self, part: int, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,9 +102,13 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
+        for i, part in enumerate(self.content):
+            kind = part.get("type")
+            if kind != "text":
+                raise ContentPartError(i, f"content parts of type {kind!r} are not supported by this server; "
+                                          "send 'text' parts")
+            if not isinstance(part.get("text"), str):
+                raise ContentPartError(i, "a 'text' content part needs a string `text`")
             parts.append(part["text"])
         return "".join(parts)
 

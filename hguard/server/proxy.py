@@ -2,12 +2,11 @@
 what it returns with a local copy of the same weights, in a teacher-forced pass.
 
 The upstream's text is re-tokenised with the local tokenizer; the scores describe those tokens (for
-greedy text from the same tokenizer they are the upstream's tokens). While streaming, each new piece
-is scored incrementally (a KV cache holds the prompt and the tokens scored so far, see
-incremental.py) and each chunk carries the scores of the tokens that became final;
-abstain cuts the stream once the running probability reaches the watch threshold. Requested logprobs
-are the upstream's, relayed as they come. Dampen needs the upstream's activations, so it is refused
-(400). An unreachable upstream is 502, a slow one 504.
+greedy text from the same tokenizer they are the upstream's tokens). Abstain cuts an answer where
+hosted generation would (`Proxy.cut`), so a client sees the same text, finish reason and scores in
+both modes; streams are relayed by relay.py, each new piece scored incrementally (incremental.py).
+Requested logprobs are the upstream's, relayed as they come. Dampen needs the upstream's activations,
+so it is refused (400). An unreachable upstream is 502, a slow one 504.
 """
 
 from __future__ import annotations
@@ -18,12 +17,13 @@ import weakref
 from collections.abc import AsyncIterator
 
 import httpx
+import torch
 
 from ..guard import Guard
-from ..incremental import IncrementalScorer
 from ..metrics import Metrics
-from ..policy import Policy, flagged_spans, running_peak, verdict
-from ..results import char_offset
+from ..policy import Policy, flagged_spans, verdict
+from ..results import Scores, char_offset
+from .relay import Relay, conform, trigger_index, watched
 from .serving import (APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of,
                       endpoint_name, withheld_logprobs, worst)
 
@@ -47,7 +47,7 @@ class Proxy:
     async def close(self) -> None:
         await self.client.aclose()
 
-    def policy(self, request) -> Policy:
+    def policy(self, request) -> Policy | None:
         options = request.guard
         action = options.action or self.defaults.action
         if action in ("dampen", "scale"):
@@ -91,8 +91,12 @@ class Proxy:
             return None
         return await asyncio.to_thread(self.guard.score, prompt, text)
 
-    def _report(self, policy: Policy, scores, text: str, token_scores: bool, abstained: bool) -> dict:
-        """A finished choice's `hallucination` object; the answer goes into the metrics too."""
+    def report(self, policy: Policy | None, scores: Scores | None, text: str, token_scores: bool,
+               abstained: bool) -> dict:
+        """A finished choice's `hallucination` object (`scores` and `text`: the answer kept); the answer
+        goes into the metrics too."""
+        if policy is None:  # the guard is off: nothing was scored
+            return {"probability": None, "verdict": "ok", "action": None, "flagged_spans": []}
         report = self._summary(policy, scores, text, token_scores, abstained)
         if self.metrics is not None:
             self.metrics.answer(scores.token_probs if scores is not None else [], report["probability"],
@@ -121,12 +125,27 @@ class Proxy:
         prompt = self._prompt(request, chat)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         body = await self._complete(request, chat, policy, prompt, path)
-        self._count(chat, policy, [choice["hallucination"]["verdict"] for choice in body.get("choices", [])], prompt)
+        self.count(chat, policy, [choice["hallucination"]["verdict"] for choice in body.get("choices", [])], prompt)
         return body
 
-    def _count(self, chat: bool, policy: Policy, verdicts: list[str], prompt: list[int]) -> None:
+    def count(self, chat: bool, policy: Policy | None, verdicts: list[str], prompt: list[int]) -> None:
         if self.metrics is not None:
-            self.metrics.request(endpoint_name(chat), 200, policy.action, worst(verdicts), len(prompt))
+            action = policy.action if policy is not None else "off"
+            self.metrics.request(endpoint_name(chat), 200, action, worst(verdicts), len(prompt))
+
+    def cut(self, policy: Policy | None, scores: Scores | None, watched: int) -> tuple[Scores | None, bool]:
+        """Where abstain stops an answer, as hosted generation does: `scores` up to and including the
+        token at which the running mean reached the trigger, and True; else `scores` and False.
+        `watched`: how many leading tokens the policy may act on."""
+        if policy is None or policy.action != "abstain" or scores is None:
+            return scores, False
+        calibration = self.guard.probe.calibration
+        at = trigger_index(scores.token_logits[:watched], calibration, policy.trigger)
+        if at is None:
+            return scores, False
+        kept = at + 1
+        logits = torch.tensor(scores.token_logits[:kept], dtype=torch.float64)
+        return Scores.of(scores.token_ids[:kept], logits, calibration), True
 
     async def _complete(self, request, chat: bool, policy: Policy, prompt: list[int], path: str) -> dict:
         response = await self._post(path, self._forward_body(request), stream=False)
@@ -135,12 +154,14 @@ class Proxy:
         except ValueError as error:
             raise APIError(502, "the upstream answered with something that is not JSON", "upstream_error") from error
         for choice in body.get("choices", []):
+            conform(choice, chat)
             text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
             text = text or ""
-            scores = await self._score(prompt, text)
-            abstained = policy.action == "abstain" and scores is not None and \
-                running_peak(scores.token_logits, self.guard.probe.calibration) >= policy.trigger
-            choice["hallucination"] = self._report(policy, scores, text, request.guard.token_scores, abstained)
+            scores = await self._score(prompt, text) if policy is not None else None
+            scores, abstained = self.cut(policy, scores, watched(scores, choice.get("finish_reason")))
+            kept = text[:char_offset(self.guard.tokenizer, scores.token_ids, len(scores.token_ids), text)] \
+                if abstained else text
+            choice["hallucination"] = self.report(policy, scores, kept, request.guard.token_scores, abstained)
             if abstained:
                 choice["finish_reason"] = "content_filter"
                 if chat:
@@ -153,6 +174,7 @@ class Proxy:
         return body
 
     async def stream(self, request, chat: bool) -> AsyncIterator[str]:
+        """The upstream's stream, relayed with scores (see relay.py)."""
         check_model(request.model, self.model_name)
         policy = self.policy(request)
         prompt = self._prompt(request, chat)
@@ -166,102 +188,9 @@ class Proxy:
         except APIError:
             slot.release()
             raise
-        relay = self._relay(response, request, policy, prompt, chat, slot)
+        relay = Relay(self, response, request, policy, prompt, chat, slot).events()
         weakref.finalize(relay, slot.release)  # a response never iterated (the client left at once)
         return relay
-
-    async def _relay(self, response, request, policy: Policy, prompt, chat: bool, slot: "_Slot") -> AsyncIterator[str]:
-        texts: dict[int, str] = {}
-        scorers: dict[int, IncrementalScorer] = {}  # per choice: each token runs through the model once
-        sent: dict[int, int] = {}  # tokens whose scores were already sent, per choice
-        stopped: set[int] = set()
-        verdicts: list[str] = []
-        tokens: dict[int, int] = {}  # local tokens of each choice's text so far
-        usage_sent, last = False, {}
-        try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].removeprefix(" ")  # SSE: one space after the colon is optional
-                if data.strip() == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    body = APIError(502, "the upstream sent a malformed stream event", "upstream_error").body()
-                    yield f"data: {json.dumps(body)}\n\n"
-                    break
-                if "error" in chunk:
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                    continue
-                chunk["model"] = self.model_name
-                last = chunk
-                usage_sent = usage_sent or chunk.get("usage") is not None
-                keep = []
-                for choice in chunk.get("choices", []):
-                    index = choice.get("index", 0)
-                    if index in stopped:
-                        continue
-                    piece = ((choice.get("delta") or {}).get("content") if chat else choice.get("text")) or ""
-                    texts[index] = texts.get(index, "") + piece
-                    if index not in scorers:
-                        scorers[index] = IncrementalScorer(self.guard, prompt)
-                    try:
-                        scores = await asyncio.to_thread(scorers[index].score, texts[index])
-                    except Exception as error:  # the client gets it as the stream's last event
-                        raise _ScoringFailed(f"{type(error).__name__}: {error}") from error
-                    final = choice.get("finish_reason") is not None
-                    if scores is not None:
-                        tokens[index] = len(scores.token_ids)
-                        # all but the last token are stable under re-tokenisation until the choice ends
-                        ready = len(scores.token_ids) if final else max(0, len(scores.token_ids) - 1)
-                        new = scores.token_probs[sent.get(index, 0): ready]
-                        sent[index] = max(sent.get(index, 0), ready)
-                        choice["hallucination"] = {"token_scores": new}
-                        peak = running_peak(scores.token_logits[:ready], self.guard.probe.calibration)
-                        if policy.action == "abstain" and peak >= policy.trigger and not final:
-                            choice["finish_reason"] = "content_filter"
-                            final = True
-                            stopped.add(index)
-                    if final:
-                        choice["hallucination"] = {
-                            **self._report(policy, scores, texts[index], request.guard.token_scores,
-                                           choice["finish_reason"] == "content_filter"),
-                            "token_scores": choice.get("hallucination", {}).get("token_scores", []),
-                        }
-                        verdicts.append(choice["hallucination"]["verdict"])
-                    keep.append(choice)
-                if keep or not chunk.get("choices"):
-                    chunk["choices"] = keep
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                if len(stopped) >= request.n:
-                    # every choice abstained: stop reading (closing the response ends the upstream's work);
-                    # the usage the client asked for is counted here, since the upstream's will not come
-                    include = request.stream_options is not None and request.stream_options.include_usage
-                    if include and not usage_sent:
-                        yield f"data: {json.dumps(self._usage_chunk(last, len(prompt), sum(tokens.values())))}\n\n"
-                    break
-        except httpx.HTTPError as error:
-            body = APIError(502, f"the upstream stream failed: {error}", "upstream_error").body()
-            yield f"data: {json.dumps(body)}\n\n"
-        except _ScoringFailed as error:
-            yield f"data: {json.dumps(APIError(500, f'scoring failed: {error}', 'server_error').body())}\n\n"
-        finally:
-            slot.release()
-            self._count(chat, policy, verdicts, prompt)
-            scorers.clear()  # the KV caches go now, not when the response object does
-            await response.aclose()
-        yield "data: [DONE]\n\n"
-
-    def _usage_chunk(self, last: dict, prompt: int, completion: int) -> dict:
-        """The usage chunk the upstream would have sent last, counted in local tokens."""
-        return {"id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
-                "created": last.get("created", 0), "model": self.model_name, "choices": [],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
-
-
-class _ScoringFailed(Exception):
-    """Scoring a streamed choice failed (the stream ends with an error event)."""
 
 
 class _Slot:

@@ -1,8 +1,14 @@
-"""HTTP routes: thin, they validate, hand the work to `Serving`, and shape the HTTP reply."""
+"""HTTP routes: thin, they validate, hand the work to `Serving`, and shape the HTTP reply.
+
+Each route declares the statuses it can answer with (hguard's own /openapi.json lists them), every
+error in the OpenAI error body. A non-streamed completion also carries its verdict in headers
+(`verdict_headers`), for clients that show headers but drop fields the OpenAI schema lacks.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -10,10 +16,53 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..metrics import CONTENT_TYPE_LATEST
 
 from .engine import QueueFull
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .serving import APIError, Serving, endpoint_name
+from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from .serving import APIError, Serving, check_model, endpoint_name
 
 router = APIRouter()
+
+_ERRORS = {
+    400: "An invalid or unsupported request; `param` names the field",
+    401: "A missing or wrong API key (a server started with --api-key)",
+    404: "An unknown model, route or disabled endpoint",
+    413: "A request body over 4 MiB",
+    429: "The queue is full (or, proxying, too many streams are open); retry after Retry-After seconds",
+    500: "A fault of the server's own, never the client's input",
+    502: "Proxy mode: the upstream failed, is unreachable, or refused this server's key",
+    503: "The model is not loaded yet",
+    504: "Proxy mode: the upstream timed out",
+}
+_VERDICT_HEADERS = {
+    "x-hguard-verdict": {"description": "Each choice's verdict (ok, flagged, abstained, dampened), comma-separated "
+                                        "in choice order; non-streamed responses only",
+                         "schema": {"type": "string"}},
+    "x-hguard-probability": {"description": "Each choice's hallucination probability (or null), comma-separated "
+                                            "in choice order; non-streamed responses only",
+                             "schema": {"type": "string"}},
+}
+
+
+def _responses(*statuses: int, completion: bool = False) -> dict:
+    """The OpenAPI `responses` of a route: the error statuses it can send, in the OpenAI error body."""
+    responses: dict = {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in statuses}
+    if completion:
+        responses[200] = {"description": "The completion (JSON), or with `stream: true` its Server-Sent Events; "
+                                         "each choice carries `hallucination`",
+                          "content": {"text/event-stream": {}}, "headers": _VERDICT_HEADERS}
+    return responses
+
+
+_COMPLETION = _responses(400, 401, 404, 413, 429, 500, 502, 503, 504, completion=True)
+
+
+def verdict_headers(body: dict) -> dict[str, str]:
+    """`x-hguard-verdict` and `x-hguard-probability` of a completion body: each choice's value,
+    comma-separated in choice order (one value for n = 1), as HTTP writes a list in one header."""
+    reports = [choice.get("hallucination") or {} for choice in body.get("choices", [])]
+    if not reports:
+        return {}
+    return {"x-hguard-verdict": ", ".join(str(r.get("verdict")) for r in reports),
+            "x-hguard-probability": ", ".join(json.dumps(r.get("probability")) for r in reports)}
 
 
 def _serving(request: Request) -> Serving:
@@ -37,7 +86,8 @@ async def _complete(http: Request, body, chat: bool):
         if body.stream:
             return StreamingResponse(await proxy.stream(body, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await proxy.complete(body, chat))
+        answer = await proxy.complete(body, chat)
+        return JSONResponse(answer, headers=verdict_headers(answer))
     job = serving.chat_job(body) if chat else serving.completion_job(body)
     _submit(serving, job)
     if body.stream:
@@ -62,7 +112,8 @@ async def _complete(http: Request, body, chat: bool):
         serving.record(endpoint, CLIENT_CLOSED, job)
         return Response(status_code=CLIENT_CLOSED)
     serving.record(endpoint, 200, job, results, body.n)
-    return JSONResponse(serving.response(body, job, results, chat))
+    answer = serving.response(body, job, results, chat)
+    return JSONResponse(answer, headers=verdict_headers(answer))
 
 
 CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection first
@@ -82,24 +133,33 @@ async def _unless_disconnected(http: Request, work, poll: float = 0.25):
         task.cancel()
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=_COMPLETION)
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     return await _complete(http, body, chat=True)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=_COMPLETION)
 async def completions(body: CompletionRequest, http: Request):
     return await _complete(http, body, chat=False)
 
 
-@router.get("/v1/models")
+def _model(serving: Serving) -> dict:
+    return {"id": serving.model_name, "object": "model", "created": 0, "owned_by": "hguard"}
+
+
+@router.get("/v1/models", responses=_responses(401, 503))
 async def models(http: Request):
+    return {"object": "list", "data": [_model(_serving(http))]}
+
+
+@router.get("/v1/models/{model:path}", responses=_responses(401, 404, 503))
+async def model(model: str, http: Request):
     serving = _serving(http)
-    return {"object": "list", "data": [{"id": serving.model_name, "object": "model", "created": 0,
-                                        "owned_by": "hguard"}]}
+    check_model(model, serving.model_name)
+    return _model(serving)
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=_responses(404, 503))
 async def metrics(http: Request):
     serving = _serving(http)
     if serving.metrics is None:
@@ -107,7 +167,7 @@ async def metrics(http: Request):
     return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/health")
+@router.get("/health", responses=_responses(503))
 async def health(http: Request):
     serving = _serving(http)
     return {"status": "ok", "queue_depth": serving.engine.queue_depth, "running": serving.engine.running}

@@ -18,7 +18,7 @@ from ..logprobs import Entry
 from ..results import GuardResult, TokenEvent, token_bytes
 from ..metrics import Metrics
 from .engine import DONE, Engine, Job, Settings
-from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now
+from .protocol import ChatCompletionRequest, CompletionRequest, ContentPartError, new_id, now
 
 
 class APIError(Exception):
@@ -41,11 +41,16 @@ def check_model(name: str, served: str) -> None:
 
 
 def messages_of(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The chat as the tokenizer's template wants it (text only; 'developer' is a system message)."""
-    try:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
-    except ValueError as error:
-        raise APIError(422, str(error), param="messages") from error
+    """The chat as the tokenizer's template wants it (text only; 'developer' is a system message). A
+    content part that is not text is a 400 naming it, as the OpenAI API names a bad part."""
+    chat = []
+    for i, message in enumerate(request.messages):
+        try:
+            chat.append({"role": "system" if message.role == "developer" else message.role, "content": message.text()})
+        except ContentPartError as error:
+            param = f"messages.{i}.content.{error.part}"
+            raise APIError(400, f"{param}: {error}", param=param, code="unsupported_content_part") from error
+    return chat
 
 
 def prompts_of(request: CompletionRequest) -> list:
@@ -63,10 +68,15 @@ def encode_prompt(guard: Guard, prompt) -> list[int]:
         raise APIError(400, str(error), param="prompt") from error
 
 
+def chat_logprobs(content: list[dict] | None) -> dict:
+    """A chat `logprobs` object; `refusal` is required by the OpenAI schema and always null here."""
+    return {"content": content, "refusal": None}
+
+
 def withheld_logprobs(chat: bool) -> dict:
     """The `logprobs` of an abstained choice: its replacement message has none (not the model's tokens)."""
     if chat:
-        return {"content": None}
+        return chat_logprobs(None)
     return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
 
@@ -80,6 +90,27 @@ class GuardDefaults:
 
 
 _SEVERITY = {"ok": 0, "flagged": 1, "dampened": 2, "abstained": 3}
+
+
+def abstain_tail(sent: str, message: str) -> str:
+    """What a streamed abstention adds after the text already sent, which a stream cannot take back:
+    the abstention message as a paragraph of its own (none before it when nothing visible was sent)."""
+    if not sent.strip():
+        return message
+    newlines = len(sent) - len(sent.rstrip("\n"))
+    return "\n" * max(0, 2 - newlines) + message
+
+
+def finishing_choice(index: int, chat: bool, summary: dict, finish: str, tail: str = "") -> dict:
+    """The stream chunk choice that ends a choice: its finish reason, the summary, and `tail` (the
+    abstention message, else nothing). The summary also rides in the chat delta, where accumulating
+    clients (the openai SDK's stream helper builds `message` from deltas) keep it."""
+    choice: dict = {"index": index, "finish_reason": finish, "logprobs": None, "hallucination": summary}
+    if chat:
+        choice["delta"] = {**({"content": tail} if tail else {}), "hallucination": summary}
+    else:
+        choice["text"] = tail
+    return choice
 
 
 def endpoint_name(chat: bool) -> str:
@@ -181,7 +212,7 @@ class Serving:
             choice = {"index": i, "finish_reason": finish,
                       "hallucination": self._hallucination(result, request.guard.token_scores)}
             if chat:
-                choice["message"] = {"role": "assistant", "content": text}
+                choice["message"] = {"role": "assistant", "content": text, "refusal": None}
                 choice["logprobs"] = self._chat_logprobs(result) if result.logprobs is not None else None
             else:
                 choice["text"] = text
@@ -227,7 +258,7 @@ class Serving:
         """The chat `logprobs` object of a whole choice."""
         if result.verdict == "abstained":
             return withheld_logprobs(chat=True)
-        return {"content": [self._chat_entry(t, e) for t, e in zip(result.token_ids, result.logprobs)]}
+        return chat_logprobs([self._chat_entry(t, e) for t, e in zip(result.token_ids, result.logprobs)])
 
     def _text_logprobs(self, result: GuardResult) -> dict:
         if result.verdict == "abstained":
@@ -245,15 +276,10 @@ class Serving:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
-        def delta(index: int, text: str, extra: dict | None = None, finish: str | None = None,
-                  logprobs: dict | None = None) -> dict:
-            choice: dict = {"index": index, "finish_reason": finish, "logprobs": logprobs}
-            if chat:
-                choice["delta"] = {"content": text} if text or finish is None else {}
-            else:
-                choice["text"] = text
-            if extra:
-                choice["hallucination"] = extra
+        def delta(index: int, text: str, scores: list[float], logprobs: dict | None) -> dict:
+            choice: dict = {"index": index, "finish_reason": None, "logprobs": logprobs,
+                            "hallucination": {"token_scores": scores}}
+            choice["delta" if chat else "text"] = {"content": text} if chat else text
             return choice
 
         if chat:
@@ -268,7 +294,7 @@ class Serving:
             if event.logprob is None:
                 return None
             if chat:
-                return {"content": [self._chat_entry(event.token_id, event.logprob)]}
+                return chat_logprobs([self._chat_entry(event.token_id, event.logprob)])
             entries = self._text_entries([event.token_id], [event.logprob], token_chars.get(event.row, 0))
             token_chars[event.row] = token_chars.get(event.row, 0) + len(entries["tokens"][0])
             return entries
@@ -279,14 +305,14 @@ class Serving:
                     raise item
                 if isinstance(item, TokenEvent):
                     scores = [item.probability] if item.probability is not None else []
-                    yield chunk([delta(item.row, item.text, {"token_scores": scores}, logprobs=logprobs(item))])
+                    yield chunk([delta(item.row, item.text, scores, logprobs(item))])
                 else:
                     results.append(item)
                     completion += len(item.token_ids)
                     text, finish = self._finish(item)
-                    tail = text if finish == "content_filter" else ""
-                    yield chunk([delta(item.row, tail, self._hallucination(item, request.guard.token_scores),
-                                       finish)])
+                    tail = abstain_tail(item.text, text) if finish == "content_filter" else ""  # item.text: sent
+                    summary = self._hallucination(item, request.guard.token_scores)
+                    yield chunk([finishing_choice(item.row, chat, summary, finish, tail)])
         except Exception as error:  # the stream has started: report in-band, then end it
             self.record(endpoint, 500, job)
             body = APIError(500, f"generation failed: {error}", "server_error").body()

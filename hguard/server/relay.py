@@ -1,0 +1,219 @@
+"""A proxied stream: the upstream's chunks relayed to the client, each with the scores of its tokens.
+
+The upstream's text is re-tokenised locally as it grows, and its last token can still change (a chunk
+that ends inside a word), so the relay holds that token's text back until the next chunk or the end
+of the choice settles it: every chunk carries exactly the text of the tokens whose scores it carries,
+as a hosted stream's chunks do. Abstain stops a choice where hosted generation would, at the token
+whose running mean reaches the trigger: that token's text is the last sent, then a finishing chunk
+adds the abstention message (`abstain_tail`) and the summary, and the rest of the upstream's answer is
+never sent. A choice that ends at the upstream ends with the same finishing chunk (no text of its own).
+Requested logprobs are the upstream's, relayed in the chunk that brought them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+import torch
+
+from ..incremental import IncrementalScorer
+from ..results import Scores, decode
+from .serving import APIError, abstain_tail, finishing_choice
+
+if TYPE_CHECKING:
+    from ..policy import Calibration, Policy
+    from .proxy import Proxy, _Slot
+
+
+def trigger_index(logits: Sequence[float], calibration: "Calibration", trigger: float) -> int | None:
+    """The first token at which the calibrated running mean of `logits` reaches `trigger` (None: none
+    does), the token at which a hosted abstention stops."""
+    if len(logits) == 0:
+        return None
+    values = torch.as_tensor(list(logits), dtype=torch.float64)
+    means = values.cumsum(0) / torch.arange(1, values.numel() + 1, dtype=torch.float64)
+    hits = (calibration(means) >= trigger).nonzero()
+    return int(hits[0, 0]) if hits.numel() else None
+
+
+def watched(scores: Scores | None, finish: str | None) -> int:
+    """How many tokens of a finished answer the policy may act on: all of them, except a last token at
+    the length limit, which hosted generation never feeds back (so never scores in time to act on)."""
+    count = len(scores.token_ids) if scores is not None else 0
+    return count - 1 if finish == "length" else count
+
+
+def conform(choice: dict, chat: bool) -> dict:
+    """An upstream's choice with the fields the OpenAI schema requires of a chat choice (`refusal` in
+    the message and in the logprobs), which some OpenAI-compatible servers leave out."""
+    if chat:
+        if isinstance(choice.get("message"), dict):
+            choice["message"].setdefault("refusal", None)
+        if isinstance(choice.get("logprobs"), dict):
+            choice["logprobs"].setdefault("refusal", None)
+    return choice
+
+
+def spelled(tokenizer, ids: list[int], count: int, text: str, floor: int) -> int:
+    """Characters of `text` that its first `count` tokens spell, a partial character at their end left
+    out; `floor` (what was already sent) where they do not spell a prefix of `text`."""
+    prefix = decode(tokenizer, ids[:count]).rstrip("\ufffd")
+    return len(prefix) if len(prefix) > floor and text.startswith(prefix) else floor
+
+
+class ScoringFailed(Exception):
+    """Scoring a streamed choice failed (the stream ends with an error event)."""
+
+
+@dataclass
+class _Choice:
+    """One choice of the stream: the upstream's text so far, and how much of it went out."""
+
+    scorer: IncrementalScorer | None
+    text: str = ""
+    sent_chars: int = 0
+    sent_tokens: int = 0  # local tokens whose text (and scores) went out
+    tokens: int = 0  # local tokens of the answer so far (at its end: of the answer kept)
+    done: bool = False
+    abstained: bool = False
+
+
+class Relay:
+    """The events of one proxied stream; `events()` is the iterator the route sends."""
+
+    def __init__(self, proxy: "Proxy", response: httpx.Response, request, policy: "Policy | None",
+                 prompt: list[int], chat: bool, slot: "_Slot") -> None:
+        self.proxy, self.response, self.request, self.policy = proxy, response, request, policy
+        self.prompt, self.chat, self.slot = prompt, chat, slot
+        self.choices: dict[int, _Choice] = {}
+        self.verdicts: list[str] = []
+
+    async def events(self) -> AsyncIterator[str]:
+        usage_sent, last = False, {}
+        try:
+            async for line in self.response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].removeprefix(" ")  # SSE: one space after the colon is optional
+                if data.strip() == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    yield _event(APIError(502, "the upstream sent a malformed stream event", "upstream_error").body())
+                    break
+                if "error" in chunk:
+                    yield _event(chunk)
+                    continue
+                chunk["model"] = self.proxy.model_name
+                last = chunk
+                usage_sent = usage_sent or chunk.get("usage") is not None
+                for event in await self._relay(chunk):
+                    yield event
+                done = [c for c in self.choices.values() if c.done]
+                if len(done) >= self.request.n and any(c.abstained for c in done):
+                    # an abstention ended the last open choice: stop reading (closing the response ends the
+                    # upstream's work); the usage the client asked for is counted here, since the upstream's
+                    # will not come
+                    options = self.request.stream_options
+                    if options is not None and options.include_usage and not usage_sent:
+                        yield _event(self._usage_chunk(last))
+                    break
+        except httpx.HTTPError as error:
+            yield _event(APIError(502, f"the upstream stream failed: {error}", "upstream_error").body())
+        except ScoringFailed as error:
+            yield _event(APIError(500, f"scoring failed: {error}", "server_error").body())
+        finally:
+            self.slot.release()
+            self.proxy.count(self.chat, self.policy, self.verdicts, self.prompt)
+            self.choices.clear()  # the KV caches go now, not when the response object does
+            await self.response.aclose()
+        yield "data: [DONE]\n\n"
+
+    async def _relay(self, chunk: dict) -> list[str]:
+        """One upstream chunk as this server's events: its choices' settled text and scores, then (in
+        an event of its own, as hosted streams send it) the finishing choice of each choice it ended."""
+        upstream = chunk.get("choices") or []
+        parts, finishing = [], []
+        for choice in upstream:
+            index = choice.get("index", 0)
+            if index not in self.choices:
+                scorer = IncrementalScorer(self.proxy.guard, self.prompt) if self.policy is not None else None
+                self.choices[index] = _Choice(scorer)
+            state = self.choices[index]
+            if state.done:
+                continue
+            part, end = await self._advance(conform(choice, self.chat), state)
+            parts += [part] if part is not None else []
+            finishing += [end] if end is not None else []
+        events = []
+        if parts or not upstream:
+            body = {**chunk, "choices": parts}
+            if finishing and "usage" in chunk:
+                body["usage"] = None  # the usage, if any, goes with the last event
+            events.append(_event(body))
+        if finishing:
+            events.append(_event({**chunk, "choices": finishing}))
+        return events
+
+    async def _advance(self, choice: dict, state: _Choice) -> tuple[dict | None, dict | None]:
+        """`choice` as this server sends it (None: nothing to send), and its finishing choice if the
+        choice ends here."""
+        chat, policy = self.chat, self.policy
+        delta = choice.get("delta") or {}
+        state.text += (delta.get("content") if chat else choice.get("text")) or ""
+        finish = choice.get("finish_reason")
+        scores = await self._score(state) if policy is not None else None
+        count = len(scores.token_ids) if scores is not None else 0
+        # until the upstream ends the choice, its last token may still change: act on the others only
+        kept, abstained = self.proxy.cut(policy, scores, watched(scores, finish) if finish else count - 1)
+        if scores is None or (finish and not abstained):
+            end, chars = count, len(state.text)  # all of it (the guard off: as it comes)
+        else:
+            end = len(kept.token_ids) if abstained else count - 1
+            chars = spelled(self.proxy.guard.tokenizer, scores.token_ids, end, state.text, state.sent_chars)
+        text = state.text[state.sent_chars:chars]
+        new_scores = scores.token_probs[state.sent_tokens:end] if scores is not None else []
+        state.sent_chars, state.sent_tokens = max(state.sent_chars, chars), max(state.sent_tokens, end)
+        choice["finish_reason"] = None
+        if chat:
+            choice["delta"] = {**delta, "content": text}
+        else:
+            choice["text"] = text
+        if policy is not None:
+            choice["hallucination"] = {"token_scores": new_scores}
+        if not (finish or abstained):
+            return choice, None
+        state.done, state.abstained, state.tokens = True, abstained, end
+        answer = state.text[:chars]
+        summary = self.proxy.report(policy, kept, answer, self.request.guard.token_scores, abstained)
+        self.verdicts.append(summary["verdict"])
+        tail = abstain_tail(answer, self.proxy.defaults.abstain_message) if abstained else ""
+        ending = finishing_choice(choice.get("index", 0), chat, summary, "content_filter" if abstained else finish,
+                                  tail)
+        has_content = text or new_scores or choice.get("logprobs") is not None
+        return (choice if has_content else None), ending
+
+    async def _score(self, state: _Choice) -> Scores | None:
+        try:
+            scores = await asyncio.to_thread(state.scorer.score, state.text)
+        except Exception as error:  # the client gets it as the stream's last event
+            raise ScoringFailed(f"{type(error).__name__}: {error}") from error
+        state.tokens = len(scores.token_ids) if scores is not None else 0
+        return scores
+
+    def _usage_chunk(self, last: dict) -> dict:
+        """The usage chunk the upstream would have sent last, counted in local tokens."""
+        prompt, completion = len(self.prompt), sum(c.tokens for c in self.choices.values())
+        return {"id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
+                "created": last.get("created", 0), "model": self.proxy.model_name, "choices": [],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
