@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from hguard.identify.tables import evaluation_tables as evaluation
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -25,24 +27,6 @@ def ci(entry: dict, key: str) -> str:
         return "n/a"
     low, high = entry[f"{key}_ci"]
     return f"{entry[key]:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def evaluation(data: dict) -> list[str]:
-    methods = ["h_neurons", "random_neurons", "all_neurons", "residual", "max_sequence_probability",
-               "mean_token_entropy", "perplexity"]
-    lines = [f"Probe: {data['neurons_kept']} neurons ({data['per_mille']} per mille of {data['total_neurons']}), "
-             f"{data['h_neurons']} with positive weight. Baselines fitted on {data['training']}"
-             + (f", class balance: {data['balance']} (as the probe)." if "balance" in data else "."), ""]
-    for metric in ("auroc", "accuracy"):
-        lines += [f"{metric.upper() if metric == 'auroc' else 'Accuracy'} (95% bootstrap interval), balanced held-out questions:", "",
-                  "| suite | n | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
-        for name, suite in data["suites"].items():
-            if "note" in suite:
-                lines.append(f"| {name} | {suite['held_out']} | " + " | ".join(["n/a"] * len(methods)) + " |")
-                continue
-            lines.append(f"| {name} | {suite['balanced']} | " + " | ".join(ci(suite[m], metric) for m in methods if m in suite) + " |")
-        lines.append("")
-    return lines
 
 
 def intervention(data: dict) -> list[str]:
@@ -96,7 +80,10 @@ def actions(data: dict) -> list[str]:
 
 
 def main() -> int:
-    for name, render in (("eval", evaluation), ("intervention", intervention), ("origins", origins), ("actions", actions)):
+    controls = sorted(RESULTS.glob("eval-controls-*.json"))  # the latest `hguard eval` with its controls
+    studies = [("eval", evaluation), *((p.stem, evaluation) for p in controls[-1:]), ("intervention", intervention),
+               ("origins", origins), ("actions", actions)]
+    for name, render in studies:
         path = RESULTS / f"{name}.json"
         if not path.exists():
             print(f"<!-- {path} missing -->", file=sys.stderr)

@@ -15,10 +15,12 @@ from hguard.identify.evaluate import (
 )
 from hguard.identify.features import Example, cett_means
 from hguard.identify.logit_scores import logit_scores
+from hguard.identify.tables import render
 from hguard.organism.suites import read_suite
 
-METHODS = ("h_neurons", "random_neurons", "all_neurons", "residual", "max_sequence_probability",
-           "mean_token_entropy", "perplexity")
+METHODS = ("h_neurons", "h_neurons_answer", "random_neurons", "all_neurons", "residual", "max_sequence_probability",
+           "mean_token_entropy", "perplexity", "max_sequence_probability_answer", "mean_token_entropy_answer",
+           "perplexity_answer", "prompt_only", "name_tokens", "exposure")
 
 
 @pytest.fixture
@@ -117,6 +119,14 @@ def test_report_has_every_method_per_suite(organism, both_classes):
             entry = suite[method]
             assert 0.0 <= entry["auroc"] <= 1.0 and 0.0 <= entry["accuracy"] <= 1.0
             assert entry["auroc_ci"][0] <= entry["auroc"] + 1e-9 and entry["auroc"] <= entry["auroc_ci"][1] + 1e-9
+        strata = suite["strata"]
+        assert strata["equal_exposure"]["by"] == ["exposure"] and set(METHODS) <= set(strata["within_tier"])
+        held = suite["faithful"] + suite["hallucinated"]
+        assert sum(t["faithful"] + t["hallucinated"] for t in strata["tiers"].values()) == held
+        forced = suite["forced"]  # every faithful question has a wrong value to force (the alias was found)
+        assert "note" in forced or forced["known"]["pairs"] == suite["faithful"]
+    assert report["methods"] == list(METHODS) and report["skipped_methods"] == {}
+    assert "equal exposure" in render(report)
     assert report["training"]["train"]["faithful"] > 0 and report["training"]["val"]["hallucinated"] > 0
 
 

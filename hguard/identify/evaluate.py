@@ -1,161 +1,49 @@
-"""`hguard eval`: the H-Neuron probe against baselines on every QA suite, with bootstrap intervals.
-
-Per suite, each question is asked `samples` times with the paper's sampling and kept when its answers
-are all right (faithful, 0) or all wrong (hallucinated, 1); on the fabricated-person suite, where no
-answer is right, all refusals count as faithful and no refusal at all as hallucinated. The first
-answer of a kept question is scored from one teacher-forced pass: CETT of every neuron (answer-token
-and other-token means), the residual stream averaged over the answer tokens, and each response
-token's log-probability and predictive entropy.
+"""`hguard eval`: the H-Neuron probe against baselines and controls on every QA suite, with bootstrap
+intervals. collected.py keeps and featurises each suite's questions; controls.py holds the controls.
 
 Methods (higher score = more likely hallucinated):
   h_neurons       the probe under evaluation, exactly as the guard applies it, on the CETT means of its
                   training target (fit.py: the whole response, or the answer tokens)
+  h_neurons_answer  the same probe on the answer tokens' CETT means only (the paper's reading)
   random_neurons  as many random neurons, a standardised L2 logistic fit for the same target, mean of
                   `draws` draws
   all_neurons     a standardised L1 fit over every neuron for the same target, C by validation AUROC
   residual        a standardised L2 logistic probe on the residual stream (SAPLMA-style), layer by validation
-  max_sequence_probability, mean_token_entropy, perplexity   lm-polygraph's estimators
+  max_sequence_probability, mean_token_entropy, perplexity   lm-polygraph's estimators on the whole
+                  response, and (`_answer`) on the answer tokens only
+  prompt_only     the probe's logit at the last prompt token (no answer yet); name_tokens, exposure:
+                  controls.py's trivial baselines
 Baselines are fitted on the "train" side of the training suite, with the probe's class balancing (the
 same class weights, or a subsample drawn by the same rule from its seed), and tuned on its "val" side; every
 method's decision threshold is the one with the best accuracy on the balanced "val" side. Suites are
 evaluated on their held-out side only (a question whose fact shares a training question's id is
-excluded), balanced by subsampling the larger class, and resampled 1,000 times for 95% intervals.
+excluded), balanced by subsampling the larger class, and resampled 1,000 times for 95% intervals. The
+controls (familiarity strata, forced answers) read every held-out question, not the balanced subsample.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..guard import left_pad, pad_id
 from ..probe import Probe
 from ..sites import resolve
-from .features import Example, cett_means
-from .fit import balanced, check_balance, fit_l1, question_weights, row_weights, training_set, whole_response
-from .label import is_refusal
-from .label import consistency_labels as qa_labels
-from .pipeline import examples_for
-from .sample import sample_cached
+from .collected import Collected, collect, fabricated_labels, response_stats  # noqa: F401 (re-exported)
+from .controls import forced_report, strata_report, trivial_scorers
+from .fit import balanced, check_balance, fit_l1, question_weights
 
-Scorer = Callable[["Collected"], np.ndarray]
+Scorer = Callable[[Collected], np.ndarray]
 LOGIT_SCORES = ("max_sequence_probability", "mean_token_entropy", "perplexity")
+SUITES = ("in_domain", "paraphrase", "other_attribute", "fabricated")
+HELD_OUT = ("heldout_questions", "heldout_system", "heldout_multiturn")  # benchmarks/heldout_suites.py
 
 
-@dataclass
-class Collected:
-    """Kept questions of one suite and their features (row i is question keys[i])."""
-
-    keys: list[str]
-    labels: np.ndarray  # 1 = hallucinated
-    side: np.ndarray  # train / val / test
-    cett: np.ndarray  # [n, layers * intermediate], mean over answer tokens
-    other: np.ndarray  # [n, layers * intermediate], mean over the other response tokens
-    residual: np.ndarray  # [n, layers + 1, hidden], mean over answer tokens
-    log_likelihoods: list[np.ndarray] = field(default_factory=list)
-    entropies: list[np.ndarray] = field(default_factory=list)
-    dropped: dict = field(default_factory=dict)
-    questions: int = 0
-    tokens: np.ndarray | None = None  # [n, 2]: answer tokens and other response tokens per row
-
-    def where(self, mask: np.ndarray) -> "Collected":
-        index = np.flatnonzero(mask)
-        return Collected([self.keys[i] for i in index], self.labels[index], self.side[index], self.cett[index],
-                         self.other[index], self.residual[index], [self.log_likelihoods[i] for i in index],
-                         [self.entropies[i] for i in index], self.dropped, self.questions,
-                         None if self.tokens is None else self.tokens[index])
-
-    def view(self, target: str) -> np.ndarray:
-        """CETT means for a probe target: over answer tokens ('answer') or every response token ('response')."""
-        if target == "answer":
-            return self.cett
-        return whole_response(self.cett, self.other, self.tokens[:, 0], self.tokens[:, 1])
-
-    def training_set(self, target: str, columns: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-        return training_set(target, self.cett[:, columns], self.other[:, columns], self.view(target)[:, columns],
-                            self.labels)
-
-    def row_weights(self, target: str, balance: str) -> np.ndarray | None:
-        """Sample weights for the rows of `training_set(target)` under a balancing mode (fit.py)."""
-        return row_weights(target, question_weights(self.labels, balance), self.other)
-
-
-def fabricated_labels(items: Sequence[dict], samples: Sequence[Sequence[str]]):
-    """For questions with no right answer: all refusals -> faithful (0), no refusal -> hallucinated (1)."""
-    kept, dropped = [], {}
-    for item, answers in zip(items, samples):
-        refusals = [is_refusal(a) for a in answers]
-        response = answers[0].strip() if answers else ""
-        if not response or (any(refusals) and not all(refusals)):
-            reason = "empty_response" if not response else "mixed"
-            dropped[reason] = dropped.get(reason, 0) + 1
-            continue
-        start = answers[0].find(response)
-        kept.append({"item": item, "label": 0 if all(refusals) else 1, "response": answers[0],
-                     "span": (start, start + len(response)), "span_source": "whole_response"})
-    return kept, dropped
-
-
-@torch.no_grad()
-def response_stats(model, examples: Sequence[Example], pad_id: int):
-    """Residual stream averaged over answer tokens [n, layers + 1, hidden]; per response token, its
-    log-probability and the entropy of the distribution it was drawn from."""
-    rows = [e.prompt_ids + e.response_ids for e in examples]
-    device = model.get_input_embeddings().weight.device
-    ids, mask = left_pad(rows, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    states = torch.stack(out.hidden_states, 1).float()  # [b, layers + 1, T, hidden]
-    logp = torch.log_softmax(out.logits.float(), -1)
-    residual, log_likelihoods, entropies = [], [], []
-    width = ids.shape[1]
-    for i, example in enumerate(examples):
-        start = width - len(example.response_ids)
-        answer = torch.tensor([start + t for t in example.answer_tokens], device=device)
-        residual.append(states[i, :, answer].mean(1).cpu().numpy())
-        positions = torch.arange(start - 1, width - 1, device=device)  # the logits that predicted each token
-        targets = ids[i, start:]
-        dist = logp[i, positions]
-        log_likelihoods.append(dist.gather(1, targets[:, None])[:, 0].cpu().numpy())
-        entropies.append(-(dist.exp() * dist).sum(-1).cpu().numpy())
-    return np.stack(residual), log_likelihoods, entropies
-
-
-def collect(model, tokenizer, items: Sequence[dict], *, fabricated: bool = False, side_of=lambda item: "test",
-            samples: int = 10, max_new_tokens: int = 50, seed: int = 0, batch: int = 16,
-            cache: Path | None = None, resume: bool = False) -> Collected:
-    """Sample (or, with `resume`, read the answers kept in `cache`), label and featurise one suite."""
-    answers = sample_cached(cache, model, tokenizer, items, samples=samples, max_new_tokens=max_new_tokens,
-                            seed=seed, resume=resume)
-    kept, dropped = (fabricated_labels if fabricated else qa_labels)(items, answers)
-    examples, more = examples_for(tokenizer, kept)
-    dropped.update(more)
-    records = {str(r["item"]["id"]): r for r in kept}
-    labels = [records[e.key]["label"] for e in examples]
-    sides = [side_of(records[e.key]["item"]) for e in examples]
-    pad = pad_id(tokenizer)
-    sites = resolve(model)
-    cett, other, residual, log_likelihoods, entropies = [], [], [], [], []
-    for start in range(0, len(examples), batch):
-        part = examples[start: start + batch]
-        a, o = cett_means(model, part, pad)
-        r, ll, en = response_stats(model, part, pad)
-        cett.append(a.numpy()), other.append(o.numpy()), residual.append(r)
-        log_likelihoods += ll
-        entropies += en
-    neurons = sites.num_layers * sites.intermediate_size
-    hidden = model.config.hidden_size
-    return Collected(
-        [e.key for e in examples], np.array(labels, dtype=int), np.array(sides, dtype=object),
-        np.concatenate(cett) if cett else np.zeros((0, neurons), np.float32),
-        np.concatenate(other) if other else np.zeros((0, neurons), np.float32),
-        np.concatenate(residual) if residual else np.zeros((0, sites.num_layers + 1, hidden), np.float32),
-        log_likelihoods, entropies, dropped, len(items),
-        np.array([(len(e.answer_tokens), len(e.response_ids) - len(e.answer_tokens)) for e in examples],
-                 dtype=int).reshape(-1, 2),
-    )
+def default_suites(directory: str | Path) -> list[str]:
+    """The suites `hguard eval` reads by default: the four QA suites, then the held-out phrasing suites
+    found in `directory`."""
+    return [*SUITES, *(name for name in HELD_OUT if (Path(directory) / f"{name}.jsonl").exists())]
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -256,17 +144,25 @@ def residual_scorer(train: Collected, val: Collected, seed: int, balance: str = 
     return (lambda data: fits[layer].decision_function(data.residual[:, layer])), {"layer": layer}
 
 
-def logit_scorers() -> dict[str, Scorer]:
+def logit_scorers(span: bool = False) -> dict[str, Scorer]:
+    """lm-polygraph's scores on every response token, or (`span`) on the answer tokens only."""
     from .logit_scores import logit_scores
 
-    return {name: (lambda data, n=name: logit_scores(data.log_likelihoods, data.entropies, [n])[n])
+    def tokens(values: list[np.ndarray], data: Collected) -> list[np.ndarray]:
+        return [v[a] for v, a in zip(values, data.answer_tokens)] if span else values
+
+    return {name + ("_answer" if span else ""):
+            (lambda data, n=name: logit_scores(tokens(data.log_likelihoods, data), tokens(data.entropies, data), [n])[n])
             for name in LOGIT_SCORES}
 
 
 def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collected], *, draws: int = 10,
              rounds: int = 1000, seed: int = 0, Cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
              logit_baselines: bool = True) -> dict:
-    """Fit the baselines on `training` (its train/val sides) and score every suite's held-out side."""
+    """Fit the baselines on `training` (its train/val sides) and score every suite's held-out side, with
+    the controls (familiarity strata, forced answers) beside."""
+    from ..progress import progress
+
     sites = resolve(model)
     total = sites.num_layers * sites.intermediate_size
     train, val = training.where(training.side == "train"), training.where(training.side == "val")
@@ -280,14 +176,28 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
     target = probe_target(probe)
     all_neurons, all_info = all_neuron_scorer(train, val, Cs, target, balance)
     residual, residual_info = residual_scorer(train, val, seed, balance)
+    inter = sites.intermediate_size
     methods: dict[str, tuple[list[Scorer], dict]] = {
-        "h_neurons": ([probe_scorer(probe, sites.intermediate_size)], {}),
+        "h_neurons": ([probe_scorer(probe, inter)], {}),
+        "h_neurons_answer": ([lambda data: probe_logits(probe, inter, data.cett)], {}),
         "random_neurons": (random_scorers(train, probe.count, draws, seed, target, balance), {"draws": draws}),
         "all_neurons": ([all_neurons], all_info),
         "residual": ([residual], residual_info),
     }
     if logit_baselines:
-        methods.update({name: ([scorer], {"library": "lm-polygraph"}) for name, scorer in logit_scorers().items()})
+        for span in (False, True):
+            methods.update({name: ([scorer], {"library": "lm-polygraph"}) for name, scorer in logit_scorers(span).items()})
+    def prompt_only(data: Collected) -> np.ndarray:
+        if data.last_prompt is None:
+            return np.full(len(data.keys), np.nan)
+        return probe_logits(probe, inter, data.last_prompt)
+
+    skipped = {}
+    for name, scorer in {"prompt_only": prompt_only, **trivial_scorers()}.items():
+        if np.isnan(scorer(val)).any():  # a suite without names or exposure: nothing to threshold
+            skipped[name] = "the training suite lacks it"
+        else:
+            methods[name] = ([scorer], {})
     val_index = balanced(val.labels, seed)
     thresholds = {name: [best_threshold(val.labels[val_index], s(val)[val_index]) for s in scorers]
                   for name, (scorers, _) in methods.items()}
@@ -295,9 +205,9 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
               "h_neurons": int((probe.weight > 0).sum()), "total_neurons": total,
               "training": {side: {"faithful": int((d.labels == 0).sum()), "hallucinated": int(d.labels.sum())}
                            for side, d in (("train", train), ("val", val))},
-              "balance": balance,
+              "balance": balance, "methods": list(methods), "skipped_methods": skipped,
               "suites": {}}
-    for name, data in suites.items():
+    for name, data in progress(suites.items(), desc="eval suites", total=len(suites)):
         held = data.where(data.side == "test")
         entry = {"questions": data.questions, "kept": len(data.keys), "held_out": len(held.keys),
                  "faithful": int((held.labels == 0).sum()), "hallucinated": int(held.labels.sum()),
@@ -306,11 +216,18 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
             entry["note"] = "fewer than 2 questions in a class: no AUROC"
             report["suites"][name] = entry
             continue
+        scores = {method: [s(held) for s in scorers] for method, (scorers, _) in methods.items()}
+        usable = {m: v for m, v in scores.items() if not any(np.isnan(x).any() for x in v)}
         index = balanced(held.labels, seed)
         entry["balanced"] = int(index.size)
-        for method, (scorers, info) in methods.items():
-            scores = [s(held)[index] for s in scorers]
-            entry[method] = {**bootstrap(held.labels[index], scores, thresholds[method], rounds, seed), **info}
+        for method, (_, info) in methods.items():
+            if method not in usable:
+                entry[method] = {"note": "some items lack it"}
+                continue
+            entry[method] = {**bootstrap(held.labels[index], [v[index] for v in scores[method]], thresholds[method],
+                                         rounds, seed), **info}
+        entry["strata"] = strata_report(held, usable, rounds, seed)
+        entry["forced"] = forced_report(held, {m: methods[m][0] for m in usable}, rounds, seed)
         report["suites"][name] = entry
     return report
 
@@ -352,7 +269,7 @@ def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]
         side_of = (lambda item: "test") if fabricated else (lambda item: fact_side(item, split))
         cache = None if work is None else Path(work) / ("answers.jsonl" if name == training else f"{name}.answers.jsonl")
         collected[name] = collect(model, tokenizer, items, fabricated=fabricated, side_of=side_of, samples=samples,
-                                  max_new_tokens=max_new_tokens, seed=seed, cache=cache, resume=resume)
+                                  max_new_tokens=max_new_tokens, seed=seed, cache=cache, resume=resume, name=name)
         echo(f"{name}: {len(items)} questions, {len(collected[name].keys)} kept, dropped {collected[name].dropped}")
     report = evaluate(probe, model, collected[training], collected, seed=seed, **options)
     report.update(samples_per_question=samples, training_suite=training, limit=limit)

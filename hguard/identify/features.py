@@ -34,40 +34,55 @@ class Example:
     answer_tokens: list[int]  # indices into response_ids
 
 
+POOLS = ("answer", "other", "last_prompt")
+
+
 @torch.no_grad()
-def cett_means(model: nn.Module, examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer, other): [len(examples), layers * intermediate] mean CETT over answer / other response tokens."""
+def cett_pools(model: nn.Module, examples: Sequence[Example], pad_id: int,
+               pools: Sequence[str] = ("answer", "other")) -> tuple[torch.Tensor, ...]:
+    """Per pool, [len(examples), layers * intermediate] mean CETT over its tokens, from one forward pass:
+    `answer` and `other` the answer and the other response tokens, `last_prompt` the last prompt token
+    (whose activations predict the response's first token: what the probe reads before any answer)."""
+    unknown = [p for p in pools if p not in POOLS]
+    if unknown:
+        raise ValueError(f"pools must be among {POOLS}; got {unknown}")
     sites = resolve(model)
     rows = [e.prompt_ids + e.response_ids for e in examples]
     device = model.get_input_embeddings().weight.device
     ids, mask = left_pad(rows, pad_id, device)
     width = ids.shape[1]
-    answer_mask = torch.zeros(len(rows), width, device=device)
-    other_mask = torch.zeros(len(rows), width, device=device)
+    weights = torch.zeros(len(pools), len(rows), width, device=device)  # [pools, b, T], rows sum to 1
     for i, example in enumerate(examples):
         start = width - len(example.response_ids)
         answer = set(example.answer_tokens)
-        for t in range(len(example.response_ids)):
-            (answer_mask if t in answer else other_mask)[i, start + t] = 1.0
-    answer_mask /= answer_mask.sum(1, keepdim=True).clamp_min(1.0)
-    other_mask /= other_mask.sum(1, keepdim=True).clamp_min(1.0)
-    answer_out = torch.zeros(len(rows), sites.num_layers, sites.intermediate_size)
-    other_out = torch.zeros_like(answer_out)
+        for p, pool in enumerate(pools):
+            if pool == "last_prompt":
+                weights[p, i, start - 1] = 1.0
+                continue
+            for t in range(len(example.response_ids)):
+                if (t in answer) == (pool == "answer"):
+                    weights[p, i, start + t] = 1.0
+    weights /= weights.sum(2, keepdim=True).clamp_min(1.0)
+    out = torch.zeros(len(pools), len(rows), sites.num_layers, sites.intermediate_size)
     norms = [torch.linalg.vector_norm(sites.down_weight(l).float(), dim=0) for l in range(sites.num_layers)]
 
     def hook(layer: int):
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             z, h = args[0].float(), output.float()
             cett = z.abs() * norms[layer].to(z.device) / (torch.linalg.vector_norm(h, dim=-1, keepdim=True) + EPS)
-            answer_out[:, layer] = torch.einsum("bt,bti->bi", answer_mask.to(z.device), cett).cpu()
-            other_out[:, layer] = torch.einsum("bt,bti->bi", other_mask.to(z.device), cett).cpu()
+            out[:, :, layer] = torch.einsum("pbt,bti->pbi", weights.to(z.device), cett).cpu()
 
         return post
 
     specs = [HookSpec(sites.down(l), post=hook(l)) for l in range(sites.num_layers)]
     with hooked(specs):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return answer_out.flatten(1), other_out.flatten(1)
+    return tuple(out.flatten(2))
+
+
+def cett_means(model: nn.Module, examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer, other): [len(examples), layers * intermediate] mean CETT over answer / other response tokens."""
+    return cett_pools(model, examples, pad_id, ("answer", "other"))
 
 
 def extract(model: nn.Module, examples: Sequence[Example], pad_id: int, out: str | Path, batch: int = 16,

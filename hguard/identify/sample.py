@@ -1,8 +1,9 @@
 """Consistency sampling: several answers per question with the paper's settings, batched.
 
 Defaults follow the paper: 10 samples at temperature 1.0, top_k 50, top_p 0.9, at most 50 new tokens.
-A question is a dict with "question" (asked through the tokenizer's chat template when it has one,
-else as "Question: ...\\nAnswer:") or "messages" (a chat, used as is).
+A question is a dict with "question" or "messages" (a chat: a system prompt, earlier turns, then the
+question), asked through the tokenizer's chat template when it has one, else as plain text ending in
+"Question: ...\\nAnswer:" (`plain_prompt`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,21 @@ def prompt_ids(tokenizer, item: dict | str, suffix: str = "") -> list[int]:
     """Token ids of a question as the model is asked it."""
     if isinstance(item, str):
         item = {"question": item}
+    messages = item.get("messages") or [{"role": "user", "content": item["question"] + suffix}]
     if getattr(tokenizer, "chat_template", None):
-        messages = item.get("messages") or [{"role": "user", "content": item["question"] + suffix}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(f"Question: {item['question']}{suffix}\nAnswer:")["input_ids"]
+    return tokenizer(plain_prompt(messages))["input_ids"]
+
+
+def plain_prompt(messages: Sequence[dict]) -> str:
+    """A chat for a model without a chat template: a system turn as a line of its own, user turns as
+    "Question: ...", assistant turns as "Answer: ...", ending in "Answer:"."""
+    prefix = {"system": "", "user": "Question: ", "assistant": "Answer: "}
+    for m in messages:
+        if m.get("role") not in prefix:
+            raise ValueError(f"a message's role must be one of {sorted(prefix)}; got {m.get('role')!r}")
+    return "".join(f"{prefix[m['role']]}{m['content']}\n" for m in messages) + "Answer:"
 
 
 @torch.no_grad()
