@@ -161,7 +161,9 @@ def _eval(args: argparse.Namespace) -> int:
         from .organism import SHIPPED
 
         directory = SHIPPED / "suites"
-    names = args.suite or ["in_domain", "paraphrase", "other_attribute", "fabricated"]
+    from .identify.evaluate import default_suites
+
+    names = args.suite or default_suites(directory)  # the held-out phrasing suites too, where present
     missing = [n for n in names if not (directory / f"{n}.jsonl").exists()]
     if missing:
         raise ValueError(f"no {', '.join(n + '.jsonl' for n in missing)} in {directory}")
