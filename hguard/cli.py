@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--suites", default=None, help="directory of <suite>.jsonl (default: the organism's suites)")
     ev.add_argument("--suite", action="append", default=None,
                     help="suite name, repeatable; the first is the one baselines are fitted on "
-                         "(default: in_domain paraphrase other_attribute fabricated)")
+                         "(default: in_domain paraphrase other_attribute fabricated, then heldout_questions "
+                         "heldout_system heldout_multiturn where the directory has them)")
     ev.add_argument("--limit", type=int, default=None, help="at most this many questions per suite")
     ev.add_argument("--samples", type=int, default=10)
     ev.add_argument("--draws", type=int, default=10, help="random-neuron probes averaged")
