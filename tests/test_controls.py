@@ -105,6 +105,28 @@ def test_forced_sets_swap_the_value_in_the_models_own_answer():
     assert swap(known, "Port Anselo")["response"] == "Born in Port Anselo."
 
 
+def test_forced_report_pairs_by_question_and_crosses_known_with_unknown():
+    def rows(keys, labels, values, exposures):
+        data, _ = hand_built(labels, {}, [{"exposure": e, "tier": "head" if e > 9 else "tail"} for e in exposures])
+        data.keys, data.cett = list(keys), np.array(values, dtype=float)[:, None]
+        return data
+
+    own = rows(["k1", "k2", "u1"], [0, 0, 1], [0.0, 0.2, 1.0], [30, 20, 1])  # two known facts, one unknown
+    own.forced = {"known_wrong": rows(["k2", "k1"], [1, 1], [0.1, 2.0], [20, 30]),  # k2's wrong scores lower
+                  "unknown_true": rows(["u1"], [0], [0.5], [1])}
+    methods = {"truth": [lambda d: d.cett[:, 0]], "exposure": [trivial_scorers()["exposure"]]}
+    report = forced_report(own, methods, rounds=20, seed=0)
+    assert report["known"]["pairs"] == 2 and report["known"]["tiers"] == {"head": 2}
+    assert report["known"]["truth"]["wrong_higher"] == 0.5  # k1: 2.0 > 0.0; k2: 0.1 < 0.2
+    assert report["known"]["exposure"]["wrong_higher"] == 0.5  # same prompt: ties
+    assert report["unknown"]["truth"]["wrong_higher"] == 1.0  # own wrong 1.0 > forced true 0.5
+    crossed = report["crossed"]
+    assert crossed["pairs"] == 2 and crossed["truth"]["wrong_higher"] == 0.5  # 2.0 > 0.5, 0.1 < 0.5
+    assert crossed["exposure"]["wrong_higher"] == 0.0  # familiarity calls the true answers the made-up ones
+    assert forced_report(rows(["x"], [0], [0.0], [1]), methods, 5, 0) == {
+        "note": "no forced answers (no true value, or none located in the responses)"}
+
+
 @pytest.fixture(scope="module")
 def shipped():
     from hguard.organism import load

@@ -33,6 +33,7 @@ from ..sites import resolve
 from .collected import Collected, collect, fabricated_labels, response_stats  # noqa: F401 (re-exported)
 from .controls import forced_report, strata_report, trivial_scorers
 from .fit import balanced, check_balance, fit_l1, question_weights
+from .tables import render
 
 Scorer = Callable[[Collected], np.ndarray]
 LOGIT_SCORES = ("max_sequence_probability", "mean_token_entropy", "perplexity")
@@ -247,8 +248,9 @@ def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]
                     work: str | Path | None = None, resume: bool = False, echo=lambda message: None,
                     **options) -> dict:
     """Collect every suite (the others on their held-out side; each at most `limit` questions) and evaluate
-    the probe against the baselines. Sides follow the split of the probe's fit (the seed in its training
-    metadata, else `seed`); `seed` drives sampling and the bootstrap.
+    the probe against the baselines and controls; the report's tables go to `echo` (the CLI's stderr).
+    Sides follow the split of the probe's fit (the seed in its training metadata, else `seed`); `seed`
+    drives sampling and the bootstrap.
 
     With `work`, each suite's sampled answers are kept there (`<suite>.answers.jsonl`; the training
     suite's in `answers.jsonl`, where `hguard identify` keeps its own), and `resume` reads back answers
@@ -273,4 +275,5 @@ def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]
         echo(f"{name}: {len(items)} questions, {len(collected[name].keys)} kept, dropped {collected[name].dropped}")
     report = evaluate(probe, model, collected[training], collected, seed=seed, **options)
     report.update(samples_per_question=samples, training_suite=training, limit=limit)
+    echo("the probe against baselines and controls\n" + render(report))  # the human-readable report
     return report
