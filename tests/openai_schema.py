@@ -64,6 +64,7 @@ def validator(name: str) -> Draft202012Validator:
 class Reply:
     method: str
     path: str
+    port: int  # the server's
     status: int
     content_type: str
     body: bytes
@@ -83,7 +84,7 @@ class Recorder:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
-        reply = Reply(scope["method"], scope["path"], 0, "", b"")
+        reply = Reply(scope["method"], scope["path"], (scope.get("server") or ("", 0))[1], 0, "", b"")
 
         async def recording(message):
             if message["type"] == "http.response.start":

@@ -4,9 +4,9 @@ The upstream's text is re-tokenised locally as it grows, and its last token can 
 that ends inside a word), so the relay holds that token's text back until the next chunk or the end
 of the choice settles it: every chunk carries exactly the text of the tokens whose scores it carries,
 as a hosted stream's chunks do. Abstain stops a choice where hosted generation would, at the token
-whose running mean reaches the trigger: that token's text is the last sent, then a finishing chunk
-adds the abstention message (`abstain_tail`) and the summary, and the rest of the upstream's answer is
-never sent. A choice that ends at the upstream ends with the same finishing chunk (no text of its own).
+whose running mean reaches the trigger: that token's text is the last sent, the abstention message
+follows (`abstain_tail`), then the finishing chunk with the summary; the rest of the upstream's answer
+is never sent. A choice that the upstream ends gets the same finishing chunk (no text of its own).
 Requested logprobs are the upstream's, relayed in the chunk that brought them.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from ..incremental import IncrementalScorer
 from ..results import Scores, decode
-from .serving import APIError, abstain_tail, finishing_choice
+from .serving import APIError, abstain_tail, finishing_choice, finishing_chunk, text_choice
 
 if TYPE_CHECKING:
     from ..policy import Calibration, Policy
@@ -111,6 +111,8 @@ class Relay:
                     yield _event(chunk)
                     continue
                 chunk["model"] = self.proxy.model_name
+                if not self.chat and "usage" in chunk and chunk["usage"] is None:
+                    del chunk["usage"]  # the legacy completions schema has no null usage (vLLM sends one)
                 last = chunk
                 usage_sent = usage_sent or chunk.get("usage") is not None
                 for event in await self._relay(chunk):
@@ -136,10 +138,11 @@ class Relay:
         yield "data: [DONE]\n\n"
 
     async def _relay(self, chunk: dict) -> list[str]:
-        """One upstream chunk as this server's events: its choices' settled text and scores, then (in
-        an event of its own, as hosted streams send it) the finishing choice of each choice it ended."""
+        """One upstream chunk as this server's events, as a hosted stream sends them: its choices' settled
+        text and scores; then, in events of their own, the abstention messages and the finishing choices
+        of the choices it ended."""
         upstream = chunk.get("choices") or []
-        parts, finishing = [], []
+        parts, messages, finishing = [], [], []
         for choice in upstream:
             index = choice.get("index", 0)
             if index not in self.choices:
@@ -148,22 +151,22 @@ class Relay:
             state = self.choices[index]
             if state.done:
                 continue
-            part, end = await self._advance(conform(choice, self.chat), state)
+            part, message, end = await self._advance(conform(choice, self.chat), state)
             parts += [part] if part is not None else []
+            messages += [message] if message is not None else []
             finishing += [end] if end is not None else []
-        events = []
-        if parts or not upstream:
-            body = {**chunk, "choices": parts}
-            if finishing and "usage" in chunk:
-                body["usage"] = None  # the usage, if any, goes with the last event
-            events.append(_event(body))
+        bodies = [{**chunk, "choices": parts}] if parts or not upstream else []
+        bodies += [{**chunk, "choices": messages}] if messages else []
         if finishing:
-            events.append(_event({**chunk, "choices": finishing}))
-        return events
+            bodies.append(finishing_chunk(chunk, finishing))
+        for body in bodies[:-1]:
+            if "usage" in body:
+                body["usage"] = None  # the usage, if any, goes with the last event
+        return [_event(body) for body in bodies]
 
-    async def _advance(self, choice: dict, state: _Choice) -> tuple[dict | None, dict | None]:
-        """`choice` as this server sends it (None: nothing to send), and its finishing choice if the
-        choice ends here."""
+    async def _advance(self, choice: dict, state: _Choice) -> tuple[dict | None, dict | None, dict | None]:
+        """`choice` as this server sends it (None: nothing to send); if the choice ends here, the
+        abstention message (None: it did not abstain) and the finishing choice."""
         chat, policy = self.chat, self.policy
         delta = choice.get("delta") or {}
         state.text += (delta.get("content") if chat else choice.get("text")) or ""
@@ -188,16 +191,17 @@ class Relay:
         if policy is not None:
             choice["hallucination"] = {"token_scores": new_scores}
         if not (finish or abstained):
-            return choice, None
+            return choice, None, None
         state.done, state.abstained, state.tokens = True, abstained, end
         answer = state.text[:chars]
         summary = self.proxy.report(policy, kept, answer, self.request.guard.token_scores, abstained)
         self.verdicts.append(summary["verdict"])
-        tail = abstain_tail(answer, self.proxy.defaults.abstain_message) if abstained else ""
-        ending = finishing_choice(choice.get("index", 0), chat, summary, "content_filter" if abstained else finish,
-                                  tail)
+        index = choice.get("index", 0)
+        message = text_choice(index, chat, abstain_tail(answer, self.proxy.defaults.abstain_message), []) \
+            if abstained else None
+        ending = finishing_choice(index, chat, summary, "content_filter" if abstained else finish)
         has_content = text or new_scores or choice.get("logprobs") is not None
-        return (choice if has_content else None), ending
+        return (choice if has_content else None), message, ending
 
     async def _score(self, state: _Choice) -> Scores | None:
         try:

@@ -101,16 +101,29 @@ def abstain_tail(sent: str, message: str) -> str:
     return "\n" * max(0, 2 - newlines) + message
 
 
-def finishing_choice(index: int, chat: bool, summary: dict, finish: str, tail: str = "") -> dict:
-    """The stream chunk choice that ends a choice: its finish reason, the summary, and `tail` (the
-    abstention message, else nothing). The summary also rides in the chat delta, where accumulating
-    clients (the openai SDK's stream helper builds `message` from deltas) keep it."""
-    choice: dict = {"index": index, "finish_reason": finish, "logprobs": None, "hallucination": summary}
-    if chat:
-        choice["delta"] = {**({"content": tail} if tail else {}), "hallucination": summary}
-    else:
-        choice["text"] = tail
+def text_choice(index: int, chat: bool, text: str, scores: list[float], logprobs: dict | None = None) -> dict:
+    """A stream chunk choice that adds `text`, with the scores of its tokens (none: the abstention message)."""
+    choice: dict = {"index": index, "finish_reason": None, "logprobs": logprobs, "hallucination": {"token_scores": scores}}
+    choice["delta" if chat else "text"] = {"content": text} if chat else text
     return choice
+
+
+def finishing_choice(index: int, chat: bool, summary: dict, finish: str) -> dict:
+    """The stream chunk choice that ends a choice: its finish reason and the summary, no text (an
+    abstention message comes in the chunk before, so that clients which rebuild a finishing chunk
+    keep neither less nor more than its finish reason and the summary). The summary also rides in
+    the chat delta, where accumulating clients keep it (the openai SDK's stream helper builds
+    `message` from the deltas)."""
+    choice: dict = {"index": index, "finish_reason": finish, "logprobs": None, "hallucination": summary}
+    choice["delta" if chat else "text"] = {"hallucination": summary} if chat else ""
+    return choice
+
+
+def finishing_chunk(chunk: dict, choices: list[dict]) -> dict:
+    """`chunk` (id, object, created, model, ...) as the chunk that ends `choices` (`finishing_choice`s).
+    It lists their summaries at its top too, as `hallucinations` (each with its choice's `index`), the
+    one place litellm keeps when it rebuilds a finishing chunk that has no text."""
+    return {**chunk, "choices": choices, "hallucinations": [{"index": c["index"], **c["hallucination"]} for c in choices]}
 
 
 def endpoint_name(chat: bool) -> str:
@@ -270,17 +283,13 @@ class Serving:
         cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        def chunk(choices: list[dict], usage: dict | None = None, finishing: bool = False) -> str:
             body = {"id": cid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
-            if usage is not None or (request.stream_options and request.stream_options.include_usage):
+            # chat chunks carry `usage: null` until the last when usage is asked for, as OpenAI's do; the
+            # legacy completions schema has no null usage, so its chunks leave it out until then
+            if usage is not None or (chat and request.stream_options and request.stream_options.include_usage):
                 body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
-
-        def delta(index: int, text: str, scores: list[float], logprobs: dict | None) -> dict:
-            choice: dict = {"index": index, "finish_reason": None, "logprobs": logprobs,
-                            "hallucination": {"token_scores": scores}}
-            choice["delta" if chat else "text"] = {"content": text} if chat else text
-            return choice
+            return f"data: {json.dumps(finishing_chunk(body, choices) if finishing else body)}\n\n"
 
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
@@ -305,14 +314,15 @@ class Serving:
                     raise item
                 if isinstance(item, TokenEvent):
                     scores = [item.probability] if item.probability is not None else []
-                    yield chunk([delta(item.row, item.text, scores, logprobs(item))])
+                    yield chunk([text_choice(item.row, chat, item.text, scores, logprobs(item))])
                 else:
                     results.append(item)
                     completion += len(item.token_ids)
                     text, finish = self._finish(item)
-                    tail = abstain_tail(item.text, text) if finish == "content_filter" else ""  # item.text: sent
+                    if finish == "content_filter":  # item.text: what was sent
+                        yield chunk([text_choice(item.row, chat, abstain_tail(item.text, text), [])])
                     summary = self._hallucination(item, request.guard.token_scores)
-                    yield chunk([finishing_choice(item.row, chat, summary, finish, tail)])
+                    yield chunk([finishing_choice(item.row, chat, summary, finish)], finishing=True)
         except Exception as error:  # the stream has started: report in-band, then end it
             self.record(endpoint, 500, job)
             body = APIError(500, f"generation failed: {error}", "server_error").body()
