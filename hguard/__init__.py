@@ -1,13 +1,14 @@
 """hguard: a real-time hallucination guard for open-weights language models, built on H-Neurons.
 
     from hguard import Guard
-    guard = Guard.from_pretrained("path/or/hub-id", probe="probe.safetensors")
-    [result] = guard.generate(["Where was Ada Lovelace born?"], action="flag", max_new_tokens=32)
+    guard = Guard.from_pretrained("organism")  # or "path/or/hub-id", probe="probe.safetensors"
+    [result] = guard.generate([[{"role": "user", "content": "Who employed Keiler Shotha?"}]], max_new_tokens=16)
     result.text, result.probability, result.verdict, result.token_probs
 
-Importing hguard loads no model and registers nothing.
+Importing hguard loads no model and registers nothing (`hguard.organism` is reachable, and light).
 """
 
+from . import organism
 from .guard import Guard
 from .hooks import hook_count
 from .incremental import IncrementalScorer
@@ -36,6 +37,7 @@ __all__ = [
     "UnsupportedModelError",
     "find_probe",
     "hook_count",
+    "organism",
     "register_probe",
     "resolve",
 ]

@@ -114,10 +114,16 @@ class Guard:
         threshold: float | None = None,
         **load_kwargs,
     ) -> "Guard":
-        """Load a model (local directory or hub id) and its tokenizer; `device_map`, `dtype` and other
-        keyword arguments go to `AutoModelForCausalLM.from_pretrained` unchanged."""
+        """Load a model (local directory, hub id, or "organism" for the built-in one) and its tokenizer;
+        `device_map`, `dtype` and other keyword arguments go to `AutoModelForCausalLM.from_pretrained`
+        unchanged (the organism loads in float32 unless `dtype` says otherwise)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if str(path_or_id) == "organism" and not Path("organism").exists():
+            from .organism import path as organism_path
+
+            path_or_id = organism_path("instruct")
+            load_kwargs.setdefault("dtype", torch.float32)
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **load_kwargs)
         model.eval()
         if tokenizer is None:
@@ -126,8 +132,11 @@ class Guard:
 
     # ---- inputs -------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: a string as is, a list of chat messages through the chat template, or
-        a list of token ids unchanged."""
+        """Token ids of a prompt, as transformers' text-generation pipeline reads one: a string is raw
+        text, tokenized as it is (no chat template: the model continues the text); a list of chat
+        messages (`[{"role": "user", "content": ...}]`) goes through the tokenizer's chat template with
+        the generation prompt, which is what an instruction-tuned model expects for a question; a list of
+        token ids is used unchanged."""
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             vocab = self.model.get_input_embeddings().weight.shape[0]
             if not all(0 <= t < vocab for t in prompt):

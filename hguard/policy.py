@@ -24,9 +24,8 @@ from typing import Literal
 
 import torch
 
-Action = Literal["off", "flag", "abstain", "dampen", "scale"]
-# One vocabulary for the library, the CLI (`--action`) and HTTP (`guard.action`). "off": no hook at all.
-ACTIONS: tuple[str, ...] = ("off", "flag", "abstain", "dampen", "scale")
+from .actions import ACTIONS, Action, action_name  # noqa: F401  (re-exported)
+
 Verdict = Literal["ok", "flagged", "abstained", "dampened"]
 
 
@@ -106,15 +105,6 @@ class Calibration:
             x=tuple(float(v) for v in data.get("x", ())),
             y=tuple(float(v) for v in data.get("y", ())),
         )
-
-
-def action_name(action: str | None) -> str:
-    """`action` checked against ACTIONS; None, the library's older spelling of "off", becomes "off"."""
-    if action is None:
-        return "off"
-    if action not in ACTIONS:
-        raise ValueError(f"action must be one of {', '.join(ACTIONS)}; got {action!r}")
-    return action
 
 
 @dataclass(frozen=True)

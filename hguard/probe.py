@@ -77,6 +77,7 @@ class Probe:
     threshold: float = 0.5
     training: dict[str, object] = field(default_factory=dict)
     watch_threshold: float | None = None  # for abstain/dampen's running mean; None: `threshold`
+    source: str | None = field(default=None, compare=False)  # the file it was loaded from, if any
 
     def __post_init__(self) -> None:
         k = self.layer.numel()
@@ -214,6 +215,7 @@ class Probe:
                 threshold=float(metadata["threshold"]),
                 training=json.loads(metadata.get("training", "{}")),
                 watch_threshold=float(metadata["watch_threshold"]) if "watch_threshold" in metadata else None,
+                source=str(path),
             )
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, ProbeFormatError):
