@@ -4,9 +4,11 @@ through the guard in batches, judging answers, intervals, and writing JSON and p
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import random
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -44,6 +46,7 @@ def organism(tiny: bool, stage: str = "instruct"):
         from hguard.organism.build import BuildConfig, build
 
         root = Path(tempfile.mkdtemp(prefix="hguard-tiny-organism-"))
+        atexit.register(shutil.rmtree, root, True)  # the suites are read from it until the run ends
         build(BuildConfig.tiny(seed=0), root, echo=lambda message: None)
         model, tokenizer = load(stage, root)
         return model, tokenizer, Probe.random(load("instruct", root)[0], 6, seed=0), root / "suites", root

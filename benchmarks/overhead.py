@@ -54,10 +54,10 @@ def build(preset: str, dtype: torch.dtype, device: str, neurons: int, seed: int)
         model = AutoModelForCausalLM.from_pretrained(organism.path(), dtype=dtype).to(device).eval()
         return model, AutoTokenizer.from_pretrained(organism.path()), find_probe(model)
     if preset != "8b":
-        directory = tempfile.mkdtemp(prefix="hguard-bench-")
-        save_tiny(directory, "llama", seed=seed, **PRESETS[preset])
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with tempfile.TemporaryDirectory(prefix="hguard-bench-") as directory:  # gone once loaded
+            save_tiny(directory, "llama", seed=seed, **PRESETS[preset])
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(directory)
     else:
         tokenizer = build_tokenizer()
         torch.manual_seed(seed)
