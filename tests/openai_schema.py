@@ -111,7 +111,8 @@ def objects(reply: Reply) -> list[tuple[str, dict]]:
     if not reply.body:
         return []
     if reply.content_type.startswith("text/event-stream"):
-        chunk = "CreateChatCompletionStreamResponse" if reply.path == "/v1/chat/completions" else "CompletionStreamChunk"
+        chat = reply.path == "/v1/chat/completions"
+        chunk = "CreateChatCompletionStreamResponse" if chat else "CompletionStreamChunk"
         return [("ErrorResponse" if "error" in event else chunk, event) for event in _events(reply.body)]
     body = json.loads(reply.body)
     if reply.status >= 400:

@@ -228,11 +228,11 @@ def test_proxy_scores_equal_hosting_mode(client, proxied, guard):
     assert b["token_scores"] == pytest.approx(a["token_scores"], abs=1e-4)
     chunks = list(proxied.chat.completions.create(stream=True, **kwargs))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == hosted.message.content
-    streamed = [s for c in chunks if c.choices for s in c.choices[0].model_extra.get("hallucination", {}).get(
-        "token_scores", [])]
+    streamed = [s for c in chunks if c.choices and not c.choices[0].finish_reason
+                for s in c.choices[0].model_extra.get("hallucination", {}).get("token_scores", [])]
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
     assert final.choices[0].model_extra["hallucination"]["probability"] == pytest.approx(a["probability"], abs=1e-4)
-    assert len(streamed) >= len(a["token_scores"]) - 1
+    assert streamed == pytest.approx(a["token_scores"], abs=1e-4)  # each token's score, once
 
 
 def test_proxy_refuses_dampen_and_abstains(proxied):

@@ -216,7 +216,8 @@ class Relay:
         prompt, completion = len(self.prompt), sum(c.tokens for c in self.choices.values())
         return {"id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
                 "created": last.get("created", 0), "model": self.proxy.model_name, "choices": [],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}}
 
 
 def _event(body: dict) -> str:

@@ -31,6 +31,7 @@ _ERRORS = {
     502: "Proxy mode: the upstream failed, is unreachable, or refused this server's key",
     503: "The model is not loaded yet",
     504: "Proxy mode: the upstream timed out",
+    "4XX": "Proxy mode: the upstream's own client errors (TGI's 422, say) keep their status and message",
 }
 _VERDICT_HEADERS = {
     "x-hguard-verdict": {"description": "Each choice's verdict (ok, flagged, abstained, dampened), comma-separated "
@@ -42,7 +43,7 @@ _VERDICT_HEADERS = {
 }
 
 
-def _responses(*statuses: int, completion: bool = False) -> dict:
+def _responses(*statuses: int | str, completion: bool = False) -> dict:
     """The OpenAPI `responses` of a route: the error statuses it can send, in the OpenAI error body."""
     responses: dict = {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in statuses}
     if completion:
@@ -52,7 +53,7 @@ def _responses(*statuses: int, completion: bool = False) -> dict:
     return responses
 
 
-_COMPLETION = _responses(400, 401, 404, 413, 429, 500, 502, 503, 504, completion=True)
+_COMPLETION = _responses(400, 401, 404, 413, 429, 500, 502, 503, 504, "4XX", completion=True)
 
 
 def verdict_headers(body: dict) -> dict[str, str]:

@@ -103,17 +103,17 @@ def abstain_tail(sent: str, message: str) -> str:
 
 def text_choice(index: int, chat: bool, text: str, scores: list[float], logprobs: dict | None = None) -> dict:
     """A stream chunk choice that adds `text`, with the scores of its tokens (none: the abstention message)."""
-    choice: dict = {"index": index, "finish_reason": None, "logprobs": logprobs, "hallucination": {"token_scores": scores}}
+    choice: dict = {"index": index, "finish_reason": None, "logprobs": logprobs,
+                    "hallucination": {"token_scores": scores}}
     choice["delta" if chat else "text"] = {"content": text} if chat else text
     return choice
 
 
 def finishing_choice(index: int, chat: bool, summary: dict, finish: str) -> dict:
-    """The stream chunk choice that ends a choice: its finish reason and the summary, no text (an
-    abstention message comes in the chunk before, so that clients which rebuild a finishing chunk
-    keep neither less nor more than its finish reason and the summary). The summary also rides in
-    the chat delta, where accumulating clients keep it (the openai SDK's stream helper builds
-    `message` from the deltas)."""
+    """The stream chunk choice that ends a choice: its finish reason and the summary, and no text (an
+    abstention message comes in the chunk before: litellm splits a finishing chunk with text in two
+    and keeps the summary on neither part). The summary also rides in the chat delta, where
+    accumulating clients keep it (the openai SDK's stream helper builds `message` from the deltas)."""
     choice: dict = {"index": index, "finish_reason": finish, "logprobs": None, "hallucination": summary}
     choice["delta" if chat else "text"] = {"hallucination": summary} if chat else ""
     return choice
@@ -123,7 +123,8 @@ def finishing_chunk(chunk: dict, choices: list[dict]) -> dict:
     """`chunk` (id, object, created, model, ...) as the chunk that ends `choices` (`finishing_choice`s).
     It lists their summaries at its top too, as `hallucinations` (each with its choice's `index`), the
     one place litellm keeps when it rebuilds a finishing chunk that has no text."""
-    return {**chunk, "choices": choices, "hallucinations": [{"index": c["index"], **c["hallucination"]} for c in choices]}
+    summaries = [{"index": choice["index"], **choice["hallucination"]} for choice in choices]
+    return {**chunk, "choices": choices, "hallucinations": summaries}
 
 
 def endpoint_name(chat: bool) -> str:
