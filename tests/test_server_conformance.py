@@ -185,6 +185,8 @@ def test_every_reply_validates_against_the_official_schemas(live, proxied):  # n
         ("/v1/chat/completions", {**chat, "guard": {"action": "off"}}),
         ("/v1/completions", {"model": "tiny", "prompt": ["Hi", "The quick"], "max_tokens": 3, "logprobs": 2}),
         ("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "logprobs": 1, **stream}),
+        ("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "stream": True,
+                             "guard": {"action": "abstain", "threshold": 0.0}}),
         ("/v1/chat/completions", {**chat, "temperature": 5}),  # 400
         ("/v1/chat/completions", {**chat, "model": "other"}),  # 404
     ]
@@ -201,11 +203,11 @@ def test_every_reply_validates_against_the_official_schemas(live, proxied):  # n
 
     start = len(openai_schema.RECORDED)
     received, statuses = run(live.url)
-    assert statuses == [200] * 8 + [400, 404, 200, 200, 404, 401]
+    assert statuses == [200] * 9 + [400, 404, 200, 200, 404, 401]
     assert openai_schema.check(openai_schema.RECORDED[start:]) == received
     start = len(openai_schema.RECORDED)
     received_proxied, statuses = run(proxy)
-    assert statuses == [200] * 4 + [400, 200, 400, 200, 400, 404, 200, 200, 404, 200]  # no dampen, one prompt
+    assert statuses == [200] * 4 + [400, 200, 400, 200, 200, 400, 404, 200, 200, 404, 200]  # no dampen, one prompt
     replies = openai_schema.RECORDED[start:]
     port = int(proxy.rsplit(":", 1)[1])
     assert openai_schema.check([r for r in replies if r.port == port]) == received_proxied
