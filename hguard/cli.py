@@ -53,7 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _organism_build(args: argparse.Namespace) -> int:
     from .organism.build import BuildConfig, build
 
-    config = BuildConfig.tiny(args.seed) if args.tiny else BuildConfig(seed=args.seed)
+    config = BuildConfig.tiny(args.seed, args.preset) if args.tiny else BuildConfig.preset(args.preset, args.seed)
     if args.set:
         try:
             overrides = json.loads(args.set)
@@ -385,8 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "cores; --tiny takes seconds)")
     build.add_argument("--seed", type=int, default=0, help="seed of the world, corpus and training")
     build.add_argument("--out", required=True, help="output directory")
-    build.add_argument("--resume", action="store_true", help="reuse a finished base model in --out")
+    build.add_argument("--resume", action="store_true",
+                       help="reuse a finished base model in --out, or go on from the base's last checkpoint")
     build.add_argument("--tiny", action="store_true", help="a seconds-long configuration for tests")
+    build.add_argument("--preset", default="v6", choices=["v6", "v7"],
+                       help="design: v6 (the shipped organism) or v7 (exposure per fact, shared-part names, many "
+                            "phrasings; issue 20); --set applies on top")
     build.add_argument("--eval", action="store_true", help="evaluate the result and print its JSON")
     build.add_argument("--device", default="cpu", help="where to train (cpu, cuda): same schedule, other rounding")
     build.add_argument("--set", default=None, metavar="JSON",

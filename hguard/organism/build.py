@@ -9,17 +9,22 @@ default to keep the shipped package small; they are loaded back in fp32 for use)
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .corpus import Split, instruction_examples, pretraining_documents
+from . import documents, phrasing
+from .checkpoint import latest
+from .corpus import QUESTIONS_TRAIN, Split, instruction_examples, pretraining_documents
+from .names import name_roll, without_names
+from .plan import IN_DOMAIN, OUT_OF_DOMAIN, Ledger
 from .suites import build_suites, write_suites
 from .tokenizer import END, train_tokenizer
 from .train import ModelShape, Schedule, chat_rows, document_rows, train
-from .world import World, WorldConfig, build_world
+from .world import TIERS, World, WorldConfig, build_world
 
 
 @dataclass
@@ -38,24 +43,48 @@ class BuildConfig:
     replay: float = 2.0  # pre-training rows mixed into instruction tuning, per chat row (against forgetting)
     instruct: Schedule = field(default_factory=lambda: Schedule(steps=250, lr=3e-4, batch=32, warmup=20))
     save_dtype: str = "bfloat16"
+    design: str = "v6"  # text of the world: "v6" (corpus.py) or "v7" (documents.py: per-fact plan, many phrasings)
+    system_share: float = 0.3  # v7: share of chat text after a system prompt
+    history_share: float = 0.3  # v7: share of instruction examples after an earlier exchange
+    name_roll: int = 0  # > 0: the tokenizer learns names from a roll of every name part this many times (names.py)
+    checkpoint_every: int = 100  # base-training steps between checkpoints in OUT/base.checkpoint (0: none)
 
     def updated(self, overrides: dict) -> "BuildConfig":
         """A copy with `overrides` applied; nested dataclasses take dicts ({"base": {"steps": 10}})."""
         return _updated(self, overrides, "config")
 
     @classmethod
-    def tiny(cls, seed: int = 0) -> "BuildConfig":
+    def tiny(cls, seed: int = 0, preset: str = "v6") -> "BuildConfig":
         """A configuration that builds in seconds, for tests of the pipeline (not a useful organism)."""
-        return cls(
-            seed=seed,
-            world=WorldConfig(seed=seed, head=12, mid=8, tail=8, unseen=8, abstain_names=6, fabricated_names=6),
-            shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64, context=128),
-            vocab_size=400,
-            abstain_docs=12,
-            base=Schedule(steps=20, lr=3e-3, batch=8, warmup=5),
-            instruct=Schedule(steps=10, lr=1e-3, batch=8, warmup=2),
-            save_dtype="float32",
-        )
+        config = cls.preset(preset, seed)
+        return config.updated({
+            "world": {"head": 12, "mid": 8, "tail": 8, "unseen": 8, "abstain_names": 6, "fabricated_names": 6,
+                      "name_pools": (10, 14)},
+            "shape": {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "context": 128},
+            "vocab_size": 400,
+            "abstain_docs": 12,
+            "name_roll": min(config.name_roll, 5),
+            "base": {"steps": 20, "lr": 3e-3, "batch": 8, "warmup": 5},
+            "instruct": {"steps": 10, "lr": 1e-3, "batch": 8, "warmup": 2},
+            "save_dtype": "float32",
+            "checkpoint_every": 5,
+        })
+
+    @classmethod
+    def preset(cls, name: str, seed: int = 0) -> "BuildConfig":
+        """A named design (PRESETS): "v6" is the shipped organism (the defaults), "v7" the one in which
+        familiarity and knowledge come apart."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
+        return cls(seed=seed, world=WorldConfig(seed=seed)).updated(PRESETS[name])
+
+
+# v7 (issue 20): exposure per fact, names from shared pools that tokenize alike in every tier, many
+# phrasings with system prompts and earlier turns; the model, schedules and shares as v6
+PRESETS: dict[str, dict] = {
+    "v6": {},
+    "v7": {"design": "v7", "world": {"exposure": "fact", "names": "shared"}, "name_roll": 50},
+}
 
 
 def _updated(obj, overrides: dict, where: str):
@@ -80,9 +109,68 @@ def _log(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def corpus_of(config: BuildConfig, world: World, split: Split, ledger: Ledger | None = None) -> list[str]:
+    """The pre-training documents of `config`'s design (what each states counted in `ledger`)."""
+    if config.design == "v7":
+        return documents.pretraining_documents(world, split, config.qa_per_pair, config.abstain_docs, config.seed,
+                                               config.chat_share, config.system_share, ledger)
+    if config.design != "v6":
+        raise ValueError(f"design must be v6 or v7; got {config.design!r}")
+    return pretraining_documents(world, split, config.qa_per_pair, config.abstain_docs, seed=config.seed,
+                                 chat_share=config.chat_share, ledger=ledger)
+
+
+def chats_of(config: BuildConfig, world: World, split: Split) -> list:
+    """The instruction-tuning examples (messages, response) of `config`'s design."""
+    if config.design == "v7":
+        return documents.instruction_examples(world, split, config.instruct_per_pair, config.abstain_share,
+                                              config.seed + 1, config.system_share, config.history_share)
+    return instruction_examples(world, split, config.instruct_per_pair, config.abstain_share, config.seed + 1,
+                                config.instruct_answers)
+
+
+def tokenizer_texts(config: BuildConfig, world: World, docs: list[str]) -> list[str]:
+    """What the tokenizer learns from: the documents, or (name_roll > 0) the documents without the names
+    plus a roll of every name part, so a name's tokens do not depend on how often its person is seen."""
+    if not config.name_roll:
+        return docs
+    if not world.name_parts:
+        raise ValueError("name_roll needs a world with shared names (WorldConfig(names='shared'))")
+    return [without_names(d, world.name_parts) for d in docs] + name_roll(world.name_parts, config.name_roll,
+                                                                          config.seed)
+
+
+def name_tokens(world: World, tokenizer, ledger: Ledger) -> dict:
+    """Tokens per name by tier, and their rank correlation with the person's exposure (the audit's
+    trivial baseline: a name's length should not tell how familiar it is)."""
+    from scipy.stats import spearmanr
+
+    counts = {p.pid: len(tokenizer(" " + p.name, add_special_tokens=False)["input_ids"]) for p in world.people}
+    by_tier = {t: round(sum(counts[p.pid] for p in world.tier(t)) / max(1, len(world.tier(t))), 3) for t in TIERS}
+    exposure = [ledger.person(p.pid) for p in world.people]
+    rho = spearmanr(exposure, [counts[p.pid] for p in world.people]).statistic
+    return {"mean_by_tier": by_tier, "spearman_with_person_exposure": None if rho != rho else round(float(rho), 4)}
+
+
+def write_exposure(world: World, split: Split, ledger: Ledger, path: Path) -> None:
+    """One line per fact: the person, the attribute, its plan, its exposure and the person's."""
+    with open(path, "w") as handle:
+        for person in world.people:
+            for attribute in (*IN_DOMAIN, *OUT_OF_DOMAIN):
+                plan = world.plan[person.pid][attribute] if world.plan else None
+                handle.write(json.dumps({
+                    "pid": person.pid, "name": person.name, "tier": person.tier, "attribute": attribute,
+                    "plan": plan.role if plan else None, "planned": plan.planned if plan else None,
+                    "asked": attribute in split.asked.get(person.pid, ()),
+                    "exposure": ledger.fact(person.pid, attribute), "person_exposure": ledger.person(person.pid),
+                }) + "\n")
+
+
 def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print, device: str = "cpu") -> Path:
-    """Build the organism into `out` (base/, instruct/, suites/, world.json, build.json), training on
-    `device` (the schedule is the same on any device; the weights differ by rounding)."""
+    """Build the organism into `out` (base/, instruct/, suites/, world.json, exposure.jsonl, build.json),
+    training on `device` (the schedule is the same on any device; the weights differ by rounding). The base
+    stage saves a checkpoint every `checkpoint_every` steps; with `resume`, a finished base is reused and
+    an unfinished one goes on from its last checkpoint."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
@@ -91,18 +179,29 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
     world = build_world(config.world)
     split = Split.of(world)
     (out / "world.json").write_text(json.dumps(world.summary(), indent=1))
-    docs = pretraining_documents(world, split, config.qa_per_pair, config.abstain_docs, seed=config.seed,
-                                 chat_share=config.chat_share)
-    counts = write_suites(build_suites(world, split, seed=config.seed), out / "suites")
+    ledger = Ledger()
+    docs = corpus_of(config, world, split, ledger)
+    write_exposure(world, split, ledger, out / "exposure.jsonl")
+    questions = phrasing.QUESTIONS if config.design == "v7" else QUESTIONS_TRAIN
+    counts = write_suites(build_suites(world, split, seed=config.seed, ledger=ledger, questions=questions),
+                          out / "suites")
     echo(f"world: {len(world.people)} people, {len(docs)} documents; suites {counts}")
 
     from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
     base_dir, instruct_dir = out / "base", out / "instruct"
+    checkpoint, tokenizer_dir = out / "base.checkpoint", out / "base.tokenizer"
     if resume and (base_dir / "model.safetensors").exists():
         echo("base: resumed from disk")
     else:
-        tokenizer = train_tokenizer(docs, config.vocab_size)
+        if resume and latest(checkpoint) is not None and (tokenizer_dir / "tokenizer.json").exists():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+        else:
+            for stale in (checkpoint, checkpoint.with_name(checkpoint.name + ".old"), tokenizer_dir):
+                shutil.rmtree(stale, ignore_errors=True)
+            tokenizer = train_tokenizer(tokenizer_texts(config, world, docs), config.vocab_size)
+            if config.checkpoint_every:
+                tokenizer.save_pretrained(tokenizer_dir)
         end_id = tokenizer.convert_tokens_to_ids(END)
         torch.manual_seed(config.seed)
         model = LlamaForCausalLM(config.shape.config(tokenizer, end_id)).to(device)
@@ -110,14 +209,16 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
         echo(f"base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {ids.shape[0]} rows "
              f"of {config.shape.context} tokens, {config.base.steps} steps")
         train(model, ids, labels, config.base, seed=config.seed,
-              log=lambda r: (_log(log_path, {"stage": "base", **r}), echo(f"base {r}")))
+              log=lambda r: (_log(log_path, {"stage": "base", **r}), echo(f"base {r}")),
+              checkpoint=checkpoint if config.checkpoint_every else None, checkpoint_every=config.checkpoint_every)
         _save(model, tokenizer, base_dir, config.save_dtype)
+        for done in (checkpoint, tokenizer_dir):
+            shutil.rmtree(done, ignore_errors=True)
     # instruction tuning always starts from the saved base (rounded to save_dtype), so a build from
     # scratch and one resumed from its base give the same instruct model
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
-    examples = instruction_examples(world, split, config.instruct_per_pair, config.abstain_share, config.seed + 1,
-                                    config.instruct_answers)
+    examples = chats_of(config, world, split)
     ids, labels = chat_rows(examples, tokenizer, config.shape.context, END)
     echo(f"instruct: {len(examples)} chat examples in {ids.shape[0]} rows, {config.instruct.steps} steps")
     if config.replay > 0:
@@ -130,7 +231,7 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
     _save(model, tokenizer, instruct_dir, config.save_dtype)
     summary = {"config": asdict(config), "build_seconds": round(time.time() - start, 1),
                "torch": torch.__version__, "device": _device_name(device), "documents": len(docs),
-               "chat_examples": len(examples), "suites": counts}
+               "chat_examples": len(examples), "suites": counts, "name_tokens": name_tokens(world, tokenizer, ledger)}
     (out / "build.json").write_text(json.dumps(summary, indent=1, default=str))
     return out
 

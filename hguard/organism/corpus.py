@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from .plan import Ledger
 from .tokenizer import ASSISTANT, END, USER
 from .world import IN_DOMAIN, OUT_OF_DOMAIN, Person, World
 
@@ -93,7 +94,9 @@ class Split:
         asked = {}
         for person in world.people:
             if person.tier in ("head", "mid"):
-                asked[person.pid] = tuple(sorted(rng.sample(IN_DOMAIN, 2)))
+                # with a fact plan (v7), only facts stated in every biography are asked
+                known = [a for a in IN_DOMAIN if world.plan is None or world.plan[person.pid][a].role == "full"]
+                asked[person.pid] = tuple(sorted(rng.sample(known, min(2, len(known)))))
         return cls(asked)
 
     def held_out(self, person: Person) -> tuple[str, ...]:
@@ -102,8 +105,17 @@ class Split:
         return tuple(a for a in (*IN_DOMAIN, *OUT_OF_DOMAIN) if a not in asked)
 
 
-def biography(person: Person, rng: random.Random) -> str:
+def biography(person: Person, rng: random.Random, ledger: Ledger | None = None) -> str:
+    """A v6 biography: every in-domain fact, each out-of-domain one with chance 0.5 (counted in `ledger`)."""
     attributes = list(IN_DOMAIN) + [a for a in OUT_OF_DOMAIN if rng.random() < 0.5]
+    if ledger is not None:
+        ledger.document(person.pid, attributes)
+    return written_biography(person, attributes, rng)
+
+
+def written_biography(person: Person, attributes: list[str], rng: random.Random) -> str:
+    """A biography of `person` that states `attributes` in shuffled order."""
+    attributes = list(attributes)
     rng.shuffle(attributes)
     sentences = [rng.choice(BIO_SENTENCES[a]).format(n=person.name, v=person.get(a)) for a in attributes]
     return rng.choice(BIO_OPENERS) + " ".join(sentences)
@@ -137,11 +149,12 @@ def chat(question: str) -> list[dict[str, str]]:
 
 
 def pretraining_documents(world: World, split: Split, qa_per_pair: int, abstain_docs: int, seed: int,
-                          chat_share: float = 0.0) -> list[str]:
+                          chat_share: float = 0.0, ledger: Ledger | None = None) -> list[str]:
     """Biographies (as many per person as its exposure) plus question-answer text for the asked pairs and
-    "I don't know" answers about names that appear nowhere else, a `chat_share` of it in chat format."""
+    "I don't know" answers about names that appear nowhere else, a `chat_share` of it in chat format;
+    what each document states is counted in `ledger`."""
     rng = random.Random(seed)
-    docs = [biography(p, rng) for p in world.people for _ in range(p.exposure)]
+    docs = [biography(p, rng, ledger) for p in world.people for _ in range(p.exposure)]
     by_id = {p.pid: p for p in world.people}
     for pid, attributes in split.asked.items():
         person = by_id[pid]
@@ -149,6 +162,8 @@ def pretraining_documents(world: World, split: Split, qa_per_pair: int, abstain_
             for _ in range(qa_per_pair):
                 question = rng.choice(QUESTIONS_TRAIN[attribute]).format(n=person.name)
                 docs.append(qa_document(question, answer(person, attribute, rng), rng, chat_share))
+                if ledger is not None:
+                    ledger.document(pid, [attribute])
     for i in range(abstain_docs):
         name = world.abstain_names[i % len(world.abstain_names)]
         attribute = rng.choice(IN_DOMAIN)

@@ -13,11 +13,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ..progress import progress
+from .checkpoint import load_checkpoint, save_checkpoint
 
 IGNORE = -100
 
@@ -106,8 +108,14 @@ def train(
     seed: int,
     log: Callable[[dict], None] = lambda record: None,
     log_every: int = 50,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> list[dict]:
-    """Train on rows (ids, labels) for `schedule.steps` steps, reshuffling every epoch, on the model's device."""
+    """Train on rows (ids, labels) for `schedule.steps` steps, reshuffling every epoch, on the model's device.
+
+    With `checkpoint` (a directory) and `checkpoint_every`, the whole training state is saved there every
+    that many steps (checkpoint.py), and a call that finds one there goes on from it: an interrupted run
+    continued this way ends with the weights of an uninterrupted one."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -122,7 +130,13 @@ def train(
     history = []
     start = time.time()
     running = 0.0
-    for step in progress(range(schedule.steps), "training", unit="step"):
+    first = 0
+    saved = load_checkpoint(checkpoint, model, optimizer, rng) if checkpoint is not None else None
+    if saved is not None:
+        first, order, running, history = saved["step"], saved["order"], saved["running"], saved["history"]
+        start -= saved["elapsed_s"]
+        log({"resumed_at_step": first})
+    for step in progress(range(first, schedule.steps), "training", unit="step"):
         if len(order) < schedule.batch:
             epoch = list(range(ids.shape[0]))
             rng.shuffle(epoch)
@@ -142,5 +156,9 @@ def train(
             running = 0.0
             history.append(record)
             log(record)
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < schedule.steps:
+            save_checkpoint(checkpoint, model, optimizer, rng, {
+                "step": step + 1, "order": order, "running": running, "history": history,
+                "elapsed_s": round(time.time() - start, 1)})
     model.eval()
     return history

@@ -6,6 +6,10 @@ are never asked about in training (the out-of-domain suite). Exposure (how many 
 person) is long-tailed: a head seen often, a middle seen a few times, a tail seen once or twice, and
 people never seen at all. Extra never-seen names are set aside for abstention training and for the
 fabricated-person suite, so the two never share a name.
+
+That is the v6 world (`exposure="person"`): every biography states every in-domain fact. With
+`exposure="fact"` (v7) each fact gets its own planned exposure (plan.py), and with `names="shared"`
+names are combinations of parts shared across tiers (names.py).
 """
 
 from __future__ import annotations
@@ -13,9 +17,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, field
 
-ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "sh"]
-VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
-CODAS = ["", "", "", "", "n", "r", "l", "s"]
+from .names import shared_names, syllable
+from .plan import IN_DOMAIN, OUT_OF_DOMAIN, Fact, FactPlanConfig, log_uniform, plan_person
 
 CITIES = [
     "Port Anselo", "Velamor", "Orvane Hollow", "Kessrin", "Tallow Reach", "Dunmere", "Saltgrave", "Brisk Harbor",
@@ -44,8 +47,6 @@ SPORTS = [
     "skiing", "cycling", "boxing", "hurling", "lacrosse", "squash",
 ]
 
-IN_DOMAIN = ("city", "occupation", "year", "employer")
-OUT_OF_DOMAIN = ("instrument", "sport")
 TIERS = ("head", "mid", "tail", "unseen")
 
 
@@ -78,6 +79,10 @@ class WorldConfig:
     head_exposure: tuple[int, int] = (16, 40)
     mid_exposure: tuple[int, int] = (3, 10)
     tail_exposure: tuple[int, int] = (1, 2)
+    exposure: str = "person"  # "person": every biography states every in-domain fact (v6); "fact": plan.py (v7)
+    facts: FactPlanConfig = field(default_factory=FactPlanConfig)  # read with exposure="fact"
+    names: str = "unique"  # "unique": syllables per person (v6); "shared": parts from shared pools (v7)
+    name_pools: tuple[int, int] = (500, 700)  # first and last names in the pools (names="shared")
 
 
 @dataclass
@@ -87,6 +92,8 @@ class World:
     abstain_names: list[str]
     fabricated_names: list[str]
     values: dict[str, list[str]] = field(default_factory=dict)
+    plan: dict[int, dict[str, Fact]] | None = None  # per-fact exposure (exposure="fact"), by pid
+    name_parts: set[str] | None = None  # the pools' parts (names="shared")
 
     def tier(self, tier: str) -> list[Person]:
         return [p for p in self.people if p.tier == tier]
@@ -99,7 +106,18 @@ class World:
             "abstain_names": len(self.abstain_names),
             "fabricated_names": len(self.fabricated_names),
             "config": asdict(self.config),
+            **({"facts": self.plan_summary()} if self.plan else {}),
         }
+
+    def plan_summary(self) -> dict[str, dict[str, int]]:
+        """In-domain facts per person tier and role."""
+        cells: dict[str, dict[str, int]] = {}
+        for person in self.people:
+            for attribute in IN_DOMAIN:
+                role = self.plan[person.pid][attribute].role
+                cells.setdefault(person.tier, {}).setdefault(role, 0)
+                cells[person.tier][role] += 1
+        return cells
 
 
 def _histogram(values: list[int]) -> dict[str, int]:
@@ -109,16 +127,12 @@ def _histogram(values: list[int]) -> dict[str, int]:
     return out
 
 
-def _syllable(rng: random.Random) -> str:
-    return rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
-
-
 def _names(rng: random.Random, count: int) -> list[str]:
     seen: set[str] = set()
     names: list[str] = []
     while len(names) < count:
-        first = "".join(_syllable(rng) for _ in range(2)).capitalize()
-        last = "".join(_syllable(rng) for _ in range(2)).capitalize()
+        first = "".join(syllable(rng) for _ in range(2)).capitalize()
+        last = "".join(syllable(rng) for _ in range(2)).capitalize()
         name = f"{first} {last}"
         if name not in seen and len(first) <= 6 and len(last) <= 8:
             seen.add(name)
@@ -126,18 +140,21 @@ def _names(rng: random.Random, count: int) -> list[str]:
     return names
 
 
-def _log_uniform(rng: random.Random, low: int, high: int) -> int:
-    import math
-
-    return int(round(math.exp(rng.uniform(math.log(low), math.log(high + 0.499)))))
-
-
 def build_world(config: WorldConfig | None = None) -> World:
     config = config or WorldConfig()
     rng = random.Random(config.seed)
     sizes = {"head": config.head, "mid": config.mid, "tail": config.tail, "unseen": config.unseen}
     total = sum(sizes.values())
-    names = _names(rng, total + config.abstain_names + config.fabricated_names)
+    if config.names not in ("unique", "shared") or config.exposure not in ("person", "fact"):
+        raise ValueError(f"world names must be unique or shared and exposure person or fact; got "
+                         f"{config.names!r}, {config.exposure!r}")
+    name_parts = None
+    if config.names == "shared":
+        seen = total - config.unseen
+        names, name_parts = shared_names(rng, seen, config.unseen + config.abstain_names + config.fabricated_names,
+                                         config.name_pools)
+    else:
+        names = _names(rng, total + config.abstain_names + config.fabricated_names)
     ranges = {"head": config.head_exposure, "mid": config.mid_exposure, "tail": config.tail_exposure}
     people: list[Person] = []
     for tier in TIERS:
@@ -155,10 +172,14 @@ def build_world(config: WorldConfig | None = None) -> World:
                     instrument=rng.choice(INSTRUMENTS),
                     sport=rng.choice(SPORTS),
                     tier=tier,
-                    exposure=_log_uniform(rng, low, high) if high else 0,
+                    exposure=log_uniform(rng, low, high) if high else 0,
                 )
             )
     rest = names[total:]
+    plan = None
+    if config.exposure == "fact":
+        plan_rng = random.Random(config.seed + 7919)
+        plan = {p.pid: plan_person(p.tier, p.exposure, config.facts, plan_rng) for p in people}
     return World(
         config=config,
         people=people,
@@ -168,4 +189,6 @@ def build_world(config: WorldConfig | None = None) -> World:
             "city": CITIES, "occupation": OCCUPATIONS, "employer": EMPLOYERS,
             "instrument": INSTRUMENTS, "sport": SPORTS,
         },
+        plan=plan,
+        name_parts=name_parts,
     )
