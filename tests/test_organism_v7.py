@@ -3,22 +3,17 @@ phrasings apart from every evaluation phrasing, and base training that resumes f
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from test_controls import heldout_module  # benchmarks/heldout_suites.py, as the held-out suites' test loads it
 
 from hguard.organism.build import BuildConfig, build, chats_of, corpus_of, tokenizer_texts
 from hguard.organism.corpus import QUESTIONS_HELD_OUT, Split
 from hguard.organism.plan import IN_DOMAIN, OUT_OF_DOMAIN, Ledger
 from hguard.organism.suites import DOUBT, FALSE_PREMISE, build_suites
 from hguard.organism.world import WorldConfig, build_world
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 def tiny():
     config = BuildConfig.tiny(seed=3, preset="v7")
@@ -80,14 +75,6 @@ def test_suites_carry_the_exposure_of_the_fact_and_of_the_person():
     assert any(i["tier"] == "head" and i["exposure"] <= 1 for i in in_domain)
     assert any(i["tier"] == "tail" and i["exposure"] >= 8 for i in in_domain)
     assert any(i["exposure"] < i["person_exposure"] for i in in_domain)
-
-
-def heldout_module():
-    spec = importlib.util.spec_from_file_location("heldout_suites", BENCHMARKS / "heldout_suites.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("heldout_suites", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pattern(template: str) -> re.Pattern:

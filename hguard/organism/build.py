@@ -1,8 +1,10 @@
 """`hguard organism build`: world -> text -> tokenizer -> base model -> instruct model -> suites -> report.
 
 Everything follows from the seed. Each stage writes its result to the output directory before the
-next starts, and a rerun with `resume=True` skips stages whose output exists, so a long build that was
-interrupted goes on where it stopped. Models are saved with `save_pretrained` (safetensors, bf16 by
+next starts, and the base stage writes a checkpoint every `checkpoint_every` steps (checkpoint.py); a
+rerun with `resume=True` reuses a finished base or goes on from the last checkpoint, so a long build that
+was interrupted goes on where it stopped and ends with the weights it would have had. Two designs
+(`PRESETS`): v6, the shipped organism (the defaults), and v7, in which exposure is per fact (plan.py). Models are saved with `save_pretrained` (safetensors, bf16 by
 default to keep the shipped package small; they are loaded back in fp32 for use).
 """
 
