@@ -93,7 +93,7 @@ def _upstream(script: dict) -> FastAPI:
         if mode == "tgi":
             return JSONResponse({"error": "Input validation error: too long", "error_type": "validation"}, 422)
         if mode == "unauthorized":
-            return JSONResponse({"error": {"message": "Invalid API key", "type": "invalid_request_error",
+            return JSONResponse({"error": {"message": "Incorrect API key provided: sk-live-1234", "type": "invalid_request_error",
                                            "param": None, "code": "invalid_api_key"}}, 401)
         if mode == "ratelimit":
             return JSONResponse({"error": {"message": "slow down", "type": "rate_limit", "param": None,
@@ -153,7 +153,8 @@ def test_proxy_forwards_what_the_client_sent_and_maps_upstream_errors(guard, ups
         assert seen[-1] == {"model": "tiny", "messages": MESSAGES}  # the upstream's defaults apply
         expected = {  # mode -> (status, retry-after, message, param)
             "tgi": (422, None, "upstream: Input validation error: too long", None),
-            "unauthorized": (502, None, "upstream: Invalid API key", None),  # this server's key, not the client's
+            # this server's key, not the client's: a 502 that says so, without the upstream's message (a key in it)
+            "unauthorized": (502, None, "the upstream refused this server's credentials (--upstream-api-key)", None),
             "ratelimit": (429, "7", "upstream: slow down", None),
             "badparam": (400, None, "upstream: bad n", "n"),
         }
@@ -163,6 +164,7 @@ def test_proxy_forwards_what_the_client_sent_and_maps_upstream_errors(guard, ups
             error = response.json()["error"]
             assert (response.status_code, response.headers.get("retry-after"), error["message"], error["param"]) == \
                 (status, retry, message, param), mode
+            assert "sk-live" not in response.text and server.url not in response.text
         script["mode"] = "ok"
         series = 'hguard_requests_total{action="flag",endpoint="chat",model_name="tiny",status="200"'
         before = _value(proxy.url, series)
@@ -249,10 +251,10 @@ def test_a_scoring_failure_ends_a_proxied_stream_with_an_error_event(guard, upst
     server, script, _ = upstream
     script["mode"] = "ok"
 
-    def fail(self, text):
+    def fail(self, ids):
         raise RuntimeError("out of positions")
 
-    monkeypatch.setattr(IncrementalScorer, "score", fail)
+    monkeypatch.setattr(IncrementalScorer, "score_ids", fail)
     app = _proxy_app(guard, server.url)
     with LiveServer(app) as proxy:
         body = {"model": "tiny", "messages": MESSAGES, "stream": True}
@@ -260,7 +262,7 @@ def test_a_scoring_failure_ends_a_proxied_stream_with_an_error_event(guard, upst
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
         assert app.state.proxy.streams == 0  # its place was given back
     assert events[-1] == "[DONE]"
-    assert json.loads(events[-2])["error"]["message"] == "scoring failed: RuntimeError: out of positions"
+    assert json.loads(events[-2])["error"]["message"] == "scoring failed; the server's log has the cause"
 
 
 def test_a_queued_request_whose_client_left_holds_no_place(guard):  # noqa: F811

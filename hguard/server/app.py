@@ -9,6 +9,7 @@ Retry-After, a server that is not ready 503. Nothing a client sends produces a 5
 from __future__ import annotations
 
 import hmac
+import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -62,7 +63,8 @@ class BodyLimit:
 
 
 class ApiKey:
-    """ASGI middleware: /v1/ needs `Authorization: Bearer <key>` (401 otherwise). A plain ASGI layer,
+    """ASGI middleware: /v1/ needs `Authorization: Bearer <key>` (401 otherwise; the scheme's case does
+    not matter, RFC 9110 section 11.1). A plain ASGI layer,
     not an `@app.middleware("http")` one: those hide the client's disconnect from the route, which then
     could not stop generating for a client that left."""
 
@@ -72,7 +74,8 @@ class ApiKey:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+            scheme, _, token = header.strip().partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""
             if not hmac.compare_digest(token.encode(), self.key):
                 response = _error(401, "Incorrect or missing API key", "invalid_request_error", code="invalid_api_key")
                 return await response(scope, receive, send)
@@ -210,6 +213,7 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # a bug of ours, never the client's input
+        logging.getLogger("hguard.server").error("unexpected error on %s", request.url.path, exc_info=error)
         return _error(500, f"internal error: {type(error).__name__}", "server_error")
 
     return app

@@ -108,6 +108,11 @@ class Engine:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (/health reports it)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     # ---- the worker ---------------------------------------------------------------------------
     def _next_batch(self) -> list[Job]:
         with self._condition:

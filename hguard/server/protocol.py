@@ -17,18 +17,53 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 
 
-class GuardOptions(BaseModel):
+def unencodable(value: Any) -> str | None:
+    """Why `value` (a string, or lists and dicts holding strings, keys included) is not valid Unicode
+    text, or None when it is. JSON's \\u escapes can carry a lone UTF-16 surrogate (\\ud800), which
+    Python keeps in a str but no tokenizer, log or response can encode. Iterative: nesting depth
+    costs no stack."""
+    stack = [(value, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as error:
+                bad = item[error.start].encode("unicode_escape").decode("ascii")
+                at = f" of {where.lstrip('.')}" if where else ""
+                return f"not valid Unicode text: a lone surrogate {bad} at character {error.start}{at}"
+        elif isinstance(item, dict):
+            for i, (key, inner) in enumerate(item.items()):
+                stack.append((key, f"{where}.<key {i}>"))
+                stack.append((inner, f"{where}.{key}" if isinstance(key, str) and key.isascii() else f"{where}.{i}"))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((inner, f"{where}.{i}") for i, inner in enumerate(item))
+    return None
+
+
+class _Strict(BaseModel):
+    """A request object: unknown fields are refused by name, and every text in it must be valid Unicode
+    (400 naming the field, before anything tokenizes, logs or echoes it)."""
+
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value):
+        problem = unencodable(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class GuardOptions(_Strict):
     action: Literal["off", "flag", "abstain", "dampen", "scale"] | None = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     alpha: float | None = Field(default=None, ge=0.0, le=10.0)
     token_scores: bool = False
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
@@ -39,10 +74,8 @@ def _refuse_if_set(value, info):
     return value
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Strict):
     """Fields shared by chat and text completions."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -91,9 +124,7 @@ class ContentPartError(ValueError):
         self.part = part
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]]
     name: str | None = None

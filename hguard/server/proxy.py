@@ -4,28 +4,29 @@ what it returns with a local copy of the same weights, in a teacher-forced pass.
 The upstream's text is re-tokenised with the local tokenizer; the scores describe those tokens (for
 greedy text from the same tokenizer they are the upstream's tokens). Abstain cuts an answer where
 hosted generation would (`Proxy.cut`), so a client sees the same text, finish reason and scores in
-both modes; streams are relayed by relay.py, each new piece scored incrementally (incremental.py).
-Requested logprobs are the upstream's, relayed as they come. Dampen needs the upstream's activations,
-so it is refused (400). An unreachable upstream is 502, a slow one 504.
+both modes; streams are relayed by relay.py. Scoring is bounded by the scoring model's context and
+runs in turns (scoring.py); the upstream is untrusted (upstream.py: what it sends is validated, its
+failures are clean 502s and 504s). Requested logprobs are the upstream's, relayed as they come.
+Dampen needs the upstream's activations, so it is refused (400).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import weakref
 from collections.abc import AsyncIterator
 
-import httpx
 import torch
 
 from ..guard import Guard
 from ..metrics import Metrics
 from ..policy import Policy, flagged_spans, verdict
 from ..results import Scores, char_offset
-from .relay import Relay, conform, trigger_index, watched
-from .serving import (APIError, GuardDefaults, check_model, encode_prompt, messages_of, prompts_of,
-                      endpoint_name, withheld_logprobs, worst)
+from .relay import Relay, trigger_index, watched
+from .scoring import Scoring
+from .serving import (APIError, GuardDefaults, check_model, context_exceeded, encode_prompt, endpoint_name,
+                      messages_of, prompts_of, withheld_logprobs, worst)
+from .upstream import Upstream, broken, relayed_error
+from .upstream_schema import ShapeError, completion
 
 
 class Proxy:
@@ -36,16 +37,13 @@ class Proxy:
         self.max_streams = max_streams  # each open stream keeps a KV cache of the local weights
         self.streams = 0  # open streams, counted from admission (before the upstream answers) to their end
         self.metrics = metrics  # proxied answers count like hosted ones (errors: where they are rendered)
-        # the paths below start with /v1; an OpenAI-style base URL (".../v1") means the same server
-        self.upstream = upstream.rstrip("/").removesuffix("/v1")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # no pool limit of its own: the streams are bounded above, and a pool smaller than that bound
-        # would turn healthy but busy upstream connections into timeouts
-        self.client = httpx.AsyncClient(timeout=timeout, headers=headers,
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self.upstream = Upstream(upstream, timeout, api_key)
+        config = guard.model.config
+        self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 20
+        self.scoring = Scoring(guard, self.context)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.upstream.close()
 
     def policy(self, request) -> Policy | None:
         options = request.guard
@@ -64,40 +62,29 @@ class Proxy:
         return body
 
     def _prompt(self, request, chat: bool) -> list[int]:
-        """The prompt's token ids, encoded once per request (client errors become 400/422 here)."""
+        """The prompt's token ids, encoded once per request (client errors become 400/422 here). A prompt
+        that leaves no room in the scoring model's context is refused, as hosting it would be."""
         if chat:
-            return encode_prompt(self.guard, messages_of(request))
-        prompts = prompts_of(request)
-        if len(prompts) != 1:
-            raise APIError(400, "proxy mode scores one prompt per request", param="prompt")
-        return encode_prompt(self.guard, prompts[0])
-
-    async def _post(self, path: str, body: dict, stream: bool):
-        try:
-            request = self.client.build_request("POST", f"{self.upstream}{path}", json=body)
-            response = await self.client.send(request, stream=stream)
-        except httpx.TimeoutException as error:
-            raise APIError(504, f"the upstream at {self.upstream} timed out", "upstream_timeout") from error
-        except httpx.HTTPError as error:
-            raise APIError(502, f"the upstream at {self.upstream} is unreachable: {error}", "upstream_error") from error
-        if response.status_code >= 400:
-            payload = (await response.aread()) if stream else response.content
-            await response.aclose()
-            raise _upstream_error(response.status_code, payload, response.headers)
-        return response
-
-    async def _score(self, prompt, text: str):
-        if not text:
-            return None
-        return await asyncio.to_thread(self.guard.score, prompt, text)
+            ids = encode_prompt(self.guard, messages_of(request))
+        else:
+            prompts = prompts_of(request)
+            if len(prompts) != 1:
+                raise APIError(400, "proxy mode scores one prompt per request", param="prompt")
+            ids = encode_prompt(self.guard, prompts[0])
+        if len(ids) >= self.context:
+            raise context_exceeded(self.context, len(ids), 1, "messages" if chat else "prompt")
+        return ids
 
     def report(self, policy: Policy | None, scores: Scores | None, text: str, token_scores: bool,
-               abstained: bool) -> dict:
+               abstained: bool, scored_chars: int | None = None) -> dict:
         """A finished choice's `hallucination` object (`scores` and `text`: the answer kept); the answer
-        goes into the metrics too."""
+        goes into the metrics too. `scored_chars`: where scoring stopped, for an answer that ran past the
+        scoring model's context (None: all of it was scored)."""
         if policy is None:  # the guard is off: nothing was scored
             return {"probability": None, "verdict": "ok", "action": None, "flagged_spans": []}
         report = self._summary(policy, scores, text, token_scores, abstained)
+        if scored_chars is not None:
+            report["scored_chars"] = scored_chars
         if self.metrics is not None:
             self.metrics.answer(scores.token_probs if scores is not None else [], report["probability"],
                                 report["verdict"], policy.threshold)
@@ -128,10 +115,10 @@ class Proxy:
         self.count(chat, policy, [choice["hallucination"]["verdict"] for choice in body.get("choices", [])], prompt)
         return body
 
-    def count(self, chat: bool, policy: Policy | None, verdicts: list[str], prompt: list[int]) -> None:
+    def count(self, chat: bool, policy: Policy | None, verdicts: list[str], prompt: list[int], status: int = 200) -> None:
         if self.metrics is not None:
             action = policy.action if policy is not None else "off"
-            self.metrics.request(endpoint_name(chat), 200, action, worst(verdicts), len(prompt))
+            self.metrics.request(endpoint_name(chat), status, action, worst(verdicts), len(prompt))
 
     def cut(self, policy: Policy | None, scores: Scores | None, watched: int) -> tuple[Scores | None, bool]:
         """Where abstain stops an answer, as hosted generation does: `scores` up to and including the
@@ -148,20 +135,23 @@ class Proxy:
         return Scores.of(scores.token_ids[:kept], logits, calibration), True
 
     async def _complete(self, request, chat: bool, policy: Policy, prompt: list[int], path: str) -> dict:
-        response = await self._post(path, self._forward_body(request), stream=False)
+        data = await self.upstream.body(path, self._forward_body(request))
+        if isinstance(data, dict) and "error" in data:  # an error sent with a 2xx
+            raise relayed_error(502, data)
         try:
-            body = response.json()
-        except ValueError as error:
-            raise APIError(502, "the upstream answered with something that is not JSON", "upstream_error") from error
-        for choice in body.get("choices", []):
-            conform(choice, chat)
-            text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
-            text = text or ""
-            scores = await self._score(prompt, text) if policy is not None else None
-            scores, abstained = self.cut(policy, scores, watched(scores, choice.get("finish_reason")))
+            body = completion(data, chat, request.n)
+        except ShapeError as error:
+            raise broken(str(error)) from None
+        for choice in body["choices"]:
+            text = (choice["message"]["content"] if chat else choice["text"]) or ""
+            window = self.scoring.window(prompt) if policy is not None else None
+            scores = await window.score(text) if window is not None else None
+            finish = choice["finish_reason"] if window is None or not window.full else "stop"
+            scores, abstained = self.cut(policy, scores, watched(scores, finish))
             kept = text[:char_offset(self.guard.tokenizer, scores.token_ids, len(scores.token_ids), text)] \
                 if abstained else text
-            choice["hallucination"] = self.report(policy, scores, kept, request.guard.token_scores, abstained)
+            scored = window.scored_chars(text) if window is not None and not abstained else None
+            choice["hallucination"] = self.report(policy, scores, kept, request.guard.token_scores, abstained, scored)
             if abstained:
                 choice["finish_reason"] = "content_filter"
                 if chat:
@@ -184,11 +174,18 @@ class Proxy:
         path = "/v1/chat/completions" if chat else "/v1/completions"
         slot = _Slot(self)  # taken before waiting on the upstream, so that requests arriving together count
         try:
-            response = await self._post(path, self._forward_body(request), stream=True)
+            response, events = await self.upstream.events(path, self._forward_body(request))
         except APIError:
             slot.release()
             raise
-        relay = Relay(self, response, request, policy, prompt, chat, slot).events()
+        relay = Relay(self, response, events, request, policy, prompt, chat, slot)
+        try:
+            await relay.start()  # the first event: an upstream that fails before it is a 502 or 504 status
+        except BaseException:
+            slot.release()
+            await response.aclose()
+            raise
+        relay = relay.events()
         weakref.finalize(relay, slot.release)  # a response never iterated (the client left at once)
         return relay
 
@@ -204,25 +201,3 @@ class _Slot:
         if self.held:
             self.held = False
             self.proxy.streams -= 1
-
-
-def _upstream_error(status: int, payload: bytes, headers) -> APIError:
-    """The upstream's error as this server's: its message, param and code where its body is OpenAI's
-    shape (or TGI's, an `error` string); 5xx, and an upstream that refuses this server's own key
-    (401, 403: a misconfigured server, not the client's fault), become 502; a 429 keeps Retry-After."""
-    try:
-        parsed = json.loads(payload)
-    except ValueError:
-        parsed = None
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, dict):
-        message, param, code = error.get("message") or "upstream error", error.get("param"), error.get("code")
-    elif isinstance(error, str):
-        message, param, code = error, None, None
-    else:
-        message, param, code = payload.decode(errors="replace")[:500] or "upstream error", None, None
-    retry = {"Retry-After": headers["retry-after"]} if status == 429 and "retry-after" in headers else None
-    if status >= 500 or status in (401, 403):
-        status = 502
-    return APIError(status, f"upstream: {message}", "upstream_error", param=param if isinstance(param, str) else None,
-                    code=str(code) if code is not None else None, headers=retry)

@@ -7,13 +7,19 @@ as a hosted stream's chunks do. Abstain stops a choice where hosted generation w
 whose running mean reaches the trigger: that token's text is the last sent, the abstention message
 follows (`abstain_tail`), then the finishing chunk with the summary; the rest of the upstream's answer
 is never sent. A choice that the upstream ends gets the same finishing chunk (no text of its own).
-Requested logprobs are the upstream's, relayed in the chunk that brought them.
+Past the scoring window (scoring.py) the text goes out as it comes, unscored, and the summary says
+where scoring stopped. Requested logprobs are the upstream's, relayed in the chunk that brought them.
+
+Every upstream event is validated before it is used (upstream_schema.py). A stream that fails before
+its first event is an HTTP error (`start`); after that, a broken, stalled or erroring upstream, or a
+failed scoring, ends the stream with one error event and `[DONE]`, as does an upstream stream that
+ends before all its choices did. A stream whose client left is counted with status 499.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,13 +27,18 @@ from typing import TYPE_CHECKING
 import httpx
 import torch
 
-from ..incremental import IncrementalScorer
 from ..results import Scores, decode
-from .serving import APIError, abstain_tail, finishing_choice, finishing_chunk, text_choice
+from .serving import CLIENT_CLOSED, APIError, abstain_tail, finishing_choice, finishing_chunk, text_choice
+from .upstream import broken, relayed_error
+from .upstream_schema import ShapeError, chunk as checked_chunk, parse_json
 
 if TYPE_CHECKING:
     from ..policy import Calibration, Policy
     from .proxy import Proxy, _Slot
+    from .scoring import Window
+    from .upstream import Events
+
+log = logging.getLogger("hguard.server")
 
 
 def trigger_index(logits: Sequence[float], calibration: "Calibration", trigger: float) -> int | None:
@@ -48,17 +59,6 @@ def watched(scores: Scores | None, finish: str | None) -> int:
     return count - 1 if finish == "length" else count
 
 
-def conform(choice: dict, chat: bool) -> dict:
-    """An upstream's choice with the fields the OpenAI schema requires of a chat choice (`refusal` in
-    the message and in the logprobs), which some OpenAI-compatible servers leave out."""
-    if chat:
-        if isinstance(choice.get("message"), dict):
-            choice["message"].setdefault("refusal", None)
-        if isinstance(choice.get("logprobs"), dict):
-            choice["logprobs"].setdefault("refusal", None)
-    return choice
-
-
 def spelled(tokenizer, ids: list[int], count: int, text: str, floor: int) -> int:
     """Characters of `text` that its first `count` tokens spell, a partial character at their end left
     out; `floor` (what was already sent) where they do not spell a prefix of `text`."""
@@ -74,7 +74,7 @@ class ScoringFailed(Exception):
 class _Choice:
     """One choice of the stream: the upstream's text so far, and how much of it went out."""
 
-    scorer: IncrementalScorer | None
+    window: "Window | None"
     text: str = ""
     sent_chars: int = 0
     sent_tokens: int = 0  # local tokens whose text (and scores) went out
@@ -84,32 +84,48 @@ class _Choice:
 
 
 class Relay:
-    """The events of one proxied stream; `events()` is the iterator the route sends."""
+    """The events of one proxied stream: `start()` reads the upstream's first event, then `events()` is
+    the iterator the route sends."""
 
-    def __init__(self, proxy: "Proxy", response: httpx.Response, request, policy: "Policy | None",
-                 prompt: list[int], chat: bool, slot: "_Slot") -> None:
-        self.proxy, self.response, self.request, self.policy = proxy, response, request, policy
-        self.prompt, self.chat, self.slot = prompt, chat, slot
+    def __init__(self, proxy: "Proxy", response: httpx.Response, upstream: "Events", request,
+                 policy: "Policy | None", prompt: list[int], chat: bool, slot: "_Slot") -> None:
+        self.proxy, self.response, self.upstream, self.request = proxy, response, upstream, request
+        self.policy, self.prompt, self.chat, self.slot = policy, prompt, chat, slot
         self.choices: dict[int, _Choice] = {}
         self.verdicts: list[str] = []
+        self._first: dict | None = None
+
+    async def start(self) -> None:
+        """Read and check the upstream's first event; its failures are raised (an HTTP status)."""
+        self._first = await self._next()
+        if self._first is None:
+            raise broken("the upstream's stream ended before its first chunk")
+
+    async def _next(self) -> dict | None:
+        """The upstream's next chunk, validated (None: its stream is over)."""
+        data = await self.upstream.next()
+        if data is None or data.strip() == "[DONE]":
+            return None
+        parsed = parse_json(data)
+        if parsed is None:
+            raise broken("the upstream sent a stream event that is not JSON", data[:200])
+        if isinstance(parsed, dict) and "error" in parsed:
+            raise relayed_error(502, parsed)
+        try:
+            return checked_chunk(parsed, self.chat, self.request.n)
+        except ShapeError as error:
+            raise broken(str(error), data[:200]) from None
+
+    def _open(self) -> bool:
+        """Some choice has not ended (or none has begun)."""
+        done = [c for c in self.choices.values() if c.done]
+        return len(done) < self.request.n
 
     async def events(self) -> AsyncIterator[str]:
-        usage_sent, last = False, {}
+        usage_sent, last, status = False, {}, CLIENT_CLOSED  # the status until the stream ends otherwise
         try:
-            async for line in self.response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].removeprefix(" ")  # SSE: one space after the colon is optional
-                if data.strip() == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    yield _event(APIError(502, "the upstream sent a malformed stream event", "upstream_error").body())
-                    break
-                if "error" in chunk:
-                    yield _event(chunk)
-                    continue
+            chunk = self._first
+            while chunk is not None:
                 chunk["model"] = self.proxy.model_name
                 if not self.chat and "usage" in chunk and chunk["usage"] is None:
                     del chunk["usage"]  # the legacy completions schema has no null usage (vLLM sends one)
@@ -126,13 +142,23 @@ class Relay:
                     if options is not None and options.include_usage and not usage_sent:
                         yield _event(self._usage_chunk(last))
                     break
-        except httpx.HTTPError as error:
-            yield _event(APIError(502, f"the upstream stream failed: {error}", "upstream_error").body())
-        except ScoringFailed as error:
-            yield _event(APIError(500, f"scoring failed: {error}", "server_error").body())
+                chunk = await self._next()
+            else:
+                if self._open():
+                    raise broken("the upstream's stream ended before its answer did")
+            status = 200
+        except APIError as error:  # the stream has started: the upstream's failure goes in-band
+            status = error.status
+            if self.proxy.metrics is not None:
+                self.proxy.metrics.labels(self.proxy.metrics.upstream_errors, kind=str(error.status)).inc()
+            yield _event(error.body())
+        except ScoringFailed:
+            status = 500
+            log.exception("scoring a proxied stream failed")
+            yield _event(APIError(500, "scoring failed; the server's log has the cause", "server_error").body())
         finally:
             self.slot.release()
-            self.proxy.count(self.chat, self.policy, self.verdicts, self.prompt)
+            self.proxy.count(self.chat, self.policy, self.verdicts, self.prompt, status)
             self.choices.clear()  # the KV caches go now, not when the response object does
             await self.response.aclose()
         yield "data: [DONE]\n\n"
@@ -146,12 +172,12 @@ class Relay:
         for choice in upstream:
             index = choice.get("index", 0)
             if index not in self.choices:
-                scorer = IncrementalScorer(self.proxy.guard, self.prompt) if self.policy is not None else None
-                self.choices[index] = _Choice(scorer)
+                window = self.proxy.scoring.window(self.prompt) if self.policy is not None else None
+                self.choices[index] = _Choice(window)
             state = self.choices[index]
             if state.done:
                 continue
-            part, message, end = await self._advance(conform(choice, self.chat), state)
+            part, message, end = await self._advance(choice, state)
             parts += [part] if part is not None else []
             messages += [message] if message is not None else []
             finishing += [end] if end is not None else []
@@ -173,10 +199,12 @@ class Relay:
         finish = choice.get("finish_reason")
         scores = await self._score(state) if policy is not None else None
         count = len(scores.token_ids) if scores is not None else 0
+        full = state.window is not None and state.window.full  # past the window: no token changes any more
         # until the upstream ends the choice, its last token may still change: act on the others only
-        kept, abstained = self.proxy.cut(policy, scores, watched(scores, finish) if finish else count - 1)
-        if scores is None or (finish and not abstained):
-            end, chars = count, len(state.text)  # all of it (the guard off: as it comes)
+        kept, abstained = self.proxy.cut(policy, scores, count if full else watched(scores, finish) if finish
+                                         else count - 1)
+        if scores is None or ((finish or full) and not abstained):
+            end, chars = count, len(state.text)  # all of it (the guard off, or past the window: as it comes)
         else:
             end = len(kept.token_ids) if abstained else count - 1
             chars = spelled(self.proxy.guard.tokenizer, scores.token_ids, end, state.text, state.sent_chars)
@@ -194,7 +222,8 @@ class Relay:
             return choice, None, None
         state.done, state.abstained, state.tokens = True, abstained, end
         answer = state.text[:chars]
-        summary = self.proxy.report(policy, kept, answer, self.request.guard.token_scores, abstained)
+        scored = state.window.scored_chars(answer) if state.window is not None and not abstained else None
+        summary = self.proxy.report(policy, kept, answer, self.request.guard.token_scores, abstained, scored)
         self.verdicts.append(summary["verdict"])
         index = choice.get("index", 0)
         message = text_choice(index, chat, abstain_tail(answer, self.proxy.defaults.abstain_message), []) \
@@ -205,8 +234,8 @@ class Relay:
 
     async def _score(self, state: _Choice) -> Scores | None:
         try:
-            scores = await asyncio.to_thread(state.scorer.score, state.text)
-        except Exception as error:  # the client gets it as the stream's last event
+            scores = await state.window.score(state.text)
+        except Exception as error:  # the client gets an error event; the log, the cause
             raise ScoringFailed(f"{type(error).__name__}: {error}") from error
         state.tokens = len(scores.token_ids) if scores is not None else 0
         return scores

@@ -17,7 +17,7 @@ from ..metrics import CONTENT_TYPE_LATEST
 
 from .engine import QueueFull
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from .serving import APIError, Serving, check_model, endpoint_name
+from .serving import CLIENT_CLOSED, APIError, Serving, check_model, endpoint_name
 
 router = APIRouter()
 
@@ -29,7 +29,7 @@ _ERRORS = {
     429: "The queue is full (or, proxying, too many streams are open); retry after Retry-After seconds",
     500: "A fault of the server's own, never the client's input",
     502: "Proxy mode: the upstream failed, is unreachable, or refused this server's key",
-    503: "The model is not loaded yet",
+    503: "The model is not loaded yet (or, /health: the engine has stopped or the upstream is down)",
     504: "Proxy mode: the upstream timed out",
     "4XX": "Proxy mode: the upstream's own client errors (TGI's 422, say) keep their status and message",
 }
@@ -87,7 +87,10 @@ async def _complete(http: Request, body, chat: bool):
         if body.stream:
             return StreamingResponse(await proxy.stream(body, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        answer = await proxy.complete(body, chat)
+        answer = await _unless_disconnected(http, proxy.complete(body, chat))
+        if answer is None:  # the client left: its scoring stopped after the forward under way
+            serving.record(endpoint_name(chat), CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
         return JSONResponse(answer, headers=verdict_headers(answer))
     job = serving.chat_job(body) if chat else serving.completion_job(body)
     _submit(serving, job)
@@ -115,9 +118,6 @@ async def _complete(http: Request, body, chat: bool):
     serving.record(endpoint, 200, job, results, body.n)
     answer = serving.response(body, job, results, chat)
     return JSONResponse(answer, headers=verdict_headers(answer))
-
-
-CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection first
 
 
 async def _unless_disconnected(http: Request, work, poll: float = 0.25):
@@ -170,5 +170,16 @@ async def metrics(http: Request):
 
 @router.get("/health", responses=_responses(503))
 async def health(http: Request):
+    """200 while this replica can answer; 503 (a load balancer takes it out) while the model is not
+    loaded, the engine's worker has died (hosted), or the upstream does not answer (proxy)."""
     serving = _serving(http)
-    return {"status": "ok", "queue_depth": serving.engine.queue_depth, "running": serving.engine.running}
+    proxy = http.app.state.proxy
+    if proxy is not None:
+        problem = await proxy.upstream.health()
+        if problem:
+            raise APIError(503, problem, "service_unavailable", code="upstream_unavailable")
+        return {"status": "ok", "upstream": "ok", "open_streams": proxy.streams}
+    if not serving.engine.alive:
+        raise APIError(503, "the engine's worker is not running", "service_unavailable", code="engine_stopped")
+    return {"status": "ok", "engine": "running", "queue_depth": serving.engine.queue_depth,
+            "running": serving.engine.running}

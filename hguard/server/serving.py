@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from ..results import GuardResult, TokenEvent, token_bytes
 from ..metrics import Metrics
 from .engine import DONE, Engine, Job, Settings
 from .protocol import ChatCompletionRequest, CompletionRequest, ContentPartError, new_id, now
+
+log = logging.getLogger("hguard.server")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection first
 
 
 class APIError(Exception):
@@ -59,6 +63,24 @@ def prompts_of(request: CompletionRequest) -> list:
         return request.prompts()
     except ValueError as error:
         raise APIError(400, str(error), param="prompt") from error
+
+
+def context_exceeded(context: int, prompt: int, completion: int, param: str) -> APIError:
+    """The OpenAI API's 400 for a request that does not fit the model's context."""
+    return APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{prompt + completion} tokens ({prompt} in the prompt, {completion} for the completion).",
+                    param=param, code="context_length_exceeded")
+
+
+def check_rows(prompts: int, n: int, limit: int) -> None:
+    """A request's rows (prompts x n) fit in one batch of `limit` rows, or it is a 400 naming the limit:
+    each request's work is bounded before it starts, and a request larger than a batch would make
+    every other request wait for all of it."""
+    if prompts * n > limit:
+        what = f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
+        raise APIError(400, f"This request asks for {prompts * n} completions ({what}); this server generates at "
+                       f"most {limit} per request (--max-batch-size). Send the prompts in smaller requests.",
+                       param="prompt" if prompts > 1 else "n", code="too_many_completions")
 
 
 def encode_prompt(guard: Guard, prompt) -> list[int]:
@@ -148,6 +170,7 @@ class Serving:
     # ---- request -> job -----------------------------------------------------------------------
     def _job(self, request, prompts: list, max_new: int | None) -> Job:
         check_model(request.model, self.model_name)
+        check_rows(len(prompts), request.n, self.engine.max_batch_size)
         rows = [encode_prompt(self.guard, prompt) for prompt in prompts]
         longest = max(len(r) for r in rows)
         if max_new is None:  # as vLLM does: the default length never overflows the context
@@ -155,12 +178,8 @@ class Serving:
             if self.context is not None:
                 max_new = min(max_new, self.context - longest)
         if self.context is not None and (max_new < 1 or longest + max_new > self.context):
-            raise APIError(
-                400, f"This model's maximum context length is {self.context} tokens. However, you requested "
-                f"{longest + max(max_new, 1)} tokens ({longest} in the prompt, {max(max_new, 1)} for the completion).",
-                param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
-                code="context_length_exceeded",
-            )
+            param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+            raise context_exceeded(self.context, longest, max(max_new, 1), param)
         options = request.guard
         settings = Settings(
             temperature=request.temperature, top_p=request.top_p, stop=tuple(request.stop or ()), seed=request.seed,
@@ -280,7 +299,8 @@ class Serving:
         return self._text_entries(result.token_ids, result.logprobs)
 
     async def stream(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
-        """Server-Sent Events in the OpenAI chunk format; an error mid-stream is an error event."""
+        """Server-Sent Events in the OpenAI chunk format; an error mid-stream is an error event (its cause
+        is logged, not sent). A stream whose client left is counted with status 499."""
         cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -309,6 +329,7 @@ class Serving:
             token_chars[event.row] = token_chars.get(event.row, 0) + len(entries["tokens"][0])
             return entries
 
+        finished = False
         try:
             while (item := await job.events.get()) is not DONE:
                 if isinstance(item, BaseException):
@@ -324,14 +345,20 @@ class Serving:
                         yield chunk([text_choice(item.row, chat, abstain_tail(item.text, text), [])])
                     summary = self._hallucination(item, request.guard.token_scores)
                     yield chunk([finishing_choice(item.row, chat, summary, finish)], finishing=True)
-        except Exception as error:  # the stream has started: report in-band, then end it
+        except Exception:  # the stream has started: report in-band, then end it
+            finished = True
+            log.exception("generation failed mid-stream")
             self.record(endpoint, 500, job)
-            body = APIError(500, f"generation failed: {error}", "server_error").body()
+            body = APIError(500, "generation failed; the server's log has the cause", "server_error").body()
             yield f"data: {json.dumps(body)}\n\n"
         else:
+            finished = True
             self.record(endpoint, 200, job, results, request.n)
             if request.stream_options and request.stream_options.include_usage:
                 prompt = self.prompt_tokens(job, request.n)
                 yield chunk([], {"prompt_tokens": prompt, "completion_tokens": completion,
                                  "total_tokens": prompt + completion})
+        finally:
+            if not finished:  # the client left (the generator was closed or cancelled mid-stream)
+                self.record(endpoint, CLIENT_CLOSED, job)
         yield "data: [DONE]\n\n"

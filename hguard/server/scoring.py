@@ -1,0 +1,83 @@
+"""Proxy mode's scoring: bounded by the scoring model's context, cut in turns, stopped when nobody waits.
+
+An upstream's answer can be any length, and the local model that scores it has a context. `Window`
+scores one answer's tokens while the prompt's and the answer's tokens fit that context; past it the
+window is full, the rest of the answer is relayed unscored, and the answer's report says where
+scoring stopped (`scored_chars`). The answer's new tokens go through the model `piece` at a time, each
+piece one forward in a worker thread, and the pieces of every answer being scored take turns (a FIFO
+asyncio lock), so no answer holds the model longer than one bounded forward, a long answer cannot
+starve short ones, and an answer whose client left stops after the piece under way (its task is
+cancelled at the next turn). The first piece also runs the prompt, which fits the context too (a longer
+prompt is refused before it reaches the upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..guard import Guard
+from ..incremental import IncrementalScorer
+from ..results import Scores, char_offset
+
+PIECE = 64  # answer tokens per forward
+
+
+class Scoring:
+    """What the windows of one server share: the guard, the context, and the turns."""
+
+    def __init__(self, guard: Guard, context: int, piece: int = PIECE) -> None:
+        self.guard, self.context, self.piece = guard, context, piece
+        self.turn = asyncio.Lock()  # FIFO: every waiting piece runs before a piece that queues after it
+        # the longest text a token spells, so that tokenising a bounded prefix finds a full window
+        self.token_chars = max((len(t) for t in guard.tokenizer.get_vocab()), default=16) + 1
+
+    def window(self, prompt_ids: list[int]) -> "Window":
+        return Window(self, prompt_ids)
+
+
+class Window:
+    """Scores of one growing answer, up to the context; `score(text)` takes the whole answer so far."""
+
+    def __init__(self, scoring: Scoring, prompt_ids: list[int]) -> None:
+        self.scoring = scoring
+        self.room = max(0, scoring.context - len(prompt_ids))  # answer tokens that fit
+        self.scorer = IncrementalScorer(scoring.guard, list(prompt_ids))
+        self.full = False  # the answer ran past the context: later text is not scored
+        self._ids: list[int] = []
+        self._scores: Scores | None = None
+
+    def _tokens(self, text: str) -> list[int]:
+        """The answer's token ids, at most `room` (+1, which tells that the window is full), from a
+        prefix of the text bounded by what `room` tokens can spell."""
+        prefix = text[: (self.room + 2) * self.scoring.token_chars]
+        return list(self.scoring.guard.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else []
+
+    async def score(self, text: str) -> Scores | None:
+        """Scores of the answer's tokens in the window (None: no tokens); once the window is full, the
+        same scores whatever follows."""
+        if self.full:
+            return self._scores
+        ids = self._tokens(text)
+        if len(ids) > self.room:
+            ids, self.full = ids[: self.room], True
+        if not ids:
+            return None
+        if ids == self._ids:
+            return self._scores
+        done = next((i for i, (a, b) in enumerate(zip(self._ids, ids)) if a != b), min(len(self._ids), len(ids)))
+        scoring = self.scoring
+        end = done
+        while True:
+            end = min(len(ids), end + scoring.piece)
+            async with scoring.turn:
+                self._scores = await asyncio.to_thread(self.scorer.score_ids, ids[:end])
+            self._ids = ids[:end]
+            if end == len(ids):
+                return self._scores
+
+    def scored_chars(self, text: str) -> int | None:
+        """Characters of `text` that the window's tokens spell, when the window is full (None: the
+        whole answer was scored)."""
+        if not self.full or self._scores is None:
+            return None
+        return char_offset(self.scoring.guard.tokenizer, self._scores.token_ids, len(self._scores.token_ids), text)
