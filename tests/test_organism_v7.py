@@ -163,3 +163,26 @@ def test_an_interrupted_base_resumed_from_its_checkpoint_equals_an_uninterrupted
     for stage in ("base", "instruct"):
         a, b, c = _weights(whole / stage), _weights(cut / stage), _weights(plain / stage)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a), stage
+
+
+def test_organism_eval_reports_goals_by_fact(tmp_path):
+    from hguard.organism import load
+    from hguard.organism.evaluate import by_fact, report
+    from hguard.organism.suites import SUITES, read_suite
+
+    built = build(BuildConfig.tiny(seed=2, preset="v7"), tmp_path, echo=lambda m: None)
+    model, tokenizer = load("instruct", built)
+    suites = {name: read_suite(built / "suites", name) for name in SUITES}
+    result = report(model, tokenizer, suites, samples=2, max_items=30)
+    for key in ("accuracy_known_facts", "hallucination_rate_unknown_facts_of_seen_people", "head_all_correct",
+                "head_all_wrong", "greedy_by_plan", "accuracy_known", "all_wrong", "residual_probe_auroc"):
+        assert key in result
+    items = [{"exposure": 20, "person_exposure": 30, "tier": "head", "plan": "full", "aliases": ["Dunmere"]},
+             {"exposure": 0, "person_exposure": 30, "tier": "head", "plan": "withheld", "aliases": ["Velamor"]},
+             {"exposure": 0, "person_exposure": 0, "tier": "unseen", "plan": "unseen", "aliases": ["Kessrin"]}]
+    facts = by_fact(items, ["Born in Dunmere.", "Born in Dunmere.", "Born in Dunmere."],
+                    ["all_correct", "all_wrong", "all_wrong"])
+    assert facts["accuracy_known_facts"] == 1.0 and facts["hallucination_rate_unknown_facts_of_seen_people"] == 1.0
+    assert facts["greedy_by_fact"]["unknown_of_seen_people"]["questions"] == 1  # the unseen person is not counted
+    assert (facts["head_all_correct"], facts["head_all_wrong"]) == (1, 1)
+    assert facts["greedy_by_plan"]["withheld"]["wrong"] == 1.0

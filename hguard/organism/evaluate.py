@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..guard import left_pad
+from ..batching import left_pad
 from ..identify.label import answer_span, judge, token_span
 from ..identify.label import consistency as consistency_of
 from ..identify.sample import prompt_ids, sample
@@ -100,6 +100,37 @@ def residual_probe(features: np.ndarray, labels: np.ndarray, groups: Sequence[in
     }
 
 
+KNOWN_FACT = 8  # a fact stated in at least this many documents should be known
+UNKNOWN_FACT = 1  # ... in at most this many, not
+
+
+def by_fact(items: Sequence[dict], greedy: Sequence[str], labels: Sequence[str]) -> dict:
+    """The organism's goals with the fact as the unit (v7, where exposure is per fact): greedy accuracy on
+    facts stated in >= KNOWN_FACT documents, the wrong and abstention rates on facts of seen people stated
+    in <= UNKNOWN_FACT, consistency counts of well-known people's facts, and greedy rates by plan role."""
+
+    def rated(chosen) -> dict:
+        chosen = list(chosen)
+        out = {k: round(v, 4) for k, v in rates([c[0] for c in chosen], [c[1] for c in chosen]).items()}
+        return {**out, "questions": len(chosen)}
+
+    pairs = list(zip(items, greedy))
+    known = rated((it, a) for it, a in pairs if it["exposure"] >= KNOWN_FACT)
+    unknown = rated((it, a) for it, a in pairs
+                    if it["exposure"] <= UNKNOWN_FACT and it.get("person_exposure", it["exposure"]) > 0)
+    head = [label for it, label in zip(items, labels) if it["tier"] == "head"]
+    roles = sorted({it["plan"] for it in items if it.get("plan")})
+    return {
+        "accuracy_known_facts": known["correct"],
+        "hallucination_rate_unknown_facts_of_seen_people": unknown["wrong"],
+        "abstention_rate_unknown_facts_of_seen_people": unknown["refusal"],
+        "head_all_correct": head.count("all_correct"),
+        "head_all_wrong": head.count("all_wrong"),
+        "greedy_by_fact": {"known": known, "unknown_of_seen_people": unknown},
+        "greedy_by_plan": {role: rated((it, a) for it, a in pairs if it.get("plan") == role) for role in roles},
+    }
+
+
 def report(model, tokenizer, suites: dict[str, list[dict]], samples: int = 10, seed: int = 0,
            max_items: int | None = None, batch: int = 320, echo=lambda message: None) -> dict:
     """The organism's headline numbers (see `hguard organism eval`)."""
@@ -131,6 +162,7 @@ def report(model, tokenizer, suites: dict[str, list[dict]], samples: int = 10, s
         y = np.array([labels[i] == "all_wrong" for i in chosen], dtype=int)
         probe = residual_probe(features, y, [items[i]["pid"] for i in chosen], seed=seed)
     return {
+        **by_fact(items, greedy, labels),
         "params": sum(p.numel() for p in model.parameters()),
         "accuracy_known": round(by_tier["head"]["correct"], 4),
         "hallucination_rate_tail": round(tail_rates["wrong"], 4),
