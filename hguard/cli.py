@@ -125,7 +125,9 @@ def _serve(args: argparse.Namespace) -> int:
     guard = load_guard(settings)
     guard.policy(args.action if args.action != "off" else None, args.threshold, args.alpha)  # validated now
     _say(startup_line(guard, settings, args))
-    uvicorn.run(build_app(settings, guard=guard), host=args.host, port=args.port, log_level=args.log_level)
+    # SIGTERM: stop listening, let open requests finish for up to --shutdown-timeout, then end them
+    uvicorn.run(build_app(settings, guard=guard), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
 
 
@@ -311,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-api-key", default=None,
                        help="proxy mode: the upstream's API key (default: $HGUARD_UPSTREAM_API_KEY)")
     serve.add_argument("--upstream-timeout", type=checks.positive, default=60.0,
-                       help="proxy mode: seconds per upstream call")
+                       help="proxy mode: seconds to wait for the upstream's answer, and for each event of its stream")
+    serve.add_argument("--shutdown-timeout", type=checks.positive, default=20.0,
+                       help="on SIGTERM, seconds that open requests get to finish before they are ended and the "
+                            "server exits")
     serve.add_argument("--abstain-message", default=None,
                        help="the answer that replaces an abstained one (default: \"I'm not confident enough to "
                             "answer that.\")")
