@@ -29,6 +29,7 @@ import time
 import torch
 
 from hguard import Guard
+from hguard.compat import cache_kwargs, generated_cache
 from hguard.monitor import Monitor
 from hguard.policy import Policy
 from overhead import PRESETS, build, default_neurons, interleaved
@@ -51,11 +52,11 @@ def measure(guard: Guard, batch: int, args: argparse.Namespace) -> dict:
     monitor._end_forward = timed_end  # instance attribute: this monitor only
 
     with torch.no_grad():
-        cache = model(input_ids=prompt, use_cache=True).cache
+        cache = generated_cache(model(input_ids=prompt, use_cache=True))
 
         def run() -> None:
             for _ in range(args.steps):
-                model(input_ids=token, cache=cache, use_cache=True)
+                model(input_ids=token, use_cache=True, **cache_kwargs(model, cache))
                 cache.crop(-1)
                 if len(monitor._pending) >= 64:  # what reading the scores does, now and then
                     monitor.token_logits()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_kwargs
 from .hooks import stoppable
 from .monitor import Monitor
 from .results import Scores
@@ -82,7 +83,8 @@ class IncrementalScorer:
         monitor = Monitor(self.guard.bound, stop_early=True)
         try:
             with self.guard._lock, monitor.attached(), stoppable():
-                self.guard.model(input_ids=torch.tensor([new], device=device), cache=self._cache, use_cache=True)
+                self.guard.model(input_ids=torch.tensor([new], device=device), use_cache=True,
+                                 **cache_kwargs(self.guard.model, self._cache))
         except BaseException:
             self._reset()  # some layers may hold the new positions already
             raise

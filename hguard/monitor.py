@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
 
+from .compat import cache_kwargs
 from .hooks import HookSpec, StopForward, hooked, stoppable
 from .policy import Policy
 from .probe import EPS, BoundProbe, LayerTerm
@@ -252,7 +253,7 @@ def score_last_tokens(
                 model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False)
             else:
                 model(input_ids=sequences[:, -1:], attention_mask=attention_mask, position_ids=positions[:, -1:],
-                      cache=cache, use_cache=True)
+                      use_cache=True, **cache_kwargs(model, cache))
     finally:
         monitor.stop_early, monitor.whole, monitor.factor = False, False, factor
 
