@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from hguard.guard import left_pad
+from hguard.batching import left_pad
 from hguard.identify.label import judge
 from hguard.identify.sample import prompt_ids
 from hguard.organism import SHIPPED, load

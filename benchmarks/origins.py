@@ -34,7 +34,7 @@ SUITES = ("in_domain", "paraphrase", "other_attribute")
 @torch.no_grad()
 def answers(model, tokenizer, items, batch: int, base: bool) -> list[tuple[list[int], str]]:
     """(prompt ids, answer text) per item, greedy; the base in "Question/Answer" form, cut at a newline."""
-    from hguard.guard import left_pad
+    from hguard.batching import left_pad
 
     prompts = [tokenizer(f"Question: {i['question']}\nAnswer:", add_special_tokens=False)["input_ids"] if base
                else prompt_ids(tokenizer, i) for i in items]

@@ -1,8 +1,7 @@
-"""What a guarded generation returns, and how it is assembled from token ids and probe logits.
+"""What a guarded generation returns (results, stream events, scores) and the host-side text helpers
+they are built with: decoding, incremental detokenisation, token bytes and character offsets.
 
-Everything here runs on the host after (or while) the model generates. `cut` decides where each
-sequence's answer ends (end-of-sequence token, stop string, abstention, or the length limit), so the
-streaming and the non-streaming paths agree on the same tokens, text and scores.
+Where an answer ends is decided in one place, answer.py.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .policy import Calibration, Policy, Verdict, flagged_spans, verdict
+from .policy import Calibration, Verdict
 
 FinishReason = Literal["stop", "length", "abstain"]
 
@@ -91,17 +90,6 @@ class TokenEvent:
     text: str
     probability: float | None
     logprob: tuple[float, list[tuple[int, float]]] | None = None
-
-
-@dataclass(frozen=True)
-class Cut:
-    """Where one row's answer ends: `length` tokens, `text`, and why. `produced`: the tokens the row
-    generated up to its end, counting the EOS that ended it (which the answer leaves out)."""
-
-    length: int
-    text: str
-    finish_reason: FinishReason
-    produced: int
 
 
 def decode(tokenizer, ids: Sequence[int]) -> str:
@@ -182,38 +170,6 @@ def _cleanup_rewrites(tokenizer) -> bool:
     return decode(tokenizer, ids) != tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def cut(
-    tokenizer,
-    generated: Sequence[int],
-    eos_ids: set[int],
-    stop: Sequence[str] = (),
-    abstain_at: int = -1,
-) -> Cut:
-    """The answer inside one row's generated ids: up to EOS, a stop string, or the abstaining token."""
-    ids = list(generated)
-    length, reason, eos = len(ids), "length", 0
-    for i, token in enumerate(ids):
-        if token in eos_ids:
-            length, reason, eos = i, "stop", 1
-            break
-    if 0 <= abstain_at < length:
-        length, reason, eos = abstain_at + 1, "abstain", 0
-    text = decode(tokenizer, ids[:length])
-    hits = [(text.find(s), s) for s in stop if s and s in text]
-    if hits:
-        at = min(hits)[0]
-        text = text[:at]
-        # the token that completed the stop string: the shortest prefix containing one (a binary search,
-        # since a longer prefix contains whatever a shorter one does)
-        low, high = 1, length
-        while low < high:
-            middle = (low + high) // 2
-            prefix = decode(tokenizer, ids[:middle])
-            low, high = (low, middle) if any(s in prefix for _, s in hits) else (middle + 1, high)
-        length, reason, eos = low, "stop", 0
-    return Cut(length, text, reason, length + eos)
-
-
 def mean(values: Sequence[float]) -> float:
     """The mean of host floats, correctly rounded (the response's mean logit)."""
     return math.fsum(values) / len(values)
@@ -222,39 +178,3 @@ def mean(values: Sequence[float]) -> float:
 def char_offset(tokenizer, ids: Sequence[int], n: int, text: str) -> int:
     """Character offset in `text` where the first `n` tokens' text ends (clipped to the text)."""
     return min(len(decode(tokenizer, ids[:n])), len(text)) if n else 0
-
-
-def assemble(
-    tokenizer,
-    cut_: Cut,
-    generated: Sequence[int],
-    logits: Sequence[float] | None,
-    calibration: Calibration,
-    policy: Policy | None,
-    triggered: bool,
-    prompt_tokens: int,
-    row: int,
-) -> GuardResult:
-    """One GuardResult from a row's cut and its per-token logits (at least cut.length, or None if off)."""
-    ids = list(generated[: cut_.length])
-    if policy is None:
-        return GuardResult(cut_.text, ids, [], None, "ok", cut_.finish_reason, "off", [], prompt_tokens, row)
-    logits = logits[: cut_.length] if logits is not None else []  # None: no row has a token to score
-    probs = calibration.probs(logits)
-    probability = calibration.prob(mean(logits)) if ids else None
-    spans = [
-        Span(char_offset(tokenizer, ids, a, cut_.text), char_offset(tokenizer, ids, b, cut_.text), p, a, b)
-        for a, b, p in flagged_spans(probs, policy.threshold)
-    ]
-    return GuardResult(
-        text=cut_.text,
-        token_ids=ids,
-        token_probs=probs,
-        probability=probability,
-        verdict=verdict(policy, probability, triggered),
-        finish_reason=cut_.finish_reason,
-        action=policy.action,
-        flagged_spans=spans,
-        prompt_tokens=prompt_tokens,
-        row=row,
-    )

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..guard import left_pad, pad_id
+from ..batching import left_pad, pad_id
 from ..sites import resolve
 from .controls import forced_sets
 from .features import Example, cett_pools

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..guard import left_pad
+from ..batching import left_pad
 from ..hooks import HookSpec, hooked
 from ..probe import EPS
 from ..sites import resolve

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..guard import pad_id
+from ..batching import pad_id
 from ..sites import resolve
 from .features import Example, extract, read_chunks
 from .fit import (TARGETS, balanced, calibrate, check_balance, question_weights, row_weights, select, split_of,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..guard import left_pad, pad_id
+from ..batching import left_pad, pad_id
 from ..progress import progress
 
 PAPER_SAMPLING = dict(do_sample=True, temperature=1.0, top_k=50, top_p=0.9)
