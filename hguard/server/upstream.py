@@ -37,8 +37,9 @@ def broken(message: str, detail: object = "") -> APIError:
     return APIError(502, message, "upstream_error")
 
 
-def stalled(seconds: float, what: str) -> APIError:
-    log.warning("upstream: %s within %g s", what, seconds)
+def stalled(seconds: float, what: str, detail: object = "") -> APIError:
+    """A 504 for an upstream that sent nothing for `seconds`; `detail` goes to the log only."""
+    log.warning("upstream: %s within %g s%s", what, seconds, f" ({detail})" if detail else "")
     return APIError(504, f"the upstream sent nothing for {seconds:g} s ({what})", "upstream_timeout")
 
 
@@ -162,7 +163,7 @@ class Upstream:
             request = self.client.build_request("POST", f"{self.url}{path}", json=body)
             response = await self.client.send(request, stream=True)
         except httpx.TimeoutException:
-            raise stalled(self.timeout, f"no answer from {self.url}") from None
+            raise stalled(self.timeout, "no answer", self.url) from None
         except httpx.HTTPError as error:
             raise broken("the upstream is unreachable", f"{self.url}: {error!r}") from None
         if not 200 <= response.status_code < 300:
