@@ -258,3 +258,12 @@ def test_a_streamed_request_whose_client_left_is_counted(live):  # noqa: F811
     while count() == before and time.time() < deadline:
         time.sleep(0.05)
     assert count() == before + 1
+
+
+def test_a_long_stop_string_is_refused(live):  # noqa: F811
+    """transformers' stop-string tables grow with vocabulary x stop length (a 1 MB stop string took the
+    organism's server past 8 GB): stop strings are at most 256 characters."""
+    body = {**normal_body(TEXT, "tiny"), "stop": ["a" * 257]}
+    response = httpx.post(f"{live.url}{TEXT}", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
+    assert httpx.post(f"{live.url}{TEXT}", json={**body, "stop": ["a" * 256]}, headers=AUTH, timeout=60).status_code == 200

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # OpenAI fields hguard accepts but that change nothing here (bookkeeping, not generation).
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+# transformers' stop-string matcher builds tables of vocabulary x stop length: a 1 MB stop string took
+# the organism's server past 8 GB; 256 characters cost nothing measurable, 1,024 four times a short answer
+MAX_STOP_CHARS = 256
 
 
 def unencodable(value: Any) -> str | None:
@@ -105,8 +108,8 @@ class _Sampling(_Strict):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be up to 4 non-empty strings")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop must be up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
         return stops
 
     @model_validator(mode="after")
