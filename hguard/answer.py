@@ -42,6 +42,7 @@ class Answer:
         self._holdback = max((len(s) for s in self.stops), default=1) - 1
         self._searched = 0
         self._cut: str | None = None  # the text up to a stop string, once one ended the answer
+        self._final: tuple[list[int], str] | None = None  # (ids, their whole decode), computed once
         self.sent = 0  # characters of text already in events
 
     @property
@@ -50,9 +51,16 @@ class Answer:
 
     @property
     def text(self) -> str:
+        """The answer's text: while it goes on, its complete characters; once it ended, the whole decode
+        (a trailing partial character included, as a replacement character), or the text up to the stop
+        string that ended it."""
         if self._cut is not None:
             return self._cut
-        return self._text.text if self._text is not None else decode(self.tokenizer, self.ids)
+        if self.ended or self._text is None:
+            if self._final is None or len(self._final[0]) != len(self.ids):
+                self._final = (list(self.ids), decode(self.tokenizer, self.ids))
+            return self._final[1]
+        return self._text.text
 
     def push(self, token: int) -> None:
         self.pushed.append(token)

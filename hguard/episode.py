@@ -132,6 +132,11 @@ class Episode:
 
     # ---- running ------------------------------------------------------------------------------
     def run(self) -> list[GuardResult]:
+        """Generate, holding the model's lock throughout (its hooks see every forward of the model)."""
+        with self.guard._lock:
+            return self._run()
+
+    def _run(self) -> list[GuardResult]:
         ids, mask = left_pad(self.rows, pad_id(self.guard.tokenizer), self.guard.model.get_input_embeddings().weight.device)
         width = ids.shape[1]
         copies = self.kwargs.get("num_return_sequences", 1) or 1

@@ -171,7 +171,7 @@ class Guard:
         return Scores.of(response_ids, monitor.full_logits[0, len(prompt_ids):].double().cpu(), self.probe.calibration)
 
     # ---- generation ---------------------------------------------------------------------------
-    def generate(
+    def episode(
         self,
         prompts: Prompt | Sequence[Prompt],
         *,
@@ -180,52 +180,45 @@ class Guard:
         alpha: float | None = None,
         stop: str | Sequence[str] | None = None,
         logprobs: int | None = None,
+        on_event: Callable[[TokenEvent | GuardResult], None] | None = None,
+        cancel: threading.Event | None = None,
+        cancelled_rows: Callable[[], Collection[int]] | None = None,
         **generate_kwargs,
-    ) -> list[GuardResult]:
+    ) -> Episode:
+        """One guarded generation, checked and ready to `run()` (what `generate` and `stream` run, and an
+        engine drives itself): every argument as for `generate`; `on_event` receives the stream's events
+        in the thread that runs it, `cancel` stops every row at the next step, `cancelled_rows` (polled
+        every step) single rows. Bad arguments raise here, before anything runs."""
+        return Episode(self, self._prompts(prompts), self.policy(action, threshold, alpha), stop_strings(stop),
+                       {**generate_kwargs, "logprobs": logprobs}, on_event=on_event, cancel=cancel,
+                       cancelled_rows=cancelled_rows)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], **options) -> list[GuardResult]:
         """Generate for a batch of prompts; one GuardResult per choice (prompt-major with n > 1).
 
         action: "flag" (score only), "abstain", "dampen", "scale" (fixed alpha from the first token), or
-        "off" (guard off, no hook; None means the same). threshold: probability in [0, 1] (default: the probe's calibrated ones, one for
-        flags and one for the running mean that abstain and dampen watch).
-        alpha: the H-Neuron scale for dampen/scale. logprobs: None, or k in [0, 20] to return each
-        token's log-probability under the model's raw distribution and the k most likely tokens at
-        that step (`GuardResult.logprobs`). Other keyword arguments go to `model.generate`.
+        "off" (guard off, no hook; None means the same). threshold: probability in [0, 1] (default: the
+        probe's calibrated ones, one for flags and one for the running mean that abstain and dampen
+        watch). alpha: the H-Neuron scale for dampen/scale. stop: a string or a list of them.
+        logprobs: None, or k in [0, 20] to return each token's log-probability under the model's raw
+        distribution and the k most likely tokens at that step (`GuardResult.logprobs`). Other keyword
+        arguments go to `model.generate`.
         """
-        episode = Episode(self, self._prompts(prompts), self.policy(action, threshold, alpha), stop_strings(stop),
-                          {**generate_kwargs, "logprobs": logprobs})
-        with self._lock:
-            return episode.run()
+        return self.episode(prompts, **options).run()
 
-    def stream(
-        self,
-        prompts: Prompt | Sequence[Prompt],
-        *,
-        action: str | None = "flag",
-        threshold: float | None = None,
-        alpha: float | None = None,
-        stop: str | Sequence[str] | None = None,
-        cancelled_rows: Callable[[], Collection[int]] | None = None,
-        logprobs: int | None = None,
-        **generate_kwargs,
-    ) -> Iterator[TokenEvent | GuardResult]:
+    def stream(self, prompts: Prompt | Sequence[Prompt], **options) -> Iterator[TokenEvent | GuardResult]:
         """Like `generate`, but yields each token as a TokenEvent as soon as its score exists (one step
         after it was sampled), then one GuardResult per choice (with `logprobs`, events and results
-        carry the tokens' entries).
-        Closing the iterator stops generation; `cancelled_rows` (polled every step) stops single rows,
-        for a server whose client left."""
+        carry the tokens' entries). It generates in a worker thread; closing the iterator stops the
+        generation. `cancelled_rows` (polled every step) stops single rows."""
         events: queue.Queue = queue.Queue()
         cancel = threading.Event()
         done = object()
-        # bad arguments raise here, not from the generating thread
-        episode = Episode(self, self._prompts(prompts), self.policy(action, threshold, alpha), stop_strings(stop),
-                          {**generate_kwargs, "logprobs": logprobs}, on_event=events.put, cancel=cancel,
-                          cancelled_rows=cancelled_rows)
+        episode = self.episode(prompts, on_event=events.put, cancel=cancel, **options)
 
         def work() -> None:
             try:
-                with self._lock:
-                    results = episode.run()
-                for item in results:
+                for item in episode.run():
                     events.put(item)
             except BaseException as error:  # re-raised in the consumer
                 events.put(error)

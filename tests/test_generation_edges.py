@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
-from hguard import Guard, Probe
+from hguard import Guard, Probe, TokenEvent
 from hguard.policy import running_peak
 
 from conftest import PROMPTS, load
@@ -184,3 +184,18 @@ def test_a_cancelled_row_streams_no_padding(make_guard):
     tokens, results = collect(events)
     assert [e.token_id for e in tokens[1] if e.token_id >= 0] == results[1].token_ids
     assert len(results[1].token_ids) < 8
+
+
+@pytest.mark.parametrize("action", ["flag", "abstain"])
+def test_an_answer_that_ends_inside_a_character_keeps_it_streamed_and_not(make_guard, action):
+    """A row that ends (here: at its one-token limit, or abstaining at once) on a byte that starts a
+    character returns the whole decode, replacement character included, and the stream sends the same."""
+    guard = make_guard()
+    partial = next(i for i in range(len(guard.tokenizer)) if guard.tokenizer.decode([i]) == "\ufffd")
+    prompts = PROMPTS[:2]
+    kw = dict(max_new_tokens=1 if action == "flag" else 4, do_sample=False, action=action, threshold=0.0,
+              logits_processor=LogitsProcessorList([_ForceFirst(0, partial, _width(guard, prompts))]))
+    [result, _] = guard.generate(prompts, **kw)
+    assert result.token_ids[0] == partial and result.text == guard.tokenizer.decode(result.token_ids)
+    streamed = [e for e in guard.stream(prompts, **kw) if isinstance(e, TokenEvent) and e.row == 0]
+    assert "".join(e.text for e in streamed) == result.text

@@ -3,10 +3,18 @@
 The engine knows nothing about HTTP. A job is one request's prompt rows (a prompt repeated n times)
 with its sampling and guard settings. One worker thread takes the oldest job and every waiting job
 that can share its `generate` call (same sampling settings, stop strings and guard policy; different
-length limits are fine, each row has its own), up to `max_batch_size` rows, and streams the batch
-through `Guard.stream`. Events go back to each job's asyncio queue on the event loop. A job whose
-client left is cancelled row by row, so its slot stops costing anything at the next step, and a batch
-whose jobs are all cancelled ends at once. A full queue refuses new jobs (the server answers 429).
+length limits are fine, each row has its own), up to `max_batch_size` rows, and runs the batch as one
+generation episode (hguard/episode.py) in that same thread: the episode's events go straight to each
+job's asyncio queue on the event loop (`call_soon_threadsafe`), with no second thread between. A job
+whose client left is cancelled row by row, so its slot stops costing anything at the next step, and a
+batch whose jobs are all cancelled ends at the next step. A full queue refuses new jobs (429).
+
+The interface the server talks to (a vLLM-backed engine and the proxy's scorer are to implement the
+same): `start()` / `stop()`; `submit(job)` queues a `Job` (prompt rows, a length limit, `Settings`:
+sampling and guard settings) or raises `QueueFull`; the job's `events` queue then receives a
+`TokenEvent` per scored token (step s's events carry the scores of the tokens sampled at step s - 1),
+one `GuardResult` per row, and `DONE` (or an exception, then `DONE`); setting `job.cancelled` stops
+its rows; `queue_depth`, `running` and `alive` report the state.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 
 from ..guard import Guard
 from ..metrics import Metrics
-from ..results import GuardResult
+from ..results import GuardResult, TokenEvent
 
 
 class QueueFull(RuntimeError):
@@ -173,28 +181,30 @@ class Engine:
         def cancelled_rows() -> set[int]:
             return {i for i, (job, _) in enumerate(owners) if job.cancelled.is_set()}
 
-        stream = self.guard.stream(
+        def dispatch(item: TokenEvent | GuardResult) -> None:
+            """One event of the episode to its job's queue on the event loop (in this worker thread)."""
+            job, index = owners[item.row]
+            if job.cancelled.is_set():
+                if all(j.cancelled.is_set() for j in batch):
+                    cancel.set()  # every client left: the batch ends at the next step
+                return
+            if isinstance(item, GuardResult):
+                item.row = index
+                timing.result(job, item, self.guard.threshold if settings.threshold is None else settings.threshold)
+            else:
+                item = dataclasses.replace(item, row=index)
+                if item.token_id >= 0:  # not the text held back until the row ended
+                    timing.token(job, index)
+            job.send(item)
+
+        cancel = threading.Event()
+        episode = self.guard.episode(
             rows, action=settings.action, threshold=settings.threshold, alpha=settings.alpha,
-            stop=list(settings.stop), cancelled_rows=cancelled_rows, logprobs=settings.logprobs, **kwargs,
+            stop=list(settings.stop), logprobs=settings.logprobs, on_event=dispatch, cancel=cancel,
+            cancelled_rows=cancelled_rows, **kwargs,
         )
-        try:
-            for item in stream:
-                row = item.row
-                job, index = owners[row]
-                if job.cancelled.is_set():
-                    if all(j.cancelled.is_set() for j in batch):
-                        break  # closing the stream ends the generation
-                    continue
-                if isinstance(item, GuardResult):
-                    item.row = index
-                    timing.result(job, item, self.guard.threshold if settings.threshold is None else settings.threshold)
-                else:
-                    item = dataclasses.replace(item, row=index)
-                    if item.token_id >= 0:  # not the text held back until the row ended
-                        timing.token(job, index)
-                job.send(item)
-        finally:
-            stream.close()
+        for result in episode.run():
+            dispatch(result)
 
 
 class _Timing:
