@@ -257,6 +257,18 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+ACTION_HELP = ("off: no hooks at all; flag: score and report; abstain: stop once the running probability reaches "
+               "the watch threshold; dampen: from then on scale the H-Neurons by alpha; scale: scale them by alpha "
+               "from the first token")
+
+
+def _command(commands, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand's parser: its help, its flags' defaults shown, and --debug."""
+    sub = commands.add_parser(name, help=text, description=text, formatter_class=_Help)
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
+    return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hguard", formatter_class=_Help,
@@ -266,24 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
                "organism on http://127.0.0.1:8000/v1.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_serve, _add_identify, _add_eval, _add_organism):
+        add(commands)
+    return parser
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text, formatter_class=_Help)
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                         help="show the full traceback of an error")
-        return sub
 
-    action_help = ("off: no hooks at all; flag: score and report; abstain: stop once the running probability "
-                   "reaches the watch threshold; dampen: from then on scale the H-Neurons by alpha; scale: scale "
-                   "them by alpha from the first token")
-    demo = command("demo", "guard a tiny random model built in code (no download) and print the results")
-    demo.add_argument("--action", default="flag", choices=ACTIONS, help=action_help)
+def _add_demo(commands) -> None:
+    demo = _command(commands, "demo", "guard a tiny random model built in code (no download) and print the results")
+    demo.add_argument("--action", default="flag", choices=ACTIONS, help=ACTION_HELP)
     demo.add_argument("--threshold", type=checks.probability, default=None,
                       help="one threshold for flags and the running mean (default: the probe's)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random model and probe")
     demo.set_defaults(run=_demo)
 
-    serve = command("serve", "the OpenAI-compatible guard server (hosts the model, or proxies --upstream)")
+
+def _add_serve(commands) -> None:
+    serve = _command(commands, "serve", "the OpenAI-compatible guard server (hosts the model, or proxies --upstream)")
     serve.add_argument("--model", type=checks.model_ref, default="organism",
                        help="a saved model's directory, a hub id, or 'organism' (the built-in model)")
     serve.add_argument("--probe", type=checks.existing_file, default=None,
@@ -297,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=checks.at_least(1), default=32, help="rows generated together")
     serve.add_argument("--max-queue", type=checks.at_least(0), default=256, help="waiting requests before a 429")
     serve.add_argument("--action", default="flag", choices=ACTIONS,
-                       help="default guard action, which a request's guard.action overrides; " + action_help)
+                       help="default guard action, which a request's guard.action overrides; " + ACTION_HELP)
     serve.add_argument("--threshold", type=checks.probability, default=None,
                        help="one probability threshold for flags and the running mean (default: the probe's two "
                             "calibrated thresholds)")
@@ -326,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="uvicorn's log level")
     serve.set_defaults(run=_serve)
 
-    ident = command("identify", "find the H-Neurons of a model and fit its probe")
+
+def _add_identify(commands) -> None:
+    ident = _command(commands, "identify", "find the H-Neurons of a model and fit its probe")
     ident.add_argument("--model", required=True, type=checks.model_ref,
                        help="a saved model's directory, a hub id, or 'organism'")
     ident.add_argument("--data", required=True, type=checks.existing_file,
@@ -350,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "tokens with the paper's '3 vs 1' labels")
     ident.set_defaults(run=_identify)
 
-    ev = command("eval", "the probe against baselines and controls on every QA suite (bootstrap 95%% intervals)")
+
+def _add_eval(commands) -> None:
+    ev = _command(commands, "eval", "the probe against baselines and controls on every QA suite (bootstrap 95%% intervals)")
     ev.add_argument("--model", type=checks.model_ref, default="organism",
                     help="a saved model's directory, a hub id, or 'organism'")
     ev.add_argument("--probe", type=checks.existing_file, default=None,
@@ -377,16 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=checks.writable_file, default=None, help="also write the JSON to this file")
     ev.set_defaults(run=_eval)
 
-    organism = command("organism", "the built-in model organism: build it from a seed, or evaluate it")
+
+def _add_organism(commands) -> None:
+    organism = _command(commands, "organism", "the built-in model organism: build it from a seed, or evaluate it")
     organism_commands = organism.add_subparsers(dest="organism_command", required=True, metavar="COMMAND")
 
-    def organism_command(name: str, text: str) -> argparse.ArgumentParser:
-        sub = organism_commands.add_parser(name, help=text, description=text, formatter_class=_Help)
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                         help="show the full traceback of an error")
-        return sub
-
-    build = organism_command("build", "rebuild the organism deterministically from a seed (about 2 hours on 2 CPU "
+    build = _command(organism_commands, "build", "rebuild the organism deterministically from a seed (about 2 hours on 2 CPU "
                                       "cores; --tiny takes seconds)")
     build.add_argument("--seed", type=int, default=0, help="seed of the world, corpus and training")
     build.add_argument("--out", required=True, help="output directory")
@@ -401,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--set", default=None, metavar="JSON",
                        help='config overrides, e.g. \'{"base": {"steps": 3000}, "world": {"head": 900}}\'')
     build.set_defaults(run=_organism_build)
-    evaluate = organism_command("eval", "evaluate the shipped (or a built) organism against its goals")
+    evaluate = _command(organism_commands, "eval", "evaluate the shipped (or a built) organism against its goals")
     evaluate.add_argument("--dir", type=checks.existing_dir, default=None,
                           help="a build directory (default: the shipped organism)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -412,7 +422,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="where to run (cpu, cuda)")
     evaluate.add_argument("--out", type=checks.writable_file, default=None, help="also write the JSON to this file")
     evaluate.set_defaults(run=_organism_eval)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
