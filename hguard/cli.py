@@ -252,7 +252,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+        if action.default in (None, False, argparse.SUPPRESS) or "(default" in text or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 

@@ -1,0 +1,75 @@
+"""The command line's front door: help everywhere, bad arguments refused in one line before anything loads."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from hguard.cli import build_parser, main
+
+COMMANDS = [[], ["demo"], ["serve"], ["identify"], ["eval"], ["organism"], ["organism", "build"], ["organism", "eval"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "hguard")
+def test_every_help_exits_0_and_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: hguard")
+    if command == ["serve"]:
+        assert "(default: 8000)" in text and "(default: 127.0.0.1)" in text and "(default: flag)" in text
+
+
+def test_every_flag_has_help():
+    def walk(parser):
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{parser.prog} {action.option_strings[0]} has no help"
+            if isinstance(action.choices, dict):  # a subcommand's parsers
+                for sub in action.choices.values():
+                    yield from walk(sub)
+        yield parser.prog
+
+    assert len(list(walk(build_parser()))) >= 8
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["serve", "--port", "99999"], "--port"),
+    (["serve", "--threshold", "1.5"], "--threshold"),
+    (["serve", "--alpha", "-1"], "--alpha"),
+    (["serve", "--model", "/no/such/dir"], "--model"),
+    (["serve", "--probe", "/no/such/probe.safetensors"], "--probe"),
+    (["serve", "--upstream", "localhost:9"], "--upstream"),
+    (["eval", "--limit", "20"], "--limit"),
+    (["identify", "--model", "organism", "--data", "/no/such.jsonl", "--out", "p.safetensors"], "--data"),
+])
+def test_bad_arguments_are_one_line_before_anything_loads(argv, named, capsys):
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and time.perf_counter() - started < 5
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and named in error and "Traceback" not in error
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.perf_counter()
+        assert main(["serve", "--port", str(port)]) == 2
+    assert time.perf_counter() - started < 5
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("hguard: error: argument --port: cannot listen") and len(error.splitlines()) == 1
+
+
+def test_a_bad_probe_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not a probe")
+    assert main(["serve", "--probe", str(bad), "--port", "0"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("hguard: error: ") and "bad.safetensors" in error[-1] and "Traceback" not in "".join(error)
