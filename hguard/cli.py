@@ -269,6 +269,13 @@ def _command(commands, name: str, text: str) -> argparse.ArgumentParser:
     return sub
 
 
+def _model_and_probe(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=checks.model_ref, default="organism",
+                        help="a saved model's directory, a hub id, or 'organism' (the built-in model)")
+    parser.add_argument("--probe", type=checks.existing_file, default=None,
+                        help="probe file (.safetensors) (default: a registered or shipped probe matching the model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hguard", formatter_class=_Help,
@@ -294,10 +301,7 @@ def _add_demo(commands) -> None:
 
 def _add_serve(commands) -> None:
     serve = _command(commands, "serve", "the OpenAI-compatible guard server (hosts the model, or proxies --upstream)")
-    serve.add_argument("--model", type=checks.model_ref, default="organism",
-                       help="a saved model's directory, a hub id, or 'organism' (the built-in model)")
-    serve.add_argument("--probe", type=checks.existing_file, default=None,
-                       help="probe file (.safetensors) (default: a registered or shipped probe matching the model)")
+    _model_and_probe(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=checks.port, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ (default: none)")
@@ -365,10 +369,7 @@ def _add_identify(commands) -> None:
 
 def _add_eval(commands) -> None:
     ev = _command(commands, "eval", "the probe against baselines and controls on every QA suite (bootstrap 95%% intervals)")
-    ev.add_argument("--model", type=checks.model_ref, default="organism",
-                    help="a saved model's directory, a hub id, or 'organism'")
-    ev.add_argument("--probe", type=checks.existing_file, default=None,
-                    help="probe file (default: the registered or shipped probe matching the model)")
+    _model_and_probe(ev)
     ev.add_argument("--suites", type=checks.existing_dir, default=None,
                     help="directory of <suite>.jsonl (default: the organism's suites)")
     ev.add_argument("--suite", action="append", default=None,
