@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .logprobs import Entry
-from .policy import Calibration, Policy, flagged_spans, verdict
-from .results import FinishReason, GuardResult, IncrementalText, Span, TokenEvent, char_offset, decode, mean
+from .policy import Calibration, Policy, verdict
+from .results import FinishReason, GuardResult, IncrementalText, TokenEvent, decode, mean, spans_of
 
 
 class Answer:
@@ -140,7 +140,6 @@ class Answer:
                                self.row, logprobs)
         probs = calibration.probs(self.logits)
         probability = calibration.prob(mean(self.logits)) if ids else None
-        spans = [Span(char_offset(self.tokenizer, ids, a, text), char_offset(self.tokenizer, ids, b, text), p, a, b)
-                 for a, b, p in flagged_spans(probs, policy.threshold)]
         return GuardResult(text, ids, probs, probability, verdict(policy, probability, self.acted),
-                           self.finish_reason, policy.action, spans, self.prompt_tokens, self.row, logprobs)
+                           self.finish_reason, policy.action, spans_of(self.tokenizer, ids, probs, policy.threshold, text),
+                           self.prompt_tokens, self.row, logprobs)

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from .policy import Calibration, Verdict
+from .policy import Calibration, Verdict, flagged_spans
 
 FinishReason = Literal["stop", "length", "abstain"]
 
@@ -178,3 +178,20 @@ def mean(values: Sequence[float]) -> float:
 def char_offset(tokenizer, ids: Sequence[int], n: int, text: str) -> int:
     """Character offset in `text` where the first `n` tokens' text ends (clipped to the text)."""
     return min(len(decode(tokenizer, ids[:n])), len(text)) if n else 0
+
+
+def spans_of(tokenizer, ids: Sequence[int], probs: Sequence[float], threshold: float, text: str) -> list[Span]:
+    """The flagged spans of an answer: maximal runs of tokens at or above `threshold`, in characters of
+    `text` and in tokens."""
+    return [Span(char_offset(tokenizer, ids, a, text), char_offset(tokenizer, ids, b, text), p, a, b)
+            for a, b, p in flagged_spans(list(probs), threshold)]
+
+
+def summary(probability: float | None, verdict: str, action: str, spans: Sequence[Span],
+            token_scores: Sequence[float] | None = None) -> dict:
+    """A finished choice's `hallucination` object, hosted and proxied alike (`token_scores` when asked)."""
+    report = {"probability": probability, "verdict": verdict, "action": action,
+              "flagged_spans": [{"start": s.start, "end": s.end, "probability": s.probability} for s in spans]}
+    if token_scores is not None:
+        report["token_scores"] = list(token_scores)
+    return report

@@ -19,8 +19,8 @@ import torch
 
 from ..guard import Guard
 from ..metrics import Metrics
-from ..policy import Policy, flagged_spans, verdict
-from ..results import Scores, char_offset
+from ..policy import Policy, verdict
+from ..results import Scores, char_offset, spans_of, summary
 from .relay import Relay, trigger_index, watched
 from .scoring import Scoring
 from .serving import (APIError, GuardDefaults, check_model, context_exceeded, encode_prompt, endpoint_name,
@@ -81,7 +81,7 @@ class Proxy:
         goes into the metrics too. `scored_chars`: where scoring stopped, for an answer that ran past the
         scoring model's context (None: all of it was scored)."""
         if policy is None:  # the guard is off: nothing was scored
-            return {"probability": None, "verdict": "ok", "action": None, "flagged_spans": []}
+            return summary(None, "ok", "off", [])
         report = self._summary(policy, scores, text, token_scores, abstained)
         if scored_chars is not None:
             report["scored_chars"] = scored_chars
@@ -92,19 +92,10 @@ class Proxy:
 
     def _summary(self, policy: Policy, scores, text: str, token_scores: bool, abstained: bool) -> dict:
         if scores is None:
-            return {"probability": None, "verdict": "ok", "action": policy.action, "flagged_spans": []}
-        probability = scores.probability
-        ids, tokenizer = scores.token_ids, self.guard.tokenizer
-        spans = [
-            {"start": char_offset(tokenizer, ids, a, text), "end": char_offset(tokenizer, ids, b, text),
-             "probability": p}
-            for a, b, p in flagged_spans(scores.token_probs, policy.threshold)
-        ]
-        report = {"probability": probability, "verdict": verdict(policy, probability, abstained),
-                  "action": policy.action, "flagged_spans": spans}
-        if token_scores:
-            report["token_scores"] = scores.token_probs
-        return report
+            return summary(None, "ok", policy.action, [])
+        spans = spans_of(self.guard.tokenizer, scores.token_ids, scores.token_probs, policy.threshold, text)
+        return summary(scores.probability, verdict(policy, scores.probability, abstained), policy.action, spans,
+                       scores.token_probs if token_scores else None)
 
     async def complete(self, request, chat: bool) -> dict:
         check_model(request.model, self.model_name)

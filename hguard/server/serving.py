@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..guard import Guard
 from ..logprobs import Entry
-from ..results import GuardResult, TokenEvent, token_bytes
+from ..results import GuardResult, TokenEvent, summary, token_bytes
 from ..metrics import Metrics
 from .engine import DONE, Engine, Job, Settings
 from .protocol import ChatCompletionRequest, CompletionRequest, ContentPartError, new_id, now
@@ -215,14 +215,8 @@ class Serving:
 
     # ---- job -> response ----------------------------------------------------------------------
     def _hallucination(self, result: GuardResult, token_scores: bool) -> dict:
-        return {
-            "probability": result.probability,
-            "verdict": result.verdict,
-            "action": result.action,
-            "flagged_spans": [{"start": s.start, "end": s.end, "probability": s.probability}
-                              for s in result.flagged_spans],
-            **({"token_scores": result.token_probs} if token_scores else {}),
-        }
+        return summary(result.probability, result.verdict, result.action, result.flagged_spans,
+                       result.token_probs if token_scores else None)
 
     def _finish(self, result: GuardResult) -> tuple[str, str]:
         if result.finish_reason == "abstain":
