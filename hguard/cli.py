@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or default_threads())
 
     from .server.app import ServerSettings, build_app, load_guard
-    from .server.serving import GuardDefaults
+    from .server.requests import GuardDefaults
 
     organism = args.model == "organism"
     settings = ServerSettings(

@@ -14,7 +14,7 @@ import uvicorn
 
 from hguard import Guard, Probe
 from hguard.server.app import ServerSettings, build_app
-from hguard.server.serving import GuardDefaults
+from hguard.server.requests import GuardDefaults
 
 from conftest import load
 from openai_schema import Recorder

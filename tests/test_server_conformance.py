@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import openai_schema
-from hguard.server.serving import abstain_tail
+from hguard.server.chunks import abstain_tail
 from test_server import KEY, MESSAGES, client, guard, live, proxied  # noqa: F401 - fixtures
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from hguard import Guard, Probe
 from hguard.server.app import ServerSettings, build_app
-from hguard.server.serving import GuardDefaults
+from hguard.server.requests import GuardDefaults
 
 from conftest import load
 from test_server import KEY, MESSAGES, LiveServer, guard, live  # noqa: F401 - fixtures

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from hguard.server.app import ServerSettings, build_app
-from hguard.server.serving import GuardDefaults
+from hguard.server.requests import GuardDefaults
 
 from test_server import KEY, MESSAGES, LiveServer, guard, live  # noqa: F401 - fixtures
 

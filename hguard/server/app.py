@@ -21,9 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..guard import Guard
 from ..metrics import Metrics
 from .engine import Engine
+from .errors import APIError
 from .proxy import Proxy
+from .requests import GuardDefaults
 from .routes import router
-from .serving import APIError, GuardDefaults, Serving
+from .serving import Serving
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 

@@ -13,8 +13,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# OpenAI fields hguard accepts but that change nothing here (bookkeeping, not generation).
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 # transformers' stop-string matcher builds tables of vocabulary x stop length: a 1 MB stop string took
 # the organism's server past 8 GB; 256 characters cost nothing measurable, 1,024 four times a short answer
 MAX_STOP_CHARS = 256
@@ -191,27 +189,7 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
-# ---- responses ------------------------------------------------------------------------------------
-class Span(BaseModel):
-    start: int
-    end: int
-    probability: float
-
-
-class Hallucination(BaseModel):
-    probability: float | None
-    verdict: Literal["ok", "flagged", "abstained", "dampened"]
-    action: str | None
-    flagged_spans: list[Span] = []
-    token_scores: list[float] | None = None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
+# ---- responses (built as dicts by serving.py and chunks.py, checked against the OpenAI schemas in the tests) --
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

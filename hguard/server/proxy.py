@@ -23,8 +23,9 @@ from ..policy import Policy, verdict
 from ..results import Scores, char_offset, spans_of, summary
 from .relay import Relay, trigger_index, watched
 from .scoring import Scoring
-from .serving import (APIError, GuardDefaults, check_model, context_exceeded, encode_prompt, endpoint_name,
-                      messages_of, prompts_of, withheld_logprobs, worst)
+from .chunks import endpoint_name, withheld_logprobs, worst
+from .errors import APIError, context_exceeded
+from .requests import GuardDefaults, check_model, encode_prompt, messages_of, prompts_of
 from .upstream import Upstream, broken, relayed_error
 from .upstream_schema import ShapeError, completion
 

@@ -28,7 +28,8 @@ import httpx
 import torch
 
 from ..results import Scores, decode
-from .serving import CLIENT_CLOSED, APIError, abstain_tail, finishing_choice, finishing_chunk, text_choice
+from .chunks import abstain_tail, finishing_choice, finishing_chunk, text_choice
+from .errors import CLIENT_CLOSED, APIError
 from .upstream import broken, relayed_error
 from .upstream_schema import ShapeError, chunk as checked_chunk, parse_json
 

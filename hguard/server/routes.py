@@ -15,9 +15,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..metrics import CONTENT_TYPE_LATEST
 
+from .chunks import endpoint_name
 from .engine import QueueFull
+from .errors import CLIENT_CLOSED, APIError
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
-from .serving import CLIENT_CLOSED, APIError, Serving, check_model, endpoint_name
+from .requests import check_model
+from .serving import Serving
 
 router = APIRouter()
 

@@ -12,153 +12,19 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from ..guard import Guard
 from ..logprobs import Entry
-from ..results import GuardResult, TokenEvent, summary, token_bytes
 from ..metrics import Metrics
+from ..results import GuardResult, TokenEvent, summary, token_bytes
+from .chunks import (abstain_tail, chat_logprobs, endpoint_name, finishing_choice, finishing_chunk, text_choice,
+                     withheld_logprobs, worst)
 from .engine import DONE, Engine, Job, Settings
-from .protocol import ChatCompletionRequest, CompletionRequest, ContentPartError, new_id, now
+from .errors import CLIENT_CLOSED, APIError, context_exceeded
+from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now
+from .requests import GuardDefaults, check_model, check_rows, encode_prompt, messages_of, prompts_of
 
 log = logging.getLogger("hguard.server")
-CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection first
-
-
-class APIError(Exception):
-    """An error the client caused or must handle; rendered as the OpenAI error body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def check_model(name: str, served: str) -> None:
-    if name != served:
-        raise APIError(404, f"The model `{name}` does not exist. This server serves `{served}`.",
-                       param="model", code="model_not_found")
-
-
-def messages_of(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The chat as the tokenizer's template wants it (text only; 'developer' is a system message). A
-    content part that is not text is a 400 naming it, as the OpenAI API names a bad part."""
-    chat = []
-    for i, message in enumerate(request.messages):
-        try:
-            chat.append({"role": "system" if message.role == "developer" else message.role, "content": message.text()})
-        except ContentPartError as error:
-            param = f"messages.{i}.content.{error.part}"
-            raise APIError(400, f"{param}: {error}", param=param, code="unsupported_content_part") from error
-    return chat
-
-
-def prompts_of(request: CompletionRequest) -> list:
-    """The prompts of a text completion request (one string or token list each)."""
-    try:
-        return request.prompts()
-    except ValueError as error:
-        raise APIError(400, str(error), param="prompt") from error
-
-
-def context_exceeded(context: int, prompt: int, completion: int, param: str) -> APIError:
-    """The OpenAI API's 400 for a request that does not fit the model's context."""
-    return APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                    f"{prompt + completion} tokens ({prompt} in the prompt, {completion} for the completion).",
-                    param=param, code="context_length_exceeded")
-
-
-def check_rows(prompts: int, n: int, limit: int) -> None:
-    """A request's rows (prompts x n) fit in one batch of `limit` rows, or it is a 400 naming the limit:
-    each request's work is bounded before it starts, and a request larger than a batch would make
-    every other request wait for all of it."""
-    if prompts * n > limit:
-        what = f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
-        raise APIError(400, f"This request asks for {prompts * n} completions ({what}); this server generates at "
-                       f"most {limit} per request (--max-batch-size). Send the prompts in smaller requests.",
-                       param="prompt" if prompts > 1 else "n", code="too_many_completions")
-
-
-def encode_prompt(guard: Guard, prompt) -> list[int]:
-    try:
-        return guard.encode(prompt)
-    except ValueError as error:
-        raise APIError(400, str(error), param="prompt") from error
-
-
-def chat_logprobs(content: list[dict] | None) -> dict:
-    """A chat `logprobs` object; `refusal` is required by the OpenAI schema and always null here."""
-    return {"content": content, "refusal": None}
-
-
-def withheld_logprobs(chat: bool) -> dict:
-    """The `logprobs` of an abstained choice: its replacement message has none (not the model's tokens)."""
-    if chat:
-        return chat_logprobs(None)
-    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-
-@dataclass
-class GuardDefaults:
-    action: str = "flag"  # policy.ACTIONS
-    threshold: float | None = None
-    alpha: float | None = None
-    abstain_message: str = "I'm not confident enough to answer that."
-    max_tokens: int = 256
-
-
-_SEVERITY = {"ok": 0, "flagged": 1, "dampened": 2, "abstained": 3}
-
-
-def abstain_tail(sent: str, message: str) -> str:
-    """What a streamed abstention adds after the text already sent, which a stream cannot take back:
-    the abstention message as a paragraph of its own (none before it when nothing visible was sent)."""
-    if not sent.strip():
-        return message
-    newlines = len(sent) - len(sent.rstrip("\n"))
-    return "\n" * max(0, 2 - newlines) + message
-
-
-def text_choice(index: int, chat: bool, text: str, scores: list[float], logprobs: dict | None = None) -> dict:
-    """A stream chunk choice that adds `text`, with the scores of its tokens (none: the abstention message)."""
-    choice: dict = {"index": index, "finish_reason": None, "logprobs": logprobs,
-                    "hallucination": {"token_scores": scores}}
-    choice["delta" if chat else "text"] = {"content": text} if chat else text
-    return choice
-
-
-def finishing_choice(index: int, chat: bool, summary: dict, finish: str) -> dict:
-    """The stream chunk choice that ends a choice: its finish reason and the summary, and no text (an
-    abstention message comes in the chunk before: litellm splits a finishing chunk with text in two
-    and keeps the summary on neither part). The summary also rides in the chat delta, where
-    accumulating clients keep it (the openai SDK's stream helper builds `message` from the deltas)."""
-    choice: dict = {"index": index, "finish_reason": finish, "logprobs": None, "hallucination": summary}
-    choice["delta" if chat else "text"] = {"hallucination": summary} if chat else ""
-    return choice
-
-
-def finishing_chunk(chunk: dict, choices: list[dict]) -> dict:
-    """`chunk` (id, object, created, model, ...) as the chunk that ends `choices` (`finishing_choice`s).
-    It lists their summaries at its top too, as `hallucinations` (each with its choice's `index`), the
-    one place litellm keeps when it rebuilds a finishing chunk that has no text."""
-    summaries = [{"index": choice["index"], **choice["hallucination"]} for choice in choices]
-    return {**chunk, "choices": choices, "hallucinations": summaries}
-
-
-def endpoint_name(chat: bool) -> str:
-    """The `endpoint` label of a completion request."""
-    return "chat" if chat else "completions"
-
-
-def worst(verdicts) -> str:
-    """The most severe of a request's verdicts (its metrics label), "" for none."""
-    return max(verdicts, key=_SEVERITY.get, default="")
-
-
 class Serving:
     def __init__(self, guard: Guard, engine: Engine, model_name: str, defaults: GuardDefaults,
                  metrics: Metrics | None = None) -> None:

@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from .serving import APIError
+from .errors import APIError
 from .upstream_schema import parse_json
 
 log = logging.getLogger("hguard.server.upstream")
