@@ -33,6 +33,15 @@ from .sites import Sites, resolve
 FORMAT = "hguard.probe"
 VERSION = "1"
 EPS = 1e-6  # added to ||h|| in every CETT denominator (guard, scorer and feature extraction alike)
+
+
+def cett(z: torch.Tensor, h: torch.Tensor, column_norm: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """The CETT feature, the one definition everything uses: |z_j| * ||W_down[:, j]|| / (||h|| + EPS) per
+    position, for neuron values z [..., k] (all of a layer's, or a selection) and the down projection's
+    output h [..., H] -> [..., k] fp32. With `column_norm` left at 1 the norms are folded elsewhere (the
+    probe's weights). The decoding fast path (monitor.py) computes the same sum, sum_j w_j CETT_j, in a
+    reordered form: (|z| @ w) / (||h|| + EPS) per layer, for all of a step's layers in one product."""
+    return z.abs().float() * column_norm / (torch.linalg.vector_norm(h.float(), dim=-1, keepdim=True) + EPS)
 NORM_RTOL = 2e-2  # column norms must agree this closely (covers bf16/fp16 copies of the same weights)
 _ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size")
 _TENSORS = ("layer", "neuron", "weight", "column_norm", "bias")
@@ -263,10 +272,9 @@ class LayerTerm:
     weight: torch.Tensor  # [k_l] probe weight * column norm (fp32)
     h_index: torch.Tensor  # [m_l] the H-Neurons among them (the ones dampen/scale touch)
 
-    def logit(self, z: torch.Tensor, h: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    def logit(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """sum_j w_j |z_j| ||W_j|| / ||h||, per position: z [B, T, I], h [B, T, H] -> [B, T] fp32."""
-        dot = z.index_select(-1, self.index).abs().float() @ self.weight
-        return dot / (torch.linalg.vector_norm(h.float(), dim=-1) + eps)
+        return cett(z.index_select(-1, self.index), h) @ self.weight
 
     def scale(self, z: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
         """z with its H-Neurons multiplied by `factor` (a scalar, one value per row, or one per row and

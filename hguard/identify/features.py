@@ -20,7 +20,7 @@ from torch import nn
 
 from ..batching import left_pad
 from ..hooks import HookSpec, hooked
-from ..probe import EPS
+from ..probe import cett
 from ..sites import resolve
 
 
@@ -68,9 +68,9 @@ def cett_pools(model: nn.Module, examples: Sequence[Example], pad_id: int,
 
     def hook(layer: int):
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            z, h = args[0].float(), output.float()
-            cett = z.abs() * norms[layer].to(z.device) / (torch.linalg.vector_norm(h, dim=-1, keepdim=True) + EPS)
-            out[:, :, layer] = torch.einsum("pbt,bti->pbi", weights.to(z.device), cett).cpu()
+            z = args[0]
+            features = cett(z, output, norms[layer].to(z.device))
+            out[:, :, layer] = torch.einsum("pbt,bti->pbi", weights.to(z.device), features).cpu()
 
         return post
 
