@@ -9,7 +9,9 @@ Three suites over the same facts (held-out in-domain attributes of every tier, t
                      (a training-form answer to a new-template question), then the question
 A fact gets the same template in all three. Only facts on the test side of the shipped probe's split
 are written (its seed is read from the probe), so not one of them is on a side any fit ever reads;
-`hguard eval` keeps the test side of every non-training suite anyway. Items carry `messages` (the chat
+`hguard eval` keeps the test side of every non-training suite anyway. Of those, `--per-tier` facts of
+each tier are kept (50 by default, chosen by a hash of the fact: sampling 10 answers to each of the
+1,131 test-side facts in three suites took too long on the shared 2-core CPU; 0 keeps them all). Items carry `messages` (the chat
 as asked) beside `question` (its last user turn) and the usual fields (suites.py).
 
     python benchmarks/heldout_suites.py                   # writes hguard/organism/weights/suites/heldout_*.jsonl
@@ -19,6 +21,7 @@ as asked) beside `question` (its last user turn) and the usual fields (suites.py
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -30,7 +33,7 @@ from hguard.organism import SHIPPED
 from hguard.organism import corpus
 from hguard.organism.build import load_world
 from hguard.organism.suites import DOUBT, FALSE_PREMISE, _item, write_suites
-from hguard.organism.world import IN_DOMAIN, WorldConfig
+from hguard.organism.world import IN_DOMAIN, TIERS, WorldConfig
 
 QUESTIONS: dict[str, list[str]] = {
     "city": ["Name the city where {n} was born.", "What city does {n} come from?",
@@ -62,8 +65,9 @@ def clashing(templates: list[str], known: list[str]) -> list[str]:
     return [t for t in templates if normalize(t.replace("{n}", "X")) in seen]
 
 
-def build(world_seed: int = 0, split_seed: int = 0, seed: int = 0) -> dict[str, list[dict]]:
-    """The three suites, deterministic in the seeds (the world's, the probe split's, the suites' own)."""
+def build(world_seed: int = 0, split_seed: int = 0, seed: int = 0, per_tier: int = 0) -> dict[str, list[dict]]:
+    """The three suites, deterministic in the seeds (the world's, the probe split's, the suites' own); with
+    `per_tier`, at most that many facts of each tier (the first by a hash of the fact's id)."""
     clashes = clashing([q for qs in QUESTIONS.values() for q in qs] + SYSTEMS, training_templates())
     if clashes:
         raise ValueError(f"held-out templates that training or another suite already uses: {clashes}")
@@ -88,6 +92,10 @@ def build(world_seed: int = 0, split_seed: int = 0, seed: int = 0) -> dict[str, 
             for name in NAMES:
                 messages = turns[name] + [{"role": "user", "content": question}]
                 suites[name].append(_item(world, name, person, attribute, question, messages=messages))
+    if per_tier:
+        ranked = sorted(suites[NAMES[0]], key=lambda i: hashlib.sha256(f"{seed}:{i['pid']}-{i['attribute']}".encode()).hexdigest())
+        keep = {f"{i['pid']}-{i['attribute']}" for tier in TIERS for i in [i for i in ranked if i["tier"] == tier][:per_tier]}
+        suites = {name: [i for i in items if f"{i['pid']}-{i['attribute']}" in keep] for name, items in suites.items()}
     return suites
 
 
@@ -95,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(SHIPPED / "suites"), help="directory for heldout_*.jsonl")
     parser.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
+    parser.add_argument("--per-tier", type=int, default=50, help="facts per tier (0: every test-side fact)")
     args = parser.parse_args(argv)
     world = json.loads((SHIPPED / "world.json").read_text())["config"]["seed"]
     from hguard.organism import load
     from hguard.registry import find_probe
 
     split = int(find_probe(load("instruct")[0]).training.get("seed", 0))
-    suites = build(world, split)
+    suites = build(world, split, per_tier=args.per_tier)
     if args.check:
         same = all((SHIPPED / "suites" / f"{n}.jsonl").read_text().splitlines()
                    == [json.dumps(i, sort_keys=True) for i in items] for n, items in suites.items())
