@@ -22,6 +22,7 @@ from ..guard import Guard
 from ..metrics import Metrics
 from .engine import Engine
 from .errors import APIError
+from .memory import TrimAfterLarge
 from .proxy import Proxy
 from .requests import GuardDefaults
 from .routes import router
@@ -180,6 +181,7 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
     app.state.serving = None
     app.state.proxy = None
     app.include_router(router)
+    app.add_middleware(TrimAfterLarge)  # glibc keeps what a large request freed: give it back
     app.add_middleware(BodyLimit)
 
     if settings.api_key:
