@@ -2,11 +2,18 @@
 
 Two servers on the organism (or --model): one hosting the model, one proxying the misbehaving upstream
 of fault_corpus.py (in this process). Each gets the hostile-body corpus on both endpoints, streamed
-and not; the proxy also gets every upstream mode on both endpoints, streamed and not. After every
-case a normal request must answer within --quick seconds (else the case counts as wedged). Counted
-per server: cases tried and their classes (2xx, 4xx, upstream_5xx = 502/504 for a failed upstream,
-hguard_5xx, truncated streams, leaks of upstream internals), wedged, the slowest follow-up, RSS
-before (after a warm-up) and after, and the seconds from SIGTERM (sent with a stream open) to exit.
+and not; the proxy also gets every upstream mode on both endpoints, streamed and not. The whole corpus
+runs --rounds times in the same server processes. After every case a normal request must answer
+within --quick seconds (else the case counts as wedged). Counted per server over all rounds: cases
+tried and their classes (2xx, 4xx, upstream_5xx = 502/504 for a failed upstream, hguard_5xx,
+truncated streams, leaks of upstream internals), wedged, the slowest follow-up, and the seconds from
+SIGTERM (sent with a stream open) to exit.
+
+Memory, each figure the process's VmRSS after a few normal requests: `rss_before_mb` after the
+warm-up (before any hostile case), `rss_after_rounds_mb` after each round, `rss_peak_mb` its VmHWM.
+`rss_change` is the last round against before (what the campaign left behind, the issue's figure);
+`rss_change_after_first_round` is the last round against the first: a leak keeps growing there, a
+high-water mark (the allocator keeping what the first round's large bodies freed) does not.
 
     python benchmarks/faults.py --json
 """
@@ -34,9 +41,9 @@ from fault_corpus import (CHAT, TEXT, UPSTREAM_MODES, MisbehavingUpstream, answe
 MODEL = "faults"
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -143,12 +150,24 @@ def stop(url: str, process: subprocess.Popen) -> dict:
     return {"exit_s": round(time.perf_counter() - start, 2), "open_stream_class": classify(reply) if reply else None}
 
 
-def report(name: str, url: str, process, tally: Tally, before: float) -> dict:
+def campaign(url: str, process, rounds: int, run) -> tuple[Tally, dict]:
+    """`run(tally)` `rounds` times after a warm-up; the tally and the memory figures (module docstring)."""
     warm(url)
-    after = rss_mb(process.pid)
+    before, after, tally = rss_mb(process.pid), [], Tally()
+    for _ in range(rounds):
+        run(tally)
+        warm(url)
+        after.append(rss_mb(process.pid))
+    return tally, {"rounds": rounds, "rss_before_mb": round(before, 1),
+                   "rss_after_rounds_mb": [round(a, 1) for a in after],
+                   "rss_peak_mb": round(rss_mb(process.pid, "VmHWM"), 1),
+                   "rss_change": round(after[-1] / before - 1, 3),
+                   "rss_change_after_first_round": round(after[-1] / after[0] - 1, 3)}
+
+
+def report(name: str, tally: Tally, memory: dict) -> dict:
     return {"server": name, **tally.counts, "wedged": len(tally.wedged), "wedged_cases": tally.wedged[:10],
-            "slowest_follow_up_s": round(tally.slowest_follow_up, 2), "rss_before_mb": round(before, 1),
-            "rss_after_mb": round(after, 1), "rss_change": round(after / before - 1, 3)}
+            "slowest_follow_up_s": round(tally.slowest_follow_up, 2), **memory}
 
 
 def main() -> int:
@@ -158,23 +177,23 @@ def main() -> int:
     parser.add_argument("--probe", default=None, help="its probe (default: the registered one)")
     parser.add_argument("--quick", type=float, default=10.0, help="seconds a follow-up request may take")
     parser.add_argument("--upstream-timeout", type=float, default=2.0, help="the proxy's --upstream-timeout")
+    parser.add_argument("--rounds", type=int, default=3, help="times the whole corpus runs in the same servers")
     parser.add_argument("--shutdown-timeout", type=float, default=5.0, help="the servers' --shutdown-timeout")
     args = parser.parse_args()
 
     results = []
     with MisbehavingUpstream() as upstream:
         with serve(args) as (url, process):
-            warm(url)
-            before, tally = rss_mb(process.pid), Tally()
-            hostile(url, tally, args.quick)
-            results.append(report("hosted", url, process, tally, before))
+            tally, memory = campaign(url, process, args.rounds, lambda tally: hostile(url, tally, args.quick))
+            results.append(report("hosted", tally, memory))
             results[-1].update(stop(url, process))
         with serve(args, "--upstream", upstream.url, "--upstream-timeout", str(args.upstream_timeout)) as (url, process):
-            warm(url)
-            before, tally = rss_mb(process.pid), Tally()
-            hostile(url, tally, args.quick)
-            upstream_modes(url, upstream, tally, args.quick)
-            results.append(report("proxy", url, process, tally, before))
+            def both(tally: Tally) -> None:
+                hostile(url, tally, args.quick)
+                upstream_modes(url, upstream, tally, args.quick)
+
+            tally, memory = campaign(url, process, args.rounds, both)
+            results.append(report("proxy", tally, memory))
             results[-1].update(stop(url, process))
     summary = {"servers": results, "command": " ".join(sys.argv),
                "hguard_5xx": sum(r.get("hguard_5xx", 0) for r in results),

@@ -35,6 +35,22 @@ def malloc_trim() -> Callable[[], int] | None:
     return lambda: function(0)
 
 
+class _Moved:
+    """The body bytes one request moves, both ways, counted as they pass."""
+
+    def __init__(self, receive, send) -> None:
+        self.bytes, self._receive, self._send = 0, receive, send
+
+    async def receive(self):
+        message = await self._receive()
+        self.bytes += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+        return message
+
+    async def send(self, message) -> None:
+        self.bytes += len(message.get("body", b"")) if message["type"] == "http.response.body" else 0
+        await self._send(message)
+
+
 class TrimAfterLarge:
     """ASGI middleware: after a request whose request and response bodies reach `threshold` bytes,
     give the C heap's free pages back (`trim`, glibc's `malloc_trim(0)` unless given)."""
@@ -49,25 +65,11 @@ class TrimAfterLarge:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.trim is None:
             return await self.app(scope, receive, send)
-        moved = 0
-
-        async def counted_receive():
-            nonlocal moved
-            message = await receive()
-            if message["type"] == "http.request":
-                moved += len(message.get("body", b""))
-            return message
-
-        async def counted_send(message):
-            nonlocal moved
-            if message["type"] == "http.response.body":
-                moved += len(message.get("body", b""))
-            await send(message)
-
+        moved = _Moved(receive, send)
         try:
-            await self.app(scope, counted_receive, counted_send)
+            await self.app(scope, moved.receive, moved.send)
         finally:
-            if moved >= self.threshold:
+            if moved.bytes >= self.threshold:
                 self._ask()
 
     def _ask(self) -> None:
