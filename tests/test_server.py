@@ -463,3 +463,34 @@ def test_proxy_turns_bad_client_input_into_4xx(client, proxied):
         proxied.completions.create(model="tiny", prompt=[10**9])
     with pytest.raises(openai.NotFoundError):
         proxied.chat.completions.create(model="other", messages=MESSAGES)
+
+
+def test_vllm_sampling_fields_hosted(client, guard):
+    """vLLM's fields: honoured where generate can (the same text as the library with the same options),
+    refused by name where it cannot."""
+    messages = [{"role": "user", "content": "Numbers like 1024"}]
+    kw = dict(model="tiny", messages=messages, max_tokens=8)
+    greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    top1 = client.chat.completions.create(temperature=1.5, extra_body={"top_k": 1}, **kw).choices[0].message.content
+    assert top1 == greedy  # top_k=1 samples the greedy token
+    penalised = client.chat.completions.create(temperature=0, extra_body={"repetition_penalty": 1.8, "min_tokens": 3},
+                                               **kw).choices[0].message.content
+    [library] = guard.generate([messages], max_new_tokens=8, do_sample=False, repetition_penalty=1.8, min_new_tokens=3)
+    assert penalised == library.text
+    for body, param in (({"ignore_eos": True}, "ignore_eos"), ({"skip_special_tokens": False}, "skip_special_tokens"),
+                        ({"min_tokens": 9}, "min_tokens"), ({"top_k": -2}, "top_k")):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(extra_body=body, **kw)
+        assert param in str(error.value)
+
+
+def test_vllm_sampling_fields_are_forwarded_by_the_proxy(client, proxied):
+    messages = [{"role": "user", "content": "Numbers like 1024"}]
+    kw = dict(model="tiny", messages=messages, max_tokens=8)
+    greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    assert proxied.chat.completions.create(temperature=1.5, extra_body={"top_k": 1}, **kw).choices[0].message.content \
+        == greedy
+    # the upstream (a hosted hguard) refuses ignore_eos: its 400 coming back shows the field was forwarded
+    with pytest.raises(openai.BadRequestError) as error:
+        proxied.chat.completions.create(extra_body={"ignore_eos": True}, **kw)
+    assert "ignore_eos" in str(error.value) and "hosted engine" in str(error.value)

@@ -50,6 +50,24 @@ class Settings:
     threshold: float | None
     alpha: float | None
     logprobs: int | None = None  # alternatives per token when the request asks for logprobs
+    top_k: int | None = None  # vLLM's sampling fields (None: off)
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """These settings as `generate` keyword arguments (greedy at temperature 0, as the OpenAI API)."""
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if self.temperature > 0:  # top_k=0: transformers' default of 50 would cut what the request allows
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p,
+                          top_k=self.top_k if self.top_k and self.top_k > 0 else 0)
+            if self.min_p:
+                kwargs["min_p"] = self.min_p
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.min_tokens:
+            kwargs["min_new_tokens"] = self.min_tokens
+        return kwargs
 
 
 @dataclass(eq=False)
@@ -170,11 +188,7 @@ class Engine:
         for job in batch:
             job.started = start
         timing = _Timing(self.metrics, batch)
-        kwargs: dict[str, Any] = {"max_new_tokens": limits}
-        if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False)
+        kwargs: dict[str, Any] = {"max_new_tokens": limits, **settings.generate_kwargs()}
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
 

@@ -90,6 +90,14 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="only 0 is supported")
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="only 0 is supported")
     guard: GuardOptions = Field(default_factory=GuardOptions)
+    # vLLM's sampling fields, as production clients send them: forwarded as sent in proxy mode; the
+    # hosted engine honours all but ignore_eos and skip_special_tokens=false, which it refuses by name
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0: off")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None

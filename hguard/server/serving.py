@@ -46,16 +46,29 @@ class Serving:
         if self.context is not None and (max_new < 1 or longest + max_new > self.context):
             param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
             raise context_exceeded(self.context, longest, max(max_new, 1), param)
+        settings = self._settings(request, max_new)
+        rows = [row for row in rows for _ in range(request.n)]
+        return Job(rows=rows, max_new_tokens=max_new, settings=settings, loop=asyncio.get_running_loop())
+
+    def _settings(self, request, max_new: int) -> Settings:
+        refused = [("ignore_eos", "true", request.ignore_eos), ("skip_special_tokens", "false",
+                                                                   request.skip_special_tokens is False)]
+        for name, value, sent in refused:
+            if sent:
+                raise APIError(400, f"{name}={value} is not supported by the hosted engine (a proxy forwards it to "
+                               "its upstream)", param=name)
+        if request.min_tokens is not None and request.min_tokens > max_new:
+            raise APIError(400, f"min_tokens ({request.min_tokens}) is more than the completion's length ({max_new})",
+                           param="min_tokens")
         options = request.guard
-        settings = Settings(
+        return Settings(
             temperature=request.temperature, top_p=request.top_p, stop=tuple(request.stop or ()), seed=request.seed,
             action=options.action or self.defaults.action,
             threshold=options.threshold if options.threshold is not None else self.defaults.threshold,
             alpha=options.alpha if options.alpha is not None else self.defaults.alpha,
-            logprobs=request.logprob_count(),
+            logprobs=request.logprob_count(), top_k=request.top_k, min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty, min_tokens=request.min_tokens,
         )
-        rows = [row for row in rows for _ in range(request.n)]
-        return Job(rows=rows, max_new_tokens=max_new, settings=settings, loop=asyncio.get_running_loop())
 
     def chat_job(self, request: ChatCompletionRequest) -> Job:
         return self._job(request, [messages_of(request)], request.max_new_tokens())
