@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import httpx
 import pytest
@@ -50,14 +49,14 @@ def test_only_a_large_request_or_answer_trims():
 
 
 def test_trims_asked_for_while_one_runs_are_one_more_trim():
-    started, calls = threading.Event(), []
+    started, release, calls = threading.Event(), threading.Event(), []
 
-    def slow_trim() -> None:
+    def held_trim() -> None:  # the first trim runs until the four later requests have ended
         started.set()
-        time.sleep(0.3)
+        release.wait(30)
         calls.append(1)
 
-    middleware = TrimAfterLarge(_echo_app(0), threshold=1, trim=slow_trim)
+    middleware = TrimAfterLarge(_echo_app(0), threshold=1, trim=held_trim)
 
     async def go() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://t") as client:
@@ -65,6 +64,7 @@ def test_trims_asked_for_while_one_runs_are_one_more_trim():
             while not started.is_set():
                 await asyncio.sleep(0.01)
             await asyncio.gather(*(client.post("/", content=b"big") for _ in range(4)))
+            release.set()
         await middleware.idle()
 
     asyncio.run(go())
