@@ -494,3 +494,18 @@ def test_vllm_sampling_fields_are_forwarded_by_the_proxy(client, proxied):
     with pytest.raises(openai.BadRequestError) as error:
         proxied.chat.completions.create(extra_body={"ignore_eos": True}, **kw)
     assert "ignore_eos" in str(error.value) and "hosted engine" in str(error.value)
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(client, guard, monkeypatch):
+    """More characters than the context's tokens can spell: a 400 without running the tokenizer."""
+    calls = []
+    encode = guard.encode
+    monkeypatch.setattr(guard, "encode", lambda prompt: calls.append(prompt) or encode(prompt))
+    huge = "word " * 200_000
+    for kw in (dict(messages=[{"role": "user", "content": huge}]),):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model="tiny", max_tokens=4, **kw)
+        assert "context length" in str(error.value) and error.value.body["code"] == "context_length_exceeded"
+    assert calls == []
+    ok = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0)
+    assert calls and ok.choices[0].message.content is not None  # a prompt that fits is tokenized as before

@@ -66,12 +66,12 @@ class Proxy:
         """The prompt's token ids, encoded once per request (client errors become 400/422 here). A prompt
         that leaves no room in the scoring model's context is refused, as hosting it would be."""
         if chat:
-            ids = encode_prompt(self.guard, messages_of(request))
+            ids = encode_prompt(self.guard, messages_of(request), self.context, "messages")
         else:
             prompts = prompts_of(request)
             if len(prompts) != 1:
                 raise APIError(400, "proxy mode scores one prompt per request", param="prompt")
-            ids = encode_prompt(self.guard, prompts[0])
+            ids = encode_prompt(self.guard, prompts[0], self.context)
         if len(ids) >= self.context:
             raise context_exceeded(self.context, len(ids), 1, "messages" if chat else "prompt")
         return ids

@@ -3,6 +3,7 @@ or prompts as token rows, the per-request row limit, and the guard's server-wide
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..guard import Guard
@@ -48,11 +49,33 @@ def check_rows(prompts: int, n: int, limit: int) -> None:
                        param="prompt" if prompts > 1 else "n", code="too_many_completions")
 
 
-def encode_prompt(guard: Guard, prompt) -> list[int]:
+def encode_prompt(guard: Guard, prompt, context: int | None = None, param: str = "prompt") -> list[int]:
+    """The prompt's token ids. With `context`, a prompt with more characters than that many tokens can
+    spell is refused before it is tokenized (a 1 MB text took 1.2 s and 240 MB to tokenize, only to be
+    refused for its length): no prompt that would fit is ever refused here."""
+    if context is not None:
+        chars = _chars(prompt)
+        if chars > context * token_chars(guard.tokenizer):
+            raise APIError(400, f"This model's maximum context length is {context} tokens; the prompt's {chars} "
+                           "characters cannot fit in it.", param=param, code="context_length_exceeded")
     try:
         return guard.encode(prompt)
     except ValueError as error:
         raise APIError(400, str(error), param="prompt") from error
+
+
+def _chars(prompt) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        return sum(len(str(m.get("content") or "")) for m in prompt)
+    return 0  # token ids: their count is checked after
+
+
+@functools.cache
+def token_chars(tokenizer) -> int:
+    """More characters than any one token spells (the longest vocabulary entry, plus one)."""
+    return max((len(t) for t in tokenizer.get_vocab()), default=16) + 1
 
 
 @dataclass

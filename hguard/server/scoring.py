@@ -18,6 +18,7 @@ import asyncio
 from ..guard import Guard
 from ..incremental import IncrementalScorer
 from ..results import Scores, char_offset
+from .requests import token_chars
 
 PIECE = 64  # answer tokens per forward
 
@@ -29,7 +30,7 @@ class Scoring:
         self.guard, self.context, self.piece = guard, context, piece
         self.turn = asyncio.Lock()  # FIFO: every waiting piece runs before a piece that queues after it
         # the longest text a token spells, so that tokenising a bounded prefix finds a full window
-        self.token_chars = max((len(t) for t in guard.tokenizer.get_vocab()), default=16) + 1
+        self.token_chars = token_chars(guard.tokenizer)
 
     def window(self, prompt_ids: list[int]) -> "Window":
         return Window(self, prompt_ids)

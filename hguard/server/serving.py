@@ -37,14 +37,14 @@ class Serving:
     def _job(self, request, prompts: list, max_new: int | None) -> Job:
         check_model(request.model, self.model_name)
         check_rows(len(prompts), request.n, self.engine.max_batch_size)
-        rows = [encode_prompt(self.guard, prompt) for prompt in prompts]
+        param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+        rows = [encode_prompt(self.guard, prompt, self.context, param) for prompt in prompts]
         longest = max(len(r) for r in rows)
         if max_new is None:  # as vLLM does: the default length never overflows the context
             max_new = self.defaults.max_tokens
             if self.context is not None:
                 max_new = min(max_new, self.context - longest)
         if self.context is not None and (max_new < 1 or longest + max_new > self.context):
-            param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
             raise context_exceeded(self.context, longest, max(max_new, 1), param)
         settings = self._settings(request, max_new)
         rows = [row for row in rows for _ in range(request.n)]
