@@ -40,8 +40,8 @@ def grid(title: str, suites: dict, methods: list[str], cell: Callable[[dict, str
 
 
 def evaluation_tables(report: dict) -> list[str]:
-    methods = report.get("methods") or [m for m in ("h_neurons", "random_neurons", "all_neurons", "residual",
-                                                    "max_sequence_probability", "mean_token_entropy", "perplexity")]
+    methods = report.get("methods") or ["h_neurons", "random_neurons", "all_neurons", "residual",  # older reports
+                                        "max_sequence_probability", "mean_token_entropy", "perplexity"]
     suites = report["suites"]
     scored = {n: s for n, s in suites.items() if "note" not in s}
     lines = [f"Probe: {report['neurons_kept']} neurons ({report['per_mille']} per mille of {report['total_neurons']}), "
