@@ -142,8 +142,8 @@ class Episode:
         copies = self.kwargs.get("num_return_sequences", 1) or 1
         self._answers(copies)
         theirs = StoppingCriteriaList(self.kwargs.pop("stopping_criteria", None) or [])
-        self.stopper = RowsStopped(self.monitor, self.cancel, self._row_limits(copies), width, self.cancelled_rows,
-                                   theirs)
+        # (per-row limits come with num_return_sequences 1: one answer per prompt)
+        self.stopper = RowsStopped(self.monitor, self.cancel, self.limits, width, self.cancelled_rows, theirs)
         criteria = StoppingCriteriaList([self.stopper])
         if self.recorder is not None:
             criteria.append(self.recorder)  # sees each step's tokens; never stops a row
@@ -167,20 +167,17 @@ class Episode:
                 full_mask = torch.cat([mask.repeat_interleave(copies, dim=0),
                                        torch.ones_like(sequences[:, width:])], dim=1)
                 score_last_tokens(self.guard.model, self.monitor, sequences, full_mask, generated_cache(out), width)
-        self._score_steps(self._scored() if self.monitor is not None else None)
+        self._score_steps(self._scored())
         return self._finish()
 
     def _answers(self, copies: int) -> None:
         streaming = self.on_event is not None
         abstains = self.policy is not None and self.policy.action == "abstain"
         for i in range(len(self.rows) * copies):
-            limit = self.limits[i // copies] if self.limits is not None else None
+            limit = self.limits[i] if self.limits is not None else None
             self.answers.append(Answer(self.guard.tokenizer, i, self.eos_ids, self.stops, limit,
                                        len(self.rows[i // copies]), abstains=abstains, streaming=streaming))
         self.trigger = [-1] * len(self.answers)
-
-    def _row_limits(self, copies: int) -> list[int] | None:
-        return [self.limits[i // copies] for i in range(len(self.answers))] if self.limits is not None else None
 
     def _keep(self) -> None:
         for row, length in self.stopper.kept.items():
