@@ -37,6 +37,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_corpus import (CHAT, TEXT, UPSTREAM_MODES, MisbehavingUpstream, answered, classify,  # noqa: E402
                           hostile_bodies, normal_body, send)
+from server_load import wait_until_up  # noqa: E402
 
 MODEL = "faults"
 
@@ -63,18 +64,7 @@ def serve(args: argparse.Namespace, *extra: str):
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}: {' '.join(command)}")
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the server did not come up within 180 s")
-            time.sleep(0.3)
+        wait_until_up(process, command, f"{url}/v1/models", within=180.0, poll=0.3)
         yield url, process
     finally:
         if process.poll() is None:

@@ -29,6 +29,22 @@ from contextlib import contextmanager
 import httpx
 
 
+def wait_until_up(process: subprocess.Popen, command: list[str], url: str, within: float, poll: float = 0.2) -> None:
+    """Until `url` answers 200; an error if the server exits first or takes longer than `within` seconds."""
+    deadline = time.time() + within
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}: {' '.join(command)}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"the server did not come up within {within:.0f} s")
+        time.sleep(poll)
+
+
 @contextmanager
 def serve(args: argparse.Namespace, action: str, batch: int):
     """An `hguard serve` process on a free loopback port; yields (URL, process), stops it on exit."""
@@ -44,18 +60,7 @@ def serve(args: argparse.Namespace, action: str, batch: int):
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}: {' '.join(command)}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the server did not come up within 120 s")
-            time.sleep(0.2)
+        wait_until_up(process, command, f"{url}/health", within=120.0)
         yield url, process
     finally:
         process.terminate()
