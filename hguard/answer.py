@@ -95,7 +95,11 @@ class Answer:
     @property
     def waiting(self) -> bool:
         """Whether the answer goes on with a pushed token that has no score yet (not an EOS)."""
-        return not self.ended and len(self.pushed) > len(self.ids) and self.pushed[len(self.ids)] not in self.eos_ids
+        return self._next() is not None and self._next() not in self.eos_ids
+
+    def _next(self) -> int | None:
+        """The pushed token the answer would score next, if it goes on and has one."""
+        return self.pushed[len(self.ids)] if not self.ended and len(self.pushed) > len(self.ids) else None
 
     def _extend(self, token: int) -> None:
         text = self._text.add(token)
@@ -109,7 +113,7 @@ class Answer:
     def close(self) -> None:
         """Generation is over: an answer whose next token is an EOS (which needs no score) ends on it;
         one that did not end otherwise ran to the batch's length limit."""
-        if not self.ended and len(self.pushed) > len(self.ids) and self.pushed[len(self.ids)] in self.eos_ids:
+        if self._next() in self.eos_ids:
             self.score(None, None, False)
         if not self.ended:
             self.finish_reason = "length"
