@@ -123,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     _say(f"loading {'the built-in organism' if organism else args.model}")
     guard = load_guard(settings)
-    guard.policy(args.action if args.action != "off" else None, args.threshold, args.alpha)  # validated now
+    guard.policy(args.action, args.threshold, args.alpha)  # validated now, not at the first request
     _say(startup_line(guard, settings, args))
     # SIGTERM: stop listening, let open requests finish for up to --shutdown-timeout, then end them
     uvicorn.run(build_app(settings, guard=guard), host=args.host, port=args.port, log_level=args.log_level,
@@ -137,6 +137,8 @@ def startup_line(guard, settings, args: argparse.Namespace) -> str:
     source = probe.source or "given in code"
     if args.threshold is not None:
         thresholds = f"threshold {args.threshold:g} (flags and running mean)"
+    elif guard.watch_threshold is None:  # a probe without its own watch threshold uses one for both
+        thresholds = f"threshold {guard.threshold:.3g} (flags and running mean)"
     else:
         thresholds = f"threshold {guard.threshold:.3g}, watch threshold {guard.watch_threshold:.3g}"
     engine = f"proxy to {settings.upstream}" if settings.upstream else "hosted (transformers generate)"

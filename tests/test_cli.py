@@ -73,3 +73,16 @@ def test_a_bad_probe_file_is_one_line(tmp_path, capsys):
     assert main(["serve", "--probe", str(bad), "--port", "0"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("hguard: error: ") and "bad.safetensors" in error[-1] and "Traceback" not in "".join(error)
+
+
+def test_the_start_up_line_names_what_is_served(make_guard):
+    from argparse import Namespace
+
+    from hguard.cli import startup_line
+    from hguard.server.app import ServerSettings
+
+    guard = make_guard()  # a random probe: no file, no watch threshold of its own
+    args = Namespace(probe=None, threshold=None, action="abstain", alpha=None, host="127.0.0.1", port=8123)
+    line = startup_line(guard, ServerSettings(served_model_name="tiny"), args)
+    assert line.startswith("serving tiny (llama) with probe given in code (12 neurons")
+    assert "engine: hosted" in line and "action abstain" in line and line.endswith("http://127.0.0.1:8123/v1")
