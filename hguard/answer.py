@@ -35,7 +35,6 @@ class Answer:
         self.logits: list[float] = []
         self.logprobs: list[Entry] = []
         self.finish_reason: FinishReason | None = None  # None while the answer goes on
-        self.produced = 0  # tokens generated up to the end, counting an EOS that ended it
         self.acted = False  # the policy acted on one of the answer's tokens (a trigger that counted)
         # text: decoded as it goes where a stream shows it or a stop string may end it, else once
         self._text = IncrementalText(tokenizer) if streaming or self.stops else None
@@ -70,9 +69,7 @@ class Answer:
         is the EOS that ends it, which the answer leaves out)."""
         if self.ended:
             return False
-        index = len(self.ids)
-        token = self.pushed[index]
-        self.produced = index + 1
+        token = self.pushed[len(self.ids)]
         if token in self.eos_ids:
             self.finish_reason = "stop"
             return False
@@ -86,7 +83,7 @@ class Answer:
         count = len(self.ids)
         if not self.ended and ((self.limit is not None and count >= self.limit) or count == self.kept):
             self.finish_reason = "length"  # the row's own limit, a cancelled row, or the caller's criteria
-        if triggered and not self.ended and len(self.pushed) > count:  # it went on generating: too late
+        if triggered and not self.ended and len(self.pushed) > count:  # the row went on after it: it counts
             self.acted = True
             if self.abstains:
                 self.finish_reason = "abstain"
@@ -117,7 +114,6 @@ class Answer:
             self.score(None, None, False)
         if not self.ended:
             self.finish_reason = "length"
-            self.produced = len(self.ids)
 
     def event(self, logprob: Entry | None = None, probability: float | None = None) -> TokenEvent:
         """The stream's event for the token just scored: its text, less what may still change."""
