@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .actions import action_name
 from .batching import left_pad, pad_id
 from .episode import Episode
 from .hooks import model_lock, stoppable
 from .monitor import Monitor
-from .policy import Policy, action_name
+from .policy import Policy
 from .probe import Probe
 from .registry import find_probe
 from .results import GuardResult, Scores, TokenEvent

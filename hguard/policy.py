@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from .actions import ACTIONS, Action, action_name  # noqa: F401  (re-exported)
+from .actions import ACTIONS, Action  # noqa: F401  (ACTIONS re-exported for hguard.__init__)
 
 Verdict = Literal["ok", "flagged", "abstained", "dampened"]
 
