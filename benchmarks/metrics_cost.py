@@ -18,7 +18,7 @@ import time
 
 from hguard.metrics import Metrics
 from hguard.results import GuardResult
-from hguard.server.engine import Job, Settings, _Timing
+from hguard.server.engine import Job, Settings, Timing
 
 
 def recording_seconds_per_token(tokens_per_request: int = 32, requests: int = 2000) -> float:
@@ -32,7 +32,7 @@ def recording_seconds_per_token(tokens_per_request: int = 32, requests: int = 20
     start = time.perf_counter()
     for job in jobs:
         job.started = job.enqueued
-        timing = _Timing(metrics, [job])
+        timing = Timing(metrics, [job])
         for _ in range(tokens_per_request):
             timing.token(job)
         timing.result(job, result, 0.5)

@@ -42,18 +42,23 @@ class Guard:
         probe: Probe | str | Path | None = None,
         *,
         threshold: float | None = None,
+        check_weights: bool = True,
     ) -> None:
+        """`check_weights=False` checks only the probe's architecture against `model` (for a model without
+        weights, e.g. on the meta device, whose weights an engine elsewhere holds and checks)."""
         self.model = model
         self.sites = resolve(model)  # fails early, naming the model type, on an unsupported model
         if tokenizer is None:
             tokenizer = _tokenizer_for(model)
         self.tokenizer = tokenizer
         if probe is None:
-            probe = find_probe(model)
+            probe = find_probe(model, strict=check_weights)
         elif isinstance(probe, (str, Path)):
-            probe = Probe.load(probe, model)
-        else:
+            probe = Probe.load(probe, model) if check_weights else Probe.load(probe)
+        elif check_weights:
             probe.check(model)
+        if not check_weights:
+            probe.check(model, strict=False)
         self.probe = probe
         # an explicit threshold is used for flags and for the running mean alike
         self.threshold = probe.threshold if threshold is None else threshold

@@ -164,16 +164,24 @@ class Probe:
         )
 
     # ---- file I/O -----------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
             "layer": self.layer.long().contiguous(),
             "neuron": self.neuron.long().contiguous(),
             "weight": self.weight.float().contiguous(),
             "column_norm": self.column_norm.float().contiguous(),
             "bias": torch.tensor([self.bias], dtype=torch.float32),
         }
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of the probe's tensors, as its file records it."""
+        return _checksum(self._tensors())
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = self._tensors()
         metadata = {
             "format": FORMAT,
             "version": VERSION,

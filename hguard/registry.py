@@ -38,13 +38,15 @@ def candidates() -> list[Path]:
     return found
 
 
-def find_probe(model: nn.Module) -> Probe:
+def find_probe(model: nn.Module, *, strict: bool = True) -> Probe:
+    """The first known probe that fits `model` (`strict=False`: its architecture only, for a model without
+    weights)."""
     for path in candidates():
         try:
             probe = Probe.load(path)
         except (ProbeFormatError, OSError):
             continue
-        if probe.mismatch(model) is None:
+        if probe.mismatch(model, strict=strict) is None:
             return probe
     raise ProbeNotFoundError(
         f"no known probe fits this {getattr(model.config, 'model_type', type(model).__name__)!r} model. "

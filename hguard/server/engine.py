@@ -187,7 +187,7 @@ class Engine:
         start = time.perf_counter()
         for job in batch:
             job.started = start
-        timing = _Timing(self.metrics, batch)
+        timing = Timing(self.metrics, batch)
         kwargs: dict[str, Any] = {"max_new_tokens": limits, **settings.generate_kwargs()}
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
@@ -221,7 +221,7 @@ class Engine:
             dispatch(result)
 
 
-class _Timing:
+class Timing:
     """Latency and guard outcomes of one batch, recorded into Metrics (a no-op without them)."""
 
     def __init__(self, metrics: Metrics | None, batch: list[Job]) -> None:
