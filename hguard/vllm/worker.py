@@ -42,6 +42,7 @@ class Scores:
     tap: ProbeTap
     logits: dict[str, dict[int, float]] = field(default_factory=dict)  # request id -> position -> logit
     scaling: dict[str, Scaling] = field(default_factory=dict)
+    rescored: int = 0  # positions computed again (preemption and recomputation), whose first score is kept
 
     def take(self, request_id: str) -> dict[int, float]:
         """The request's logits filed so far (the driver folds them into its rows)."""
@@ -110,8 +111,11 @@ def _file(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.ndarr
         if skip >= last - first:
             continue
         filed = scores.logits.setdefault(request, {})
-        for offset, logit in enumerate(logits[first + skip: last], start=position + skip):
-            filed.setdefault(offset, logit)
+        for at, logit in enumerate(logits[first + skip: last], start=position + skip):
+            if at in filed:
+                scores.rescored += 1
+            else:
+                filed[at] = logit
 
 
 class GuardedWorker:
