@@ -6,6 +6,8 @@
 # CHECK=split runs benchmarks/hook_cost.py instead: where the guard's cost goes on the 8B model (batch
 # 1 and 32, 64 tokens), arm by arm. CHECK=step runs benchmarks/step_cost.py: the Monitor's cost per
 # decoding step on the 8B model, from single forwards (no generate around them, so far less noise).
+# CHECK=vllm runs benchmarks/engine_load.py: plain vLLM vs vLLM with the probe in its forward, on the 8B
+# shape (needs vLLM's CUDA build already on the device).
 # GRID=1 also runs the organism design grid first (benchmarks/organism_grid.py, 4 designs x 2 seeds).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
@@ -21,6 +23,19 @@ fi
 if [ "${GRID:-0}" = 1 ]; then
   python3 benchmarks/organism_grid.py --device cuda --out /tmp/grid --pack 2 --deadline "${GRID_DEADLINE:-360}" 2>&1 | tee -a "$OUT/log.txt"
   cp /tmp/grid/grid.json /tmp/grid/*.tar "$OUT/" 2>/dev/null
+fi
+if [ "${CHECK:-overhead}" = vllm ]; then
+  # plain vLLM against hguard serve --engine vllm (CUDA graphs on, bf16) on a Llama-3-8B-shaped random
+  # model, 1 and 32 streaming clients (issue: hguard inside vLLM; goal: guarded / plain >= 0.99). The
+  # device has no network: vLLM's CUDA build must be installed there already.
+  if ! python3 -c "import vllm" 2>/dev/null; then
+    echo "CHECK=vllm: vLLM is not installed on this device (and cannot be: no network); nothing measured" | tee -a "$OUT/log.txt"
+    exit 0
+  fi
+  timeout "${OVERHEAD_LIMIT:-540}" python3 benchmarks/engine_load.py --json --models llama8b --dtype bfloat16 \
+    --clients 1 32 --rounds "${REPEATS:-4}" --logs "$OUT" > "$OUT/engine-load-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)
+  echo "engine_load rc $?" | tee -a "$OUT/log.txt"
+  exit 0
 fi
 if [ "${CHECK:-overhead}" = split ]; then
   timeout "${OVERHEAD_LIMIT:-420}" python3 benchmarks/hook_cost.py --json --preset 8b --device cuda --dtype bfloat16 \

@@ -67,6 +67,30 @@ def test_a_busy_port_is_refused_before_the_model_loads(capsys):
     assert error.startswith("hguard: error: argument --port: cannot listen") and len(error.splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["serve", "--enforce-eager", "--port", "0"], "--enforce-eager"),
+    (["serve", "--max-model-len", "64", "--port", "0"], "--max-model-len"),
+    (["serve", "--engine", "vllm", "--upstream", "http://127.0.0.1:9", "--port", "0"], "--upstream"),
+    (["serve", "--engine", "vllm", "--device-map", "auto", "--port", "0"], "--device-map"),
+])
+def test_engine_flags_that_do_not_go_together_are_one_line(argv, named, capsys):
+    started = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - started < 5
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and named in error and "Traceback" not in error
+
+
+def test_the_vllm_engine_without_vllm_says_how_to_install_it(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert main(["serve", "--engine", "vllm", "--port", "0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "pip install 'hguard[vllm]'" in error and len(error.splitlines()) == 1
+
+
 def test_a_bad_probe_file_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_text("not a probe")

@@ -275,7 +275,7 @@ def test_proxy_bounds_open_streams_with_429(live, guard):
             client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
         assert error.value.response.headers["retry-after"] == "1"
         first.close()
-        deadline = time.time() + self.start_timeout
+        deadline = time.time() + 30
         while app.state.proxy.streams and time.time() < deadline:
             time.sleep(0.05)
         assert app.state.proxy.streams == 0

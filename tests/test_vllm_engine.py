@@ -44,8 +44,8 @@ def rows(hf):
     return [hf.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
-def start(dtype: str = "float32", **engine_args) -> VllmEngine:
-    engine = VllmEngine(front(path("instruct")), path("instruct"), dtype=dtype, enforce_eager=True,
+def start(dtype: str = "float32", eager: bool = True, **engine_args) -> VllmEngine:
+    engine = VllmEngine(front(path("instruct")), path("instruct"), dtype=dtype, enforce_eager=eager,
                         max_batch_size=8, engine_args={"max_model_len": 256, **engine_args})
     engine.start()
     return engine
@@ -152,6 +152,19 @@ def test_chunked_prefill_prefix_cache_and_preemption_keep_scores(hf, rows):
         engine.stop()
     for ours, theirs in zip(results, hf.generate(batch, max_new_tokens=40)):
         close(ours, theirs)
+
+
+def test_compiled_engine_keeps_the_probe(hf, rows):
+    # torch.compile traces TappedDown into vLLM's graph: the buffer writes and the factors must survive it
+    engine = start(eager=False)
+    try:
+        for action, threshold, alpha in (("flag", None, None), ("dampen", 0.9, 0.2)):
+            _, results = run(engine, rows, settings(action, threshold=threshold, alpha=alpha))
+            reference = hf.generate(rows, action=action, threshold=threshold, alpha=alpha, max_new_tokens=24)
+            for ours, theirs in zip(results, reference):
+                close(ours, theirs)
+    finally:
+        engine.stop()
 
 
 def test_bf16_engine_within_stated_tolerance(hf, rows):
