@@ -7,7 +7,7 @@ rounds (ABAB..., the order alternating), so machine noise hits every side alike:
 - `hguard-hf` (organism only): `hguard serve`, the embedded transformers engine, for the 3x goal.
 Each client streams a text completion (a biography opening; random weights write on to the limit) of
 `--max-tokens` tokens at temperature 0; throughput counts the completion tokens of each stream's usage
-chunk. Both vLLM sides compile alike (both eager with `--eager`). Models: the organism, and a random-init
+chunk. Both vLLM sides compile alike (both eager with `--eager`) and run the same dtype. Models: the organism, and a random-init
 ~100M Llama saved to a temporary directory (768 wide, 12 layers, 2048 MLP: there the matrix products
 dominate, as in real models) with a random 100-neuron probe; `llama8b` is Llama-3-8B's shape (for a GPU).
 
@@ -49,14 +49,14 @@ def server(kind: str, model: str, probe: str | None, args: argparse.Namespace):
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
                    "--served-model-name", "bench", "--max-num-seqs", str(max(args.clients)),
                    "--max-model-len", str(args.max_model_len)]
-        command += ["--dtype", "float32"] if args.dtype == "float32" else ["--dtype", args.dtype]
+        command += ["--dtype", args.dtype] if args.dtype else []
         command += ["--enforce-eager"] if args.eager else []
         health = f"http://127.0.0.1:{port}/health"
     else:
         command = [sys.executable, "-m", "hguard.cli", "serve", "--model", model, "--port", str(port),
                    "--served-model-name", "bench", "--max-batch-size", str(max(args.clients)),
                    "--max-queue", str(4 * max(args.clients)), "--max-tokens", str(args.max_tokens),
-                   "--log-level", "warning", "--dtype", args.dtype]
+                   "--log-level", "warning"] + (["--dtype", args.dtype] if args.dtype else [])
         if probe is not None:
             command += ["--probe", probe]
         if kind == "hguard-vllm":
@@ -100,7 +100,7 @@ def random_llama(name: str, directory: Path, dtype: str) -> tuple[str, str]:
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, **shape)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype or "float32")).eval()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     probe = Probe.random(model, neurons, seed=0)
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--max-model-len", type=int, default=256)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="every server's dtype (default: each one's own: vLLM's and hguard --engine vllm's are the "
+                             "checkpoint's, bfloat16 for the organism; hguard's HF engine loads the organism in float32)")
     parser.add_argument("--eager", action="store_true", help="no torch.compile on either vLLM side")
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--logs", default=None, help="directory for the servers' logs (default: a temporary one)")

@@ -119,7 +119,7 @@ def make_engine(guard: Guard, settings: ServerSettings, metrics: Metrics | None)
     if settings.engine == "vllm":
         from ..vllm.engine import VllmEngine
 
-        dtype = settings.dtype or ("float32" if settings.model is None else "auto")
+        dtype = settings.dtype or "auto"  # vLLM's default: as saved (the organism: bfloat16)
         args = {"max_model_len": settings.max_model_len} if settings.max_model_len else {}
         engine = VllmEngine(guard, model_path(settings), max_batch_size=settings.max_batch_size,
                             max_queue=settings.max_queue, metrics=metrics, dtype=dtype,
