@@ -8,6 +8,11 @@ tokens already scored (a chunk that ends inside a token, a merge across the boun
 cropped back to the tokens that still stand and the rest runs again (from the prompt only where a
 cache cannot be cropped), so the scores always equal `Guard.score` on the same tokens. One scorer
 serves one response; calls are serialised by its own lock.
+
+`score_together` scores several responses' new tokens in one forward (proxy mode's open streams): each
+scorer's cache is left-padded to the longest, the new tokens right-padded to the most, masks and
+positions say which is which, and each scorer gets back its own cache with its new positions. Scorers
+whose caches are not plain dynamic layers (sliding windows) run one by one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .compat import cache_kwargs
 from .hooks import stoppable
@@ -53,14 +59,24 @@ class IncrementalScorer:
     @torch.no_grad()
     def score_ids(self, response_ids: list[int]) -> Scores:
         with self._lock:
-            target = self.prompt_ids + list(response_ids)
-            self._keep(_common_prefix(self._fed, target))
-            new = target[len(self._fed):]
-            if new:
-                self._run(new)
+            target = self._target(response_ids)
+            if len(target) > len(self._fed):
+                self._run(target[len(self._fed):])
                 self._fed = target
-            logits = torch.tensor(self._logits, dtype=torch.float64)
-        return Scores.of(response_ids, logits, self.guard.probe.calibration)
+            return self._scores(response_ids)
+
+    def _target(self, response_ids: list[int]) -> list[int]:
+        """Prompt and response ids, with the cache cut back to the part of them it already holds."""
+        target = self.prompt_ids + list(response_ids)
+        self._keep(_common_prefix(self._fed, target))
+        return target
+
+    def _scores(self, response_ids: list[int]) -> Scores:
+        return Scores.of(response_ids, torch.tensor(self._logits, dtype=torch.float64), self.guard.probe.calibration)
+
+    def _plain(self) -> bool:
+        """Whether the cache is plain dynamic layers, which can be padded and batched with others."""
+        return all(type(layer) is DynamicLayer for layer in getattr(self._cache, "layers", [None]))
 
     def _keep(self, count: int) -> None:
         """Drop everything after the first `count` positions of the cache (all of it if it cannot crop)."""
@@ -91,6 +107,91 @@ class IncrementalScorer:
         self.forwarded += len(new)
         first_response = max(0, len(self.prompt_ids) - len(self._fed))  # prompt positions are not scored
         self._logits += monitor.full_logits[0, first_response:].double().cpu().tolist()
+
+
+@torch.no_grad()
+def score_together(scorers: list[IncrementalScorer], responses: list[list[int]]) -> list[Scores]:
+    """`scorer.score_ids(response)` for every pair, the new tokens of all of them in one forward (each
+    scorer at most once in `scorers`; all on one guard)."""
+    if len(scorers) != len(set(map(id, scorers))):
+        raise ValueError("each scorer at most once per call")
+    locks = sorted((s._lock for s in scorers), key=id)
+    for lock in locks:
+        lock.acquire()
+    try:
+        work = []
+        for scorer, response in zip(scorers, responses):
+            target = scorer._target(response)
+            if len(target) > len(scorer._fed):
+                work.append((scorer, target))
+        batched = [(s, t) for s, t in work if s._plain()]
+        if len(batched) > 1:
+            _run_together(batched)
+        for scorer, target in work if len(batched) <= 1 else [w for w in work if not w[0]._plain()]:
+            scorer._run(target[len(scorer._fed):])
+            scorer._fed = target
+        return [scorer._scores(response) for scorer, response in zip(scorers, responses)]
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
+    guard = work[0][0].guard
+    model = guard.model
+    device = model.get_input_embeddings().weight.device
+    past = [len(scorer._fed) for scorer, _ in work]
+    new = [target[len(scorer._fed):] for scorer, target in work]
+    width, longest = max(past), max(len(n) for n in new)
+    rows = len(work)
+    input_ids = torch.zeros(rows, longest, dtype=torch.long)
+    mask = torch.zeros(rows, width + longest, dtype=torch.long)
+    positions = torch.zeros(rows, longest, dtype=torch.long)
+    for i, (p, n) in enumerate(zip(past, new)):
+        input_ids[i, : len(n)] = torch.tensor(n)
+        mask[i, width - p: width + len(n)] = 1
+        positions[i] = p + torch.arange(longest)
+    cache = _padded([scorer._cache for scorer, _ in work], past, width, model.config)
+    monitor = Monitor(guard.bound, stop_early=True)
+    try:
+        with guard._lock, monitor.attached(), stoppable():
+            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                  use_cache=True, **cache_kwargs(model, cache))
+    except BaseException:
+        for scorer, _ in work:
+            scorer._reset()  # their caches may have been read into the batch only; start them over
+        raise
+    logits = monitor.full_logits.double().cpu()
+    for i, ((scorer, target), p, n) in enumerate(zip(work, past, new)):
+        own = DynamicCache(config=model.config)
+        for index, layer in enumerate(cache.layers):
+            if layer.keys is not None and layer.keys.numel():
+                own.update(layer.keys[i: i + 1, :, width - p: width + len(n)].clone(),
+                           layer.values[i: i + 1, :, width - p: width + len(n)].clone(), index)
+        scorer._cache = own
+        first_response = max(0, len(scorer.prompt_ids) - p)  # prompt positions are not scored
+        scorer._logits += logits[i, first_response: len(n)].tolist()
+        scorer.forwarded += len(n)
+        scorer._fed = target
+
+
+def _padded(caches: list[DynamicCache], past: list[int], width: int, config) -> DynamicCache:
+    """One cache holding `caches` as rows, each left-padded with zeros to `width` positions."""
+    batched = DynamicCache(config=config)
+    if width == 0:
+        return batched
+    template = next(c for c, p in zip(caches, past) if p == width)
+    for index, layer in enumerate(template.layers):
+        if layer.keys is None or not layer.keys.numel():  # a layer past the last hooked one: never run
+            continue
+        keys, values = [], []
+        for cache, p in zip(caches, past):
+            for parts, own in ((keys, layer.keys), (values, layer.values)):
+                pad = own.new_zeros(1, own.shape[1], width - p, own.shape[3])
+                mine = (cache.layers[index].keys if parts is keys else cache.layers[index].values) if p else None
+                parts.append(torch.cat([pad, mine], dim=2) if mine is not None else pad)
+        batched.update(torch.cat(keys), torch.cat(values), index)
+    return batched
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -1,0 +1,81 @@
+"""Proxy mode scores the pieces of all open answers in shared forwards, with the scores of one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from hguard import Guard
+from hguard.incremental import IncrementalScorer, score_together
+from hguard.server.app import ServerSettings, build_app
+from hguard.server.requests import GuardDefaults
+
+from test_server import LiveServer
+
+QUESTIONS = ["Where was Alice Brown born?", "What year was Tom Lee born? Be brief, please.", "Who?",
+             "Where does Maria Gomez work?", "What did Vassor Fonis do for a living?", "Where was Kalo Venris born?"]
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return Guard.from_pretrained("organism")
+
+
+def test_score_together_equals_one_at_a_time(organism):
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    answers = [r.token_ids + [11, 12, 13] for r in organism.generate(prompts, max_new_tokens=20, action="off")]
+    scorers = [IncrementalScorer(organism, p) for p in prompts]
+    # growing by different amounts (one token, several, none), then rewinding the last tokens
+    for steps in ([1, 1, 3, 0], [2, 5, 3, 4], [9, 6, 3, 8], [30, 30, 30, 30], [2, 4, 2, 4]):
+        responses = [a[:max(1, s)] for a, s in zip(answers, steps)]
+        for prompt, response, got in zip(prompts, responses, score_together(scorers, responses)):
+            want = organism.score(prompt, response)
+            assert got.token_ids == response
+            assert got.token_logits == pytest.approx(want.token_logits, abs=1e-4)
+    assert sum(s.forwarded for s in scorers) < sum(len(s.prompt_ids) + 33 for s in scorers) * 2
+
+
+def test_score_together_refuses_a_scorer_twice(organism):
+    scorer = IncrementalScorer(organism, "Hello")
+    with pytest.raises(ValueError, match="once"):
+        score_together([scorer, scorer], [[5], [5, 6]])
+
+
+def test_open_streams_are_scored_together_and_exactly(organism):
+    upstream = ServerSettings(served_model_name="organism", defaults=GuardDefaults(action="off", max_tokens=24))
+    proxy = ServerSettings(served_model_name="organism", upstream=None, defaults=GuardDefaults(max_tokens=24))
+    with LiveServer(build_app(upstream, guard=organism), record=False) as up:
+        proxy.upstream = up.url
+        app = build_app(proxy, guard=organism)
+        with LiveServer(app) as server:
+            streams = asyncio.run(_stream_all(server.url, QUESTIONS * 2))
+            scoring = app.state.proxy.scoring
+            assert scoring.batched_rows > scoring.batches  # some forwards held several answers
+    for question, (text, scores) in zip(QUESTIONS * 2, streams):
+        ids = organism.tokenizer(text, add_special_tokens=False)["input_ids"]
+        want = organism.score([{"role": "user", "content": question}], ids)
+        assert scores == pytest.approx(want.token_probs, abs=1e-4)
+
+
+async def _stream_all(url: str, questions: list[str]) -> list[tuple[str, list[float]]]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await asyncio.gather(*(_stream(client, url, q) for q in questions))
+
+
+async def _stream(client: httpx.AsyncClient, url: str, question: str) -> tuple[str, list[float]]:
+    body = {"model": "organism", "messages": [{"role": "user", "content": question}], "stream": True,
+            "temperature": 0, "guard": {"token_scores": True}}
+    text, scores = "", []
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                text += choice.get("delta", {}).get("content") or ""
+                if not choice.get("finish_reason"):
+                    scores += (choice.get("hallucination") or {}).get("token_scores", [])
+    return text, scores
