@@ -41,8 +41,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(kind: str, model: str, probe: str | None, args: argparse.Namespace):
-    """One server of `kind` on a free port; yields its URL."""
+def server(kind: str, model: str, probe: str | None, args: argparse.Namespace, upstream: str | None = None):
+    """One server of `kind` (vllm, hguard-vllm, hguard-hf, hguard-proxy in front of `upstream`) on a free
+    port; yields its URL."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     if kind == "vllm":
@@ -59,6 +60,8 @@ def server(kind: str, model: str, probe: str | None, args: argparse.Namespace):
                    "--log-level", "warning"] + (["--dtype", args.dtype] if args.dtype else [])
         if probe is not None:
             command += ["--probe", probe]
+        if kind == "hguard-proxy":
+            command += ["--upstream", upstream]
         if kind == "hguard-vllm":
             command += ["--engine", "vllm", "--max-model-len", str(args.max_model_len)]
             command += ["--enforce-eager"] if args.eager else []

@@ -124,12 +124,18 @@ def score_together(scorers: list[IncrementalScorer], responses: list[list[int]])
             target = scorer._target(response)
             if len(target) > len(scorer._fed):
                 work.append((scorer, target))
-        batched = [(s, t) for s, t in work if s._plain()]
-        if len(batched) > 1:
-            _run_together(batched)
-        for scorer, target in work if len(batched) <= 1 else [w for w in work if not w[0]._plain()]:
-            scorer._run(target[len(scorer._fed):])
-            scorer._fed = target
+        groups: dict[int, list] = {}  # rows of like length run together: padding stays under 2x
+        for scorer, target in work:
+            new = len(target) - len(scorer._fed)
+            key = (1 << (new - 1).bit_length()) if scorer._plain() else -id(scorer)
+            groups.setdefault(key, []).append((scorer, target))
+        for group in groups.values():
+            if len(group) > 1:
+                _run_together(group)
+            else:
+                [(scorer, target)] = group
+                scorer._run(target[len(scorer._fed):])
+                scorer._fed = target
         return [scorer._scores(response) for scorer, response in zip(scorers, responses)]
     finally:
         for lock in locks:
@@ -163,11 +169,12 @@ def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
         raise
     logits = monitor.full_logits.double().cpu()
     for i, ((scorer, target), p, n) in enumerate(zip(work, past, new)):
-        own = DynamicCache(config=model.config)
+        own = DynamicCache()  # plain dynamic layers, made as they fill (a config would be read at every step)
         for index, layer in enumerate(cache.layers):
             if layer.keys is not None and layer.keys.numel():
-                own.update(layer.keys[i: i + 1, :, width - p: width + len(n)].clone(),
-                           layer.values[i: i + 1, :, width - p: width + len(n)].clone(), index)
+                # views of the batch's cache (no copy): the next batch copies them into its own anyway
+                own.update(layer.keys[i: i + 1, :, width - p: width + len(n)],
+                           layer.values[i: i + 1, :, width - p: width + len(n)], index)
         scorer._cache = own
         first_response = max(0, len(scorer.prompt_ids) - p)  # prompt positions are not scored
         scorer._logits += logits[i, first_response: len(n)].tolist()
@@ -184,13 +191,13 @@ def _padded(caches: list[DynamicCache], past: list[int], width: int, config) -> 
     for index, layer in enumerate(template.layers):
         if layer.keys is None or not layer.keys.numel():  # a layer past the last hooked one: never run
             continue
-        keys, values = [], []
-        for cache, p in zip(caches, past):
-            for parts, own in ((keys, layer.keys), (values, layer.values)):
-                pad = own.new_zeros(1, own.shape[1], width - p, own.shape[3])
-                mine = (cache.layers[index].keys if parts is keys else cache.layers[index].values) if p else None
-                parts.append(torch.cat([pad, mine], dim=2) if mine is not None else pad)
-        batched.update(torch.cat(keys), torch.cat(values), index)
+        shape = (len(caches), layer.keys.shape[1], width, layer.keys.shape[3])
+        keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
+        for row, (cache, p) in enumerate(zip(caches, past)):
+            if p:
+                keys[row, :, width - p:] = cache.layers[index].keys[0]
+                values[row, :, width - p:] = cache.layers[index].values[0]
+        batched.update(keys, values, index)
     return batched
 
 

@@ -246,15 +246,15 @@ def test_proxied_answers_fill_the_score_histograms(guard, upstream):  # noqa: F8
 
 
 def test_a_scoring_failure_ends_a_proxied_stream_with_an_error_event(guard, upstream, monkeypatch):  # noqa: F811
-    from hguard.incremental import IncrementalScorer
+    import hguard.server.scoring
 
     server, script, _ = upstream
     script["mode"] = "ok"
 
-    def fail(self, ids):
+    def fail(scorers, responses):
         raise RuntimeError("out of positions")
 
-    monkeypatch.setattr(IncrementalScorer, "score_ids", fail)
+    monkeypatch.setattr(hguard.server.scoring, "score_together", fail)
     app = _proxy_app(guard, server.url)
     with LiveServer(app) as proxy:
         body = {"model": "tiny", "messages": MESSAGES, "stream": True}

@@ -175,6 +175,7 @@ class Proxy:
             await relay.start()  # the first event: an upstream that fails before it is a 502 or 504 status
         except BaseException:
             slot.release()
+            events.close()
             await response.aclose()
             raise
         relay = relay.events()

@@ -161,6 +161,7 @@ class Relay:
             self.slot.release()
             self.proxy.count(self.chat, self.policy, self.verdicts, self.prompt, status)
             self.choices.clear()  # the KV caches go now, not when the response object does
+            self.upstream.close()
             await self.response.aclose()
         yield "data: [DONE]\n\n"
 
@@ -198,6 +199,10 @@ class Relay:
         delta = choice.get("delta") or {}
         state.text += (delta.get("content") if chat else choice.get("text")) or ""
         finish = choice.get("finish_reason")
+        if policy is not None and not finish and self.upstream.ready():
+            # more of the answer has arrived already: score it all at once, with the next event (one
+            # forward for several tokens, where scoring lags behind the upstream)
+            return self._unscored(choice, delta), None, None
         scores = await self._score(state) if policy is not None else None
         count = len(scores.token_ids) if scores is not None else 0
         full = state.window is not None and state.window.full  # past the window: no token changes any more
@@ -232,6 +237,19 @@ class Relay:
         ending = finishing_choice(index, chat, summary, "content_filter" if abstained else finish)
         has_content = text or new_scores or choice.get("logprobs") is not None
         return (choice if has_content else None), message, ending
+
+    def _unscored(self, choice: dict, delta: dict) -> dict | None:
+        """`choice` with no text and no scores (they go out with a later event); its logprobs, if any,
+        are relayed as they come."""
+        if choice.get("logprobs") is None:
+            return None
+        choice["finish_reason"] = None
+        if self.chat:
+            choice["delta"] = {**delta, "content": ""}
+        else:
+            choice["text"] = ""
+        choice["hallucination"] = {"token_scores": []}
+        return choice
 
     async def _score(self, state: _Choice) -> Scores | None:
         try:

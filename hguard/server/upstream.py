@@ -86,25 +86,55 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
 class Events:
     """The data of each Server-Sent Event of an upstream stream, in order; comments (":..."), other
     fields and events without data (keep-alives) are skipped. `next()` waits at most `timeout` seconds
-    for an event, however many keep-alives come meanwhile."""
+    for an event, however many keep-alives come meanwhile. A reader task reads up to `AHEAD` events
+    ahead of `next()`, so that `ready()` can tell a consumer that more has arrived (proxy mode then
+    scores several events' tokens in one forward); `close()` stops it."""
+
+    AHEAD = 64
 
     def __init__(self, response: httpx.Response, timeout: float) -> None:
         self.timeout = timeout
         self._chunks = response.aiter_bytes()
         self._buffer = b""
         self._ended = False
+        self._queue: asyncio.Queue | None = None
+        self._reader: asyncio.Task | None = None
+
+    def ready(self) -> bool:
+        """Whether another event (or the stream's end) has arrived already: `next()` would not wait."""
+        return self._queue is not None and not self._queue.empty()
 
     async def next(self) -> str | None:
         """The next event's data; None once the stream has ended."""
+        if self._reader is None:
+            self._queue = asyncio.Queue(maxsize=self.AHEAD)
+            self._reader = asyncio.create_task(self._read())
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._event()
+                data, error = await self._queue.get()
         except TimeoutError:
             raise stalled(self.timeout, "no stream event") from None
-        except httpx.TimeoutException:
-            raise stalled(self.timeout, "no stream event") from None
-        except httpx.HTTPError as error:
-            raise broken("the upstream's stream broke off", repr(error)) from None
+        if error is not None:
+            raise error
+        return data
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                data, error = await self._event(), None
+            except httpx.TimeoutException:
+                data, error = None, stalled(self.timeout, "no stream event")
+            except httpx.HTTPError as problem:
+                data, error = None, broken("the upstream's stream broke off", repr(problem))
+            except APIError as problem:  # an event or line past its bound
+                data, error = None, problem
+            await self._queue.put((data, error))
+            if data is None:
+                return
 
     async def _event(self) -> str | None:
         data: list[str] = []

@@ -272,7 +272,10 @@ class VllmEngine:
         if aborted:
             open_rows = [row.request_id for row in running.rows if not row.finished]
             if open_rows and self.llm is not None:
-                self.llm.abort_request(open_rows)
+                try:
+                    self.llm.abort_request(open_rows)
+                except Exception:  # an engine that just failed may fail this too; the job ends regardless
+                    pass
         for row in running.rows:
             self._rows.pop(row.request_id, None)
             self.scores.forget(row.request_id)

