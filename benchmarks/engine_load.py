@@ -31,7 +31,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_load import load, wait_until_up  # noqa: E402
+from server_load import end, load, wait_until_up  # noqa: E402
 
 
 def free_port() -> int:
@@ -72,12 +72,7 @@ def server(kind: str, model: str, probe: str | None, args: argparse.Namespace, u
         wait_until_up(process, command, health, within=args.start_timeout)
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end(process)
         log.close()
 
 
@@ -111,6 +106,15 @@ def random_llama(name: str, directory: Path, dtype: str) -> tuple[str, str]:
     return str(directory), str(probe.save(directory.parent / f"{name}-probe.safetensors"))
 
 
+def weights(name: str, work: Path, dtype: str | None) -> tuple[str, str | None]:
+    """(model directory, probe file or None for the known one) of a benchmark model."""
+    if name == "organism":
+        from hguard.organism import path
+
+        return str(path("instruct")), None
+    return random_llama(name, work / name, dtype)
+
+
 def measure(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     run = asyncio.run(load(url, clients, requests, max_tokens))
     latencies = run["latencies"]
@@ -142,8 +146,9 @@ def compare(urls: dict[str, str], clients: int, args: argparse.Namespace) -> dic
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def load_arguments(doc: str, eager_help: str) -> argparse.ArgumentParser:
+    """The flags engine_load.py and proxy_load.py share."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["organism", "llama100m"], choices=["organism", *PRESETS])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--requests", type=int, default=96, help="per side and round at 32 clients (1 client: 1/8)")
@@ -153,21 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="every server's dtype (default: each one's own: vLLM's and hguard --engine vllm's are the "
                              "checkpoint's, bfloat16 for the organism; hguard's HF engine loads the organism in float32)")
-    parser.add_argument("--eager", action="store_true", help="no torch.compile on either vLLM side")
+    parser.add_argument("--eager", action="store_true", help=eager_help)
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument("--logs", default=None, help="directory for the servers' logs (default: a temporary one)")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = load_arguments(__doc__, "no torch.compile on either vLLM side").parse_args(argv)
     report = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
     with tempfile.TemporaryDirectory(prefix="hguard-engine-load-") as work:
         args.logs = args.logs or work
         for model_name in args.models:
-            if model_name == "organism":
-                from hguard.organism import path
-
-                model, probe = str(path("instruct")), None
-            else:
-                model, probe = random_llama(model_name, Path(work) / model_name, args.dtype)
+            model, probe = weights(model_name, Path(work), args.dtype)
             kinds = ["vllm", "hguard-vllm"] + (["hguard-hf"] if model_name == "organism" else [])
             started = time.time()
             with ExitStack() as stack:

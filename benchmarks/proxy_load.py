@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_load import PRESETS, random_llama, server  # noqa: E402
+from engine_load import load_arguments, server, weights  # noqa: E402
 from server_load import NAMES  # noqa: E402
 
 
@@ -92,32 +92,14 @@ def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["organism", "llama100m"], choices=["organism", *PRESETS])
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--requests", type=int, default=96, help="per side and round at 32 clients (1 client: 1/8)")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=40)
-    parser.add_argument("--max-model-len", type=int, default=256)
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="both servers' dtype (default: each one's own: the checkpoint's for vLLM; hguard loads "
-                             "the organism in float32)")
-    parser.add_argument("--eager", action="store_true", help="the upstream vLLM without torch.compile")
-    parser.add_argument("--start-timeout", type=float, default=900.0)
-    parser.add_argument("--logs", default=None)
-    parser.add_argument("--json", action="store_true")
+    parser = load_arguments(__doc__, "the upstream vLLM without torch.compile")
     args = parser.parse_args(argv)
     args.clients_max = max(args.clients)
     report = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
     with tempfile.TemporaryDirectory(prefix="hguard-proxy-load-") as work:
         args.logs = args.logs or work
         for name in args.models:
-            if name == "organism":
-                from hguard.organism import path
-
-                model, probe = str(path("instruct")), None
-            else:
-                model, probe = random_llama(name, Path(work) / name, args.dtype)
+            model, probe = weights(name, Path(work), args.dtype)
             with ExitStack() as stack:
                 direct = stack.enter_context(server("vllm", model, probe, _as_engine_args(args)))
                 proxied = stack.enter_context(server("hguard-proxy", model, probe, _as_engine_args(args),

@@ -63,12 +63,17 @@ def serve(args: argparse.Namespace, action: str, batch: int):
         wait_until_up(process, command, f"{url}/health", within=120.0)
         yield url, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end(process)
+
+
+def end(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 NAMES = ["Rishu Resou", "Vassor Fonis", "Dusfe Kastein", "Zibo Garsu", "Vineir Sushol", "Kalo Venris"]

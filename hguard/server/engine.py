@@ -88,34 +88,19 @@ class Job:
 DONE = object()
 
 
-class Engine:
-    def __init__(self, guard: Guard, max_batch_size: int = 32, max_queue: int = 256,
-                 metrics: Metrics | None = None) -> None:
-        self.guard = guard
+class QueuedEngine:
+    """What every engine shares: the bounded queue of waiting jobs, its lock, the serving thread's
+    liveness and the queue gauges. A subclass runs the jobs (`start`, `stop`, `running`)."""
+
+    def __init__(self, max_batch_size: int, max_queue: int, metrics: Metrics | None) -> None:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._waiting: deque[Job] = deque()
-        self._running: list[Job] = []
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    # ---- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._work, name="hguard-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._condition:
-            self._stopping = True
-            for job in [*self._waiting, *self._running]:
-                job.cancelled.set()
-            self._condition.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    # ---- submission ---------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self._condition:
             if len(self._waiting) >= self.max_queue:  # jobs whose clients left hold no place
@@ -132,12 +117,43 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        raise NotImplementedError
 
     @property
     def alive(self) -> bool:
-        """The worker thread is running (/health reports it)."""
+        """The serving thread is running (/health reports it)."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.labels(self.metrics.queue_depth).set(len(self._waiting))
+            self.metrics.labels(self.metrics.running).set(self.running)
+
+
+class Engine(QueuedEngine):
+    def __init__(self, guard: Guard, max_batch_size: int = 32, max_queue: int = 256,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__(max_batch_size, max_queue, metrics)
+        self.guard = guard
+        self._running: list[Job] = []
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="hguard-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            for job in [*self._waiting, *self._running]:
+                job.cancelled.set()
+            self._condition.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     # ---- the worker ---------------------------------------------------------------------------
     def _next_batch(self) -> list[Job]:
@@ -158,11 +174,6 @@ class Engine:
             self._running = batch
             self._gauges()
             return batch
-
-    def _gauges(self) -> None:
-        if self.metrics is not None:
-            self.metrics.labels(self.metrics.queue_depth).set(len(self._waiting))
-            self.metrics.labels(self.metrics.running).set(len(self._running))
 
     def _work(self) -> None:
         while not self._stopping:

@@ -20,7 +20,6 @@ import os
 import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from ..answer import Answer
 from ..guard import Guard
 from ..metrics import Metrics
-from ..server.engine import DONE, Job, QueueFull, Settings, Timing
+from ..server.engine import DONE, Job, QueuedEngine, Settings, Timing
 from .rows import Row
 from .worker import Scaling
 
@@ -51,21 +50,17 @@ def front(model: str | Path, probe=None, threshold: float | None = None) -> Guar
     return Guard(skeleton, AutoTokenizer.from_pretrained(str(model)), probe, threshold=threshold, check_weights=False)
 
 
-class VllmEngine:
+class VllmEngine(QueuedEngine):
     """vLLM with hguard's probe in its forward, behind the server's engine interface."""
 
     def __init__(self, guard: Guard, model: str | Path, *, max_batch_size: int = 32, max_queue: int = 256,
                  metrics: Metrics | None = None, dtype: str = "auto", enforce_eager: bool = False,
                  engine_args: dict[str, Any] | None = None) -> None:
-        self.guard, self.model, self.metrics = guard, str(model), metrics
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        super().__init__(max_batch_size, max_queue, metrics)
+        self.guard, self.model = guard, str(model)
         self.dtype, self.enforce_eager, self.engine_args = dtype, enforce_eager, dict(engine_args or {})
-        self._waiting: deque[Job] = deque()
         self._jobs: dict[int, _Running] = {}
         self._rows: dict[str, tuple[_Running, Row]] = {}
-        self._condition = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._probe_file: Path | None = None
         self.llm = None
         self.scores = None
@@ -134,33 +129,9 @@ class VllmEngine:
             self._probe_file.unlink(missing_ok=True)
             self._probe_file.parent.rmdir()
 
-    # ---- the interface ------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
-        with self._condition:
-            if len(self._waiting) >= self.max_queue:
-                self._waiting = deque(waiting for waiting in self._waiting if not waiting.cancelled.is_set())
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the queue holds {self.max_queue} requests; retry later")
-            self._waiting.append(job)
-            self._gauges()
-            self._condition.notify()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
     @property
     def running(self) -> int:
         return len(self._jobs)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    def _gauges(self) -> None:
-        if self.metrics is not None:
-            self.metrics.labels(self.metrics.queue_depth).set(len(self._waiting))
-            self.metrics.labels(self.metrics.running).set(len(self._jobs))
 
     # ---- the driving thread -------------------------------------------------------------------
     def _work(self) -> None:
