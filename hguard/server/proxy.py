@@ -12,6 +12,7 @@ Dampen needs the upstream's activations, so it is refused (400).
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import AsyncIterator
 
@@ -24,7 +25,7 @@ from ..results import Scores, char_offset, spans_of, summary
 from .relay import Relay, trigger_index, watched
 from .scoring import Scoring
 from .chunks import endpoint_name, withheld_logprobs, worst
-from .errors import APIError, context_exceeded
+from .errors import CLIENT_CLOSED, APIError, context_exceeded
 from .requests import GuardDefaults, check_model, encode_prompt, messages_of, prompts_of
 from .upstream import Upstream, broken, relayed_error
 from .upstream_schema import ShapeError, completion
@@ -103,7 +104,11 @@ class Proxy:
         policy = self.policy(request)
         prompt = self._prompt(request, chat)
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        body = await self._complete(request, chat, policy, prompt, path)
+        try:
+            body = await self._complete(request, chat, policy, prompt, path)
+        except asyncio.CancelledError:  # the client left: its scoring stopped after the forward under way
+            self.count(chat, policy, [], prompt, CLIENT_CLOSED)
+            raise
         self.count(chat, policy, [choice["hallucination"]["verdict"] for choice in body.get("choices", [])], prompt)
         return body
 

@@ -1,4 +1,5 @@
-"""HTTP routes: thin, they validate, hand the work to `Serving`, and shape the HTTP reply.
+"""HTTP routes: thin, they validate, hand the work to the serving mode (`Serving` hosts the model, `Proxy`
+forwards to an upstream; both have `complete` and `stream`), and shape the HTTP reply.
 
 Each route declares the statuses it can answer with (hguard's own /openapi.json lists them), every
 error in the OpenAI error body. A non-streamed completion also carries its verdict in headers
@@ -15,8 +16,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..metrics import CONTENT_TYPE_LATEST
 
-from .chunks import endpoint_name
-from .engine import QueueFull
 from .errors import CLIENT_CLOSED, APIError
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .requests import check_model
@@ -76,50 +75,18 @@ def _serving(request: Request) -> Serving:
     return serving
 
 
-def _submit(serving: Serving, job) -> None:
-    try:
-        serving.engine.submit(job)
-    except QueueFull as error:
-        raise APIError(429, str(error), "rate_limit_exceeded", headers={"Retry-After": "1"}) from error
-
-
 async def _complete(http: Request, body, chat: bool):
+    """Hosted or proxied alike: each mode (Serving, Proxy) builds the answer or the stream and records
+    its metrics; the route shapes the HTTP reply and races a non-streamed answer against the client's
+    disconnect (499)."""
     serving = _serving(http)
-    proxy = http.app.state.proxy
-    if proxy is not None:
-        if body.stream:
-            return StreamingResponse(await proxy.stream(body, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        answer = await _unless_disconnected(http, proxy.complete(body, chat))
-        if answer is None:  # the client left: its scoring stopped after the forward under way
-            serving.record(endpoint_name(chat), CLIENT_CLOSED)
-            return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(answer, headers=verdict_headers(answer))
-    job = serving.chat_job(body) if chat else serving.completion_job(body)
-    _submit(serving, job)
+    mode = http.app.state.proxy or serving
     if body.stream:
-        async def events():
-            try:
-                async for event in serving.stream(body, job, chat):
-                    yield event
-            finally:
-                job.cancelled.set()  # the client left (or the stream ended): free the rows
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(await mode.stream(body, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    endpoint = endpoint_name(chat)
-    try:
-        results = await _unless_disconnected(http, serving.results(job))
-    except Exception:
-        serving.record(endpoint, 500, job)
-        raise
-    finally:
-        job.cancelled.set()  # done, failed, or the client left: free the rows
-    if results is None:  # nobody is waiting for the answer
-        serving.record(endpoint, CLIENT_CLOSED, job)
+    answer = await _unless_disconnected(http, mode.complete(body, chat))
+    if answer is None:  # the client left: its generation or scoring stopped
         return Response(status_code=CLIENT_CLOSED)
-    serving.record(endpoint, 200, job, results, body.n)
-    answer = serving.response(body, job, results, chat)
     return JSONResponse(answer, headers=verdict_headers(answer))
 
 

@@ -19,7 +19,7 @@ from ..metrics import Metrics
 from ..results import GuardResult, TokenEvent, summary, token_bytes
 from .chunks import (abstain_tail, chat_logprobs, endpoint_name, finishing_choice, finishing_chunk, text_choice,
                      withheld_logprobs, worst)
-from .engine import DONE, Engine, Job, Settings
+from .engine import DONE, Engine, Job, QueueFull, Settings
 from .errors import CLIENT_CLOSED, APIError, context_exceeded
 from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now
 from .requests import GuardDefaults, check_model, check_rows, encode_prompt, messages_of, prompts_of
@@ -174,7 +174,48 @@ class Serving:
             return withheld_logprobs(chat=False)
         return self._text_entries(result.token_ids, result.logprobs)
 
-    async def stream(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
+    # ---- the mode interface (the proxy has the same two methods) ------------------------------
+    def _submitted(self, request, chat: bool) -> Job:
+        job = self.chat_job(request) if chat else self.completion_job(request)
+        try:
+            self.engine.submit(job)
+        except QueueFull as error:
+            raise APIError(429, str(error), "rate_limit_exceeded", headers={"Retry-After": "1"}) from error
+        return job
+
+    async def complete(self, request, chat: bool) -> dict:
+        """The response body of a non-streamed request, its metrics recorded: 200, 500 if generation
+        failed, 499 if the caller cancelled it (its client left); bad requests raise before anything runs."""
+        job = self._submitted(request, chat)
+        endpoint = endpoint_name(chat)
+        try:
+            results = await self.results(job)
+        except asyncio.CancelledError:
+            self.record(endpoint, CLIENT_CLOSED, job)
+            raise
+        except Exception:
+            self.record(endpoint, 500, job)
+            raise
+        finally:
+            job.cancelled.set()  # done, failed, or the client left: free the rows
+        self.record(endpoint, 200, job, results, request.n)
+        return self.response(request, job, results, chat)
+
+    async def stream(self, request, chat: bool) -> AsyncIterator[str]:
+        """The events of a streamed request (bad requests, and a full queue, raise here, before any
+        event); closing them frees the request's rows."""
+        job = self._submitted(request, chat)
+
+        async def events():
+            try:
+                async for event in self._events(request, job, chat):
+                    yield event
+            finally:
+                job.cancelled.set()  # the client left (or the stream ended): free the rows
+
+        return events()
+
+    async def _events(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
         """Server-Sent Events in the OpenAI chunk format; an error mid-stream is an error event (its cause
         is logged, not sent). A stream whose client left is counted with status 499."""
         cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
