@@ -139,6 +139,23 @@ def test_cancelled_job_frees_its_requests(engine, rows):
     assert engine.running == 0
 
 
+def test_an_answer_up_to_the_context_is_scored_to_its_last_token(engine, hf, rows):
+    # the server fills at most engine.max_model_len (vLLM's less the one position the last token's
+    # scoring forward takes): every kept token of an answer that reaches it still has its score
+    prompt = (rows[1] * 20)[: engine.max_model_len - 8]
+    _, [result] = run(engine, [prompt], settings(temperature=1.0, seed=0), max_new=8)
+    assert result.finish_reason == "length" and len(result.token_ids) == 8 == len(result.token_probs)
+    forced = hf.score(prompt, result.token_ids)
+    assert result.token_probs == pytest.approx(forced.token_probs, abs=TOL)
+
+
+def test_a_request_vllm_refuses_fails_its_job_only(engine, rows):
+    with pytest.raises(Exception, match="(?i)length|long|context"):
+        run(engine, [rows[0] * 40], settings())  # far past vLLM's context
+    _, results = run(engine, rows[:1], settings())  # the engine serves the next job
+    assert results and results[0].token_ids
+
+
 def test_chunked_prefill_prefix_cache_and_preemption_keep_scores(hf, rows):
     # a 32-token budget per step splits the long prompts' prefill; four 32-token KV blocks cannot hold
     # every request at once, so vLLM preempts and recomputes; repeated prompts hit the prefix cache

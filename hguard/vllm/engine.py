@@ -64,7 +64,7 @@ class VllmEngine(QueuedEngine):
         self._probe_file: Path | None = None
         self.llm = None
         self.scores = None
-        self.max_model_len: int | None = None  # known once started (the server's context limit)
+        self.max_model_len: int | None = None  # the server's context limit, known once started
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,6 +88,7 @@ class VllmEngine(QueuedEngine):
         self._thread.start()
         ready.wait()
         if failure:
+            self._forget_probe_file()
             raise failure[0]
 
     def _build(self) -> None:
@@ -96,11 +97,9 @@ class VllmEngine(QueuedEngine):
 
         from .worker import worker_class
 
-        probe = self.guard.probe
-        path = probe.source
-        if path is None:
-            self._probe_file = Path(tempfile.mkdtemp(prefix="hguard-vllm-")) / "probe.safetensors"
-            path = str(probe.save(self._probe_file))
+        probe = self.guard.probe  # saved as it is now (its file, if any, may hold something else)
+        self._probe_file = Path(tempfile.mkdtemp(prefix="hguard-vllm-")) / "probe.safetensors"
+        path = str(probe.save(self._probe_file))
         args = EngineArgs(model=self.model, dtype=self.dtype, enforce_eager=self.enforce_eager,
                           max_num_seqs=self.max_batch_size, worker_cls=worker_class(),
                           # the probe is part of the compiled graph: its checksum is part of the compile cache's key
@@ -112,7 +111,9 @@ class VllmEngine(QueuedEngine):
                               ("speculative decoding", config.speculative_config is not None)):
             if refused:
                 raise ValueError(f"the vLLM engine with hguard does not support {name} yet")
-        self.max_model_len = int(config.model_config.max_model_len)
+        # the context the server may fill: one position less than vLLM's, since each request runs one token
+        # past its answer so that the answer's last token is fed back and scored
+        self.max_model_len = int(config.model_config.max_model_len) - 1
         self.llm = LLMEngine.from_vllm_config(config)
         self.scores = self.llm.collective_rpc("hguard_scores")[0]
 
@@ -125,9 +126,13 @@ class VllmEngine(QueuedEngine):
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.llm = None
+        self._forget_probe_file()
+
+    def _forget_probe_file(self) -> None:
         if self._probe_file is not None:
             self._probe_file.unlink(missing_ok=True)
             self._probe_file.parent.rmdir()
+            self._probe_file = None
 
     @property
     def running(self) -> int:
@@ -169,9 +174,6 @@ class VllmEngine(QueuedEngine):
         return admitted
 
     def _start(self, job: Job) -> None:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         settings = job.settings
         try:
             policy = self.guard.policy(settings.action, settings.threshold, settings.alpha)
@@ -180,8 +182,21 @@ class VllmEngine(QueuedEngine):
             job.send(DONE)
             return
         job.started = time.perf_counter()
-        running = _Running(job, policy, Timing(self.metrics, [job]))
+        running = _Running(job, Timing(self.metrics, [job]))
         self._jobs[id(job)] = running
+        try:
+            self._add_rows(running, policy)
+        except Exception as error:  # vLLM refused a request: this job fails, the engine goes on
+            job.send(error)
+            self._end(running, aborted=True)
+            return
+        self._gauges()
+
+    def _add_rows(self, running: "_Running", policy) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        job, settings = running.job, running.job.settings
         eos = self.guard._eos_ids()
         serial = next(_serial)
         for index, prompt in enumerate(job.rows):
@@ -198,7 +213,6 @@ class VllmEngine(QueuedEngine):
             if scaled:  # a prompt computed with scaled H-Neurons shares no prefix-cache block with others
                 request["cache_salt"] = f"hguard-scale-{policy.alpha!r}"
             self.llm.add_request(request_id, request, _sampling(SamplingParams, settings, job.max_new_tokens, eos, index))
-        self._gauges()
 
     def _step(self) -> None:
         outputs = self.llm.step()
@@ -256,8 +270,10 @@ class VllmEngine(QueuedEngine):
 
 
 class _Running:
-    def __init__(self, job: Job, policy, timing: Timing) -> None:
-        self.job, self.policy, self.timing = job, policy, timing
+    """A job being served: its rows (one vLLM request each) and its timing."""
+
+    def __init__(self, job: Job, timing: Timing) -> None:
+        self.job, self.timing = job, timing
         self.rows: list[Row] = []
 
 
