@@ -56,14 +56,8 @@ class IncrementalScorer:
             return None
         return self.score_ids(ids)
 
-    @torch.no_grad()
     def score_ids(self, response_ids: list[int]) -> Scores:
-        with self._lock:
-            target = self._target(response_ids)
-            if len(target) > len(self._fed):
-                self._run(target[len(self._fed):])
-                self._fed = target
-            return self._scores(response_ids)
+        return score_together([self], [response_ids])[0]
 
     def _target(self, response_ids: list[int]) -> list[int]:
         """Prompt and response ids, with the cache cut back to the part of them it already holds."""
@@ -132,7 +126,7 @@ def score_together(scorers: list[IncrementalScorer], responses: list[list[int]])
         for group in groups.values():
             if len(group) > 1:
                 _run_together(group)
-            else:
+            else:  # alone: its cache as it is, no padding
                 [(scorer, target)] = group
                 scorer._run(target[len(scorer._fed):])
                 scorer._fed = target
