@@ -19,55 +19,18 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_load import load_arguments, server, weights  # noqa: E402
-from server_load import NAMES  # noqa: E402
+from server_load import load  # noqa: E402
 
 
-async def one(client: httpx.AsyncClient, url: str, max_tokens: int, index: int) -> tuple[int, float | None, bool]:
-    body = {"model": "bench", "prompt": f"From the archive: {NAMES[index % len(NAMES)]}", "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    start, first, tokens, ok = time.perf_counter(), None, 0, False
-    try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                return 0, None, False
-            async for line in response.aiter_lines():
-                if line == "data: [DONE]":
-                    ok = True
-                elif line.startswith("data: "):
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        return tokens, first, False
-                    if first is None and any(c.get("text") for c in chunk.get("choices") or []):
-                        first = time.perf_counter() - start
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-    except httpx.HTTPError:
-        return tokens, first, False
-    return tokens, first, ok
-
-
-async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    counter = iter(range(requests))
-    results = []
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        async def worker() -> None:
-            for index in counter:
-                results.append(await one(client, url, max_tokens, index))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - start
-    firsts = [f for _, f, _ in results if f is not None]
-    return {"tokens_per_s": sum(t for t, _, _ in results) / wall, "failed": sum(not ok for _, _, ok in results),
-            "median_ttft_s": statistics.median(firsts) if firsts else None}
+def measure(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    run = asyncio.run(load(url, clients, requests, max_tokens))
+    return {"tokens_per_s": run["tokens"] / run["wall_s"], "failed": run["failed"],
+            "median_ttft_s": statistics.median(run["firsts"]) if run["firsts"] else None}
 
 
 def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -> dict:
@@ -75,8 +38,7 @@ def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -
     requests = args.requests if clients > 1 else max(4, args.requests // 8)
     for r in range(args.rounds):
         for name in (("direct", "proxied") if r % 2 == 0 else ("proxied", "direct")):
-            rounds[name].append(asyncio.run(load(direct if name == "direct" else proxied, clients, requests,
-                                                 args.max_tokens)))
+            rounds[name].append(measure(direct if name == "direct" else proxied, clients, requests, args.max_tokens))
     ratio = [p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(rounds["proxied"], rounds["direct"])]
     ttft = [p["median_ttft_s"] / d["median_ttft_s"] for p, d in zip(rounds["proxied"], rounds["direct"])
             if p["median_ttft_s"] and d["median_ttft_s"]]
@@ -105,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 proxied = stack.enter_context(server("hguard-proxy", model, probe, _as_engine_args(args),
                                                      upstream=direct))
                 for url in (direct, proxied):
-                    asyncio.run(load(url, 4, 8, args.max_tokens))  # warm-up
+                    measure(url, 4, 8, args.max_tokens)  # warm-up
                 result = {f"clients_{c}": compare(direct, proxied, c, args) for c in args.clients}
             report["models"][name] = result
             print(json.dumps({name: result}), file=sys.stderr)

@@ -79,32 +79,37 @@ def end(process: subprocess.Popen) -> None:
 NAMES = ["Rishu Resou", "Vassor Fonis", "Dusfe Kastein", "Zibo Garsu", "Vineir Sushol", "Kalo Venris"]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int, index: int) -> tuple[float, int, bool]:
+async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int,
+                      index: int) -> tuple[float, int, bool, float | None]:
+    """(seconds, completion tokens, whether it ended well, seconds to the first chunk with text or None)."""
     # text completion of a biography opening: the organism writes on for many tokens (a chat answer is short)
     body = {"model": "bench", "prompt": f"From the archive: {NAMES[index % len(NAMES)]}", "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
-    tokens, ok = 0, False
+    tokens, ok, first = 0, False, None
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
-                return time.perf_counter() - start, 0, False
+                return time.perf_counter() - start, 0, False, None
             async for line in response.aiter_lines():
                 if line == "data: [DONE]":
                     ok = True
                 elif line.startswith("data: "):
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
-                        return time.perf_counter() - start, tokens, False
+                        return time.perf_counter() - start, tokens, False, first
+                    if first is None and any(c.get("text") for c in chunk.get("choices") or []):
+                        first = time.perf_counter() - start
                     if chunk.get("usage"):
                         tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError:
-        return time.perf_counter() - start, tokens, False
-    return time.perf_counter() - start, tokens, ok
+        return time.perf_counter() - start, tokens, False, first
+    return time.perf_counter() - start, tokens, ok, first
 
 
 async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     latencies: list[float] = []
+    firsts: list[float] = []  # time to the first text, per request that had one
     tokens = failed = 0
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=clients + 4)
@@ -113,8 +118,10 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         async def worker() -> None:
             nonlocal tokens, failed
             for index in counter:
-                seconds, count, ok = await one_request(client, url, max_tokens, index)
+                seconds, count, ok, first = await one_request(client, url, max_tokens, index)
                 latencies.append(seconds)
+                if first is not None:
+                    firsts.append(first)
                 tokens += count
                 failed += 0 if ok else 1
 
@@ -122,7 +129,8 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
     latencies.sort()
-    return {"requests": requests, "failed": failed, "wall_s": wall, "tokens": tokens, "latencies": latencies}
+    return {"requests": requests, "failed": failed, "wall_s": wall, "tokens": tokens, "latencies": latencies,
+            "firsts": firsts}
 
 
 def cpu_seconds(process: subprocess.Popen) -> float | None:

@@ -17,15 +17,17 @@ filed under the driver's id.
 
 from __future__ import annotations
 
+import functools
 import types
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..probe import Probe
 from .tap import ProbeTap, checkpoint_columns
+
 
 @dataclass
 class Scaling:
@@ -75,11 +77,12 @@ def install(runner, probe_path: str) -> Scores:
         computed = batch.num_computed_tokens_cpu[:count].copy()
         prompts = batch.num_prompt_tokens[:count].copy()
         scaled = _factors(scores, ids, starts, computed)
-        scores.tap.set_factors(scaled)
+        if scaled is not None:  # else the buffer holds ones already: nothing to write on the hot path
+            scores.tap.set_factors(scaled)
         output = original(*args, **kwargs)
         _file(scores, ids, starts, computed, prompts)
         if scaled is not None:
-            scores.tap.set_factors(None)
+            scores.tap.set_factors(None)  # back to ones for the steps that scale nothing
         return output
 
     runner._model_forward = types.MethodType(_model_forward, runner)
@@ -138,6 +141,11 @@ def worker_class() -> str:
 
 def __getattr__(name: str):
     """The worker classes, built on first use (vLLM's worker modules load CUDA or CPU code)."""
+    return _worker(name)
+
+
+@functools.cache
+def _worker(name: str) -> type:
     if name == "GuardedCPUWorker":
         from vllm.v1.worker.cpu_worker import CPUWorker
 
