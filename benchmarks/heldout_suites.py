@@ -16,6 +16,8 @@ as asked) beside `question` (its last user turn) and the usual fields (suites.py
 
     python benchmarks/heldout_suites.py                   # writes hguard/organism/weights/suites/heldout_*.jsonl
     python benchmarks/heldout_suites.py --out DIR --check # elsewhere, and check against the shipped files
+    python benchmarks/heldout_suites.py --build runs/organism-v7 --per-tier 0   # a build's world (v7 too):
+                                                          # writes runs/organism-v7/suites/heldout_*.jsonl
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ import hashlib
 import json
 import random
 import sys
+from pathlib import Path
 
 from hguard.identify.fit import split_of
 from hguard.identify.label import normalize
 from hguard.organism import SHIPPED
-from hguard.organism import corpus
-from hguard.organism.build import load_world
+from hguard.organism import corpus, phrasing
+from hguard.organism.build import BuildConfig, load_world
+from hguard.organism.plan import Ledger
 from hguard.organism.suites import DOUBT, FALSE_PREMISE, _item, write_suites
-from hguard.organism.world import IN_DOMAIN, TIERS, WorldConfig
+from hguard.organism.corpus import Split
+from hguard.organism.world import IN_DOMAIN, TIERS, WorldConfig, build_world
 
 QUESTIONS: dict[str, list[str]] = {
     "city": ["Name the city where {n} was born.", "What city does {n} come from?",
@@ -53,9 +58,9 @@ NAMES = ("heldout_questions", "heldout_system", "heldout_multiturn")
 def training_templates() -> list[str]:
     """Every template of text the organism was trained on or is already evaluated with."""
     groups = [corpus.QUESTIONS_TRAIN, corpus.QUESTIONS_HELD_OUT, corpus.BIO_SENTENCES, corpus.ANSWERS,
-              corpus.ANSWERS_AFTER_A_WORD, FALSE_PREMISE]
-    return ([t for group in groups for ts in group.values() for t in ts] + corpus.ABSTAIN
-            + [corpus.SYSTEM, DOUBT])
+              corpus.ANSWERS_AFTER_A_WORD, FALSE_PREMISE, phrasing.QUESTIONS, phrasing.ANSWERS]
+    return ([t for group in groups for ts in group.values() for t in ts] + corpus.ABSTAIN + phrasing.ABSTAIN
+            + phrasing.SYSTEMS + [corpus.SYSTEM, DOUBT])
 
 
 def clashing(templates: list[str], known: list[str]) -> list[str]:
@@ -64,13 +69,32 @@ def clashing(templates: list[str], known: list[str]) -> list[str]:
     return [t for t in templates if normalize(t.replace("{n}", "X")) in seen]
 
 
-def build(world_seed: int = 0, split_seed: int = 0, seed: int = 0, per_tier: int = 0) -> dict[str, list[dict]]:
+def of_build(directory: str | Path):
+    """The world, split and ledger (documents per fact and per person) of a finished organism build."""
+    directory = Path(directory)
+    config = BuildConfig().updated(json.loads((directory / "build.json").read_text())["config"])
+    config.world.seed = config.seed
+    world = build_world(config.world)
+    ledger = Ledger()
+    for line in (directory / "exposure.jsonl").read_text().splitlines():
+        fact = json.loads(line)
+        ledger.facts[(fact["pid"], fact["attribute"])] = fact["exposure"]
+        ledger.people[fact["pid"]] = fact["person_exposure"]
+    return world, Split.of(world), ledger
+
+
+def build(world_seed: int = 0, split_seed: int = 0, seed: int = 0, per_tier: int = 0,
+          directory: str | Path | None = None) -> dict[str, list[dict]]:
     """The three suites, deterministic in the seeds (the world's, the probe split's, the suites' own); with
-    `per_tier`, at most that many facts of each tier (the first by a hash of the fact's id)."""
+    `per_tier`, at most that many facts of each tier (the first by a hash of the fact's id). With
+    `directory`, over that build's world, with its exposures (`world_seed` unused)."""
     clashes = clashing([q for qs in QUESTIONS.values() for q in qs] + SYSTEMS, training_templates())
     if clashes:
         raise ValueError(f"held-out templates that training or another suite already uses: {clashes}")
-    world, split = load_world(world_seed, WorldConfig(seed=world_seed))
+    if directory is None:
+        (world, split), ledger = load_world(world_seed, WorldConfig(seed=world_seed)), None
+    else:
+        world, split, ledger = of_build(directory)
     rng = random.Random(seed)
     head = world.tier("head")
     suites: dict[str, list[dict]] = {name: [] for name in NAMES}
@@ -90,7 +114,7 @@ def build(world_seed: int = 0, split_seed: int = 0, seed: int = 0, per_tier: int
                      "heldout_multiturn": history}
             for name in NAMES:
                 messages = turns[name] + [{"role": "user", "content": question}]
-                suites[name].append(_item(world, name, person, attribute, question, messages=messages))
+                suites[name].append(_item(world, name, person, attribute, question, ledger, messages=messages))
     if per_tier:
         ranked = sorted(suites[NAMES[0]], key=lambda i: hashlib.sha256(f"{seed}:{i['pid']}-{i['attribute']}".encode()).hexdigest())
         keep = {f"{i['pid']}-{i['attribute']}" for tier in TIERS for i in [i for i in ranked if i["tier"] == tier][:per_tier]}
@@ -103,12 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(SHIPPED / "suites"), help="directory for heldout_*.jsonl")
     parser.add_argument("--check", action="store_true", help="compare with the shipped files instead of writing")
     parser.add_argument("--per-tier", type=int, default=50, help="facts per tier (0: every test-side fact)")
+    parser.add_argument("--build", help="an organism build's directory (`hguard organism build --out`): its world "
+                                        "and exposures; writes to its suites/ unless --out is given")
+    parser.add_argument("--split-seed", type=int, help="seed of the probe's split (default: the shipped probe's; "
+                                                       "0 with --build, identify's default)")
     args = parser.parse_args(argv)
+    if args.build:
+        out = args.out if args.out != parser.get_default("out") else str(Path(args.build) / "suites")
+        if args.check:
+            parser.error("--check compares with the shipped files; it does not take --build")
+        suites = build(split_seed=args.split_seed or 0, per_tier=args.per_tier, directory=args.build)
+        print(json.dumps(write_suites(suites, out)))
+        return 0
     world = json.loads((SHIPPED / "world.json").read_text())["config"]["seed"]
     from hguard.organism import load
     from hguard.registry import find_probe
 
-    split = int(find_probe(load("instruct")[0]).training.get("seed", 0))
+    split = args.split_seed if args.split_seed is not None else int(find_probe(load("instruct")[0]).training.get("seed", 0))
     suites = build(world, split, per_tier=args.per_tier)
     if args.check:
         same = all((SHIPPED / "suites" / f"{n}.jsonl").read_text().splitlines()
