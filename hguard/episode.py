@@ -94,6 +94,10 @@ def generation_options(generate_kwargs: dict, guarded: bool, rows: int) -> tuple
         if kwargs.get("prefill_chunk_size") is not None:
             raise ValueError("'prefill_chunk_size' cannot be used with the guard or logprobs: they read the "
                              "prompt as one forward and every later forward as one generated token")
+        if kwargs.get("disable_compile") is False:
+            raise ValueError("disable_compile=False cannot be used with the guard or logprobs: their hooks run "
+                             "Python at every forward, which a compiled decoding step would bake in or drop")
+        kwargs["disable_compile"] = True  # (a static cache on a GPU would otherwise compile the decoding step)
     if kwargs.get("num_beams", 1) != 1:
         raise ValueError(f"num_beams must be 1 with the guard (got {kwargs['num_beams']})")
     limits = kwargs.pop("max_new_tokens", None)

@@ -98,6 +98,39 @@ def test_the_final_token_is_scored_in_context_without_a_growing_cache(make_guard
             assert b.token_probs == pytest.approx(a.token_probs, abs=1e-5)
 
 
+def test_compiled_decoding_is_turned_off_while_the_guard_hooks_the_model(make_guard):
+    """A static cache on a GPU makes transformers compile the decoding step; compiling through the guard's
+    hooks would bake one step's Python into the graph (or replay a graph compiled without them). So a
+    guarded generation decodes uncompiled, and scores as teacher forcing does, even after a plain
+    generation compiled the model (forced on the CPU here as a GPU would have it)."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    guard = make_guard()
+    config = CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True  # what a CUDA device does by itself
+    options = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", compile_config=config)
+    torch._dynamo.reset()
+    counters.clear()
+    ids = guard.tokenizer(PROMPTS[:1], return_tensors="pt")
+    plain = guard.model.generate(**ids, **options)
+    assert counters["stats"]["unique_graphs"] > 0  # the plain generation did compile its decoding step
+    compiled = dict(counters["stats"])
+    for action, extra in (("flag", {}), ("dampen", {"threshold": 0.0, "alpha": 0.3})):
+        results = guard.generate(PROMPTS[:2], action=action, **options, **extra)
+        if action == "flag":
+            assert results[0].token_ids == plain[0, ids["input_ids"].shape[1]:].tolist()
+            for prompt, result in zip(PROMPTS[:2], results):
+                assert result.token_probs == pytest.approx(guard.score(prompt, result.token_ids).token_probs, abs=TOL)
+        else:
+            reference = guard.generate(PROMPTS[:2], action=action, max_new_tokens=5, do_sample=False, **extra)
+            assert [r.token_probs for r in results] == [pytest.approx(r.token_probs, abs=1e-5) for r in reference]
+    assert dict(counters["stats"]) == compiled  # nothing more was compiled while the hooks were on
+    with pytest.raises(ValueError, match="disable_compile"):
+        guard.generate(PROMPTS[:1], max_new_tokens=2, disable_compile=False)
+    torch._dynamo.reset()
+
+
 def test_chunked_prefill_is_refused_with_the_guard(make_guard):
     guard = make_guard()
     with pytest.raises(ValueError, match="prefill_chunk_size"):
