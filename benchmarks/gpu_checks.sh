@@ -8,6 +8,9 @@
 # decoding step on the 8B model, from single forwards (no generate around them, so far less noise).
 # CHECK=vllm runs benchmarks/engine_load.py: plain vLLM vs vLLM with the probe in its forward, on the 8B
 # shape (needs vLLM's CUDA build already on the device).
+# CHECK=static runs benchmarks/overhead.py --static: with a static cache, plain generation compiles its
+# decoding step (CUDA graphs) and guarded generation does not (the guard turns compilation off while its
+# hooks are on), beside plain generation with compilation off (issue 25's compiled-decoding check).
 # GRID=1 also runs the organism design grid first (benchmarks/organism_grid.py, 4 designs x 2 seeds).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
@@ -35,6 +38,14 @@ if [ "${CHECK:-overhead}" = vllm ]; then
   timeout "${OVERHEAD_LIMIT:-540}" python3 benchmarks/engine_load.py --json --models llama8b --dtype bfloat16 \
     --clients 1 32 --rounds "${REPEATS:-4}" --logs "$OUT" > "$OUT/engine-load-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)
   echo "engine_load rc $?" | tee -a "$OUT/log.txt"
+  exit 0
+fi
+if [ "${CHECK:-overhead}" = static ]; then
+  timeout "${OVERHEAD_LIMIT:-480}" python3 benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32 \
+    --new-tokens "${NEW_TOKENS:-64}" --repeats "${REPEATS:-4}" --static \
+    > "$OUT/overhead-static-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)
+  echo "overhead --static rc $?" | tee -a "$OUT/log.txt"
+  cat "$OUT/overhead-static-8b.json"
   exit 0
 fi
 if [ "${CHECK:-overhead}" = split ]; then

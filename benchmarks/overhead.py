@@ -7,7 +7,11 @@ neighbours than wall time). Every run generates exactly `new_tokens` tokens per 
 (min_new_tokens), greedy, from left-padded prompts of different lengths. The guarded side is the whole
 `Guard.generate` call (hooks, the fused score, the extra forward that scores the final token, and the
 host-side assembly of results), with action="flag". With `--stream`, both sides are `Guard.stream`
-(guard off against guard on), as in the two servers of server_load.py, without the server.
+(guard off against guard on), as in the two servers of server_load.py, without the server. With
+`--static`, both sides use a static cache (`cache_implementation="static"`): on a GPU transformers then
+compiles plain generation's decoding step (CUDA graphs), while a guarded generation decodes uncompiled
+(its hooks turn compilation off); a third arm, plain generation with compilation off, says how much of
+the gap is the compiler's and how much the guard's.
 
 Presets: `100m` (a random-init ~100M Llama, the issue's CPU check), `8b` (Llama-3-8B's shape, for a
 GPU), `host` (8B's 32 layers at width 64: on a CPU, a stand-in for a launch-bound GPU), `organism` (the
@@ -16,6 +20,7 @@ shipped organism and its probe, what `hguard serve` runs by default).
     python benchmarks/overhead.py --json                 # ~100M Llama on the CPU, batch 1 and 16, 64 and 128 tokens
     python benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32   # on a GPU
     python benchmarks/overhead.py --json --preset organism --batches 32 --new-tokens 32
+    python benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32 --static   # on a GPU
 """
 
 from __future__ import annotations
@@ -105,11 +110,13 @@ def interleaved(arms: dict[str, Callable[[], object]], repeats: int, device: str
 
 
 def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, device: str,
-            stream: bool = False) -> dict:
+            stream: bool = False, static: bool = False) -> dict:
     guard = Guard(model, tokenizer, probe)
     prompts = prompts_for(batch)
     ids, mask = guard._batch([guard.encode(p) for p in prompts])
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if static:
+        kw["cache_implementation"] = "static"
 
     def plain() -> None:
         if stream:
@@ -125,16 +132,34 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
         else:
             guard.generate(prompts, action="flag", **kw)
 
-    plain(), guarded()  # warm up both paths
-    times, cpu = interleaved({"plain": plain, "guarded": guarded}, repeats, device)
+    def plain_uncompiled() -> None:
+        model.generate(input_ids=ids, attention_mask=mask, pad_token_id=guard._pad_id(), disable_compile=True, **kw)
+
+    arms = {"plain": plain, "guarded": guarded, **({"plain_uncompiled": plain_uncompiled} if static else {})}
+    warm_up = {}
+    for name, run in arms.items():  # the first plain run with a static cache compiles (on a GPU)
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        warm_up[name] = round(time.perf_counter() - start, 2)
+    times, cpu = interleaved(arms, repeats, device)
     pair_ratios = [p / g for p, g in zip(times["plain"], times["guarded"])]
     tokens = batch * new_tokens
     plain_tps = tokens / statistics.median(times["plain"])
     guarded_tps = tokens / statistics.median(times["guarded"])
+    extra = {}
+    if static:
+        uncompiled_tps = tokens / statistics.median(times["plain_uncompiled"])
+        extra = {"plain_uncompiled_tokens_per_s": round(uncompiled_tps, 2),
+                 "ratio_to_uncompiled": round(guarded_tps / uncompiled_tps, 4),
+                 "plain_uncompiled_s": [round(t, 4) for t in times["plain_uncompiled"]]}
     return {
         "batch": batch,
         "new_tokens": new_tokens,
         "compared": "Guard.stream, guard on / off" if stream else "Guard.generate / model.generate",
+        "cache": "static" if static else "dynamic",
+        "warm_up_s": warm_up,
         "plain_tokens_per_s": round(plain_tps, 2),
         "guarded_tokens_per_s": round(guarded_tps, 2),
         "ratio": round(guarded_tps / plain_tps, 4),
@@ -144,6 +169,7 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
         "repeats": repeats,
         "plain_s": [round(t, 4) for t in times["plain"]],
         "guarded_s": [round(t, 4) for t in times["guarded"]],
+        **extra,
     }
 
 
@@ -161,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream", action="store_true",
                         help="compare Guard.stream with the guard on against the guard off (what a server's "
                              "two sides run) instead of Guard.generate against model.generate")
+    parser.add_argument("--static", action="store_true",
+                        help="a static cache on both sides (plain generation compiles on a GPU; guarded does not), "
+                             "plus a plain arm with compilation off")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list (the figures go to stderr either way)")
     args = parser.parse_args(argv)
 
@@ -171,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for new_tokens in args.new_tokens:
         for batch in args.batches:
-            row = measure(model, tokenizer, probe, batch, new_tokens, args.repeats, args.device, args.stream)
+            row = measure(model, tokenizer, probe, batch, new_tokens, args.repeats, args.device, args.stream, args.static)
             row = {"model": f"llama-{args.preset} ({params / 1e6:.0f}M params, {args.dtype}, {args.device})",
                    "probe_neurons": probe.count, "hooked_layers": hooked, **row}
             rows.append(row)
