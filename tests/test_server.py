@@ -269,7 +269,9 @@ def test_proxy_bounds_open_streams_with_429(live, guard):
     app = build_app(settings, guard=guard)
     with LiveServer(app) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
-        first = client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True, temperature=0)
+        # long enough to be open still when the next request comes (the tiny model's own answer ends at once)
+        first = client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True, temperature=0,
+                                               max_tokens=300, extra_body={"min_tokens": 300})
         next(iter(first))
         with pytest.raises(openai.RateLimitError) as error:
             client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)

@@ -98,6 +98,10 @@ class _Sampling(_Strict):
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    # vLLM's token-id fields: forwarded in proxy mode (a vLLM upstream is asked for token ids anyway, and
+    # they reach the client only when it asked); the hosted engine refuses them by name
+    return_token_ids: bool | None = None
+    return_tokens_as_token_ids: bool | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None

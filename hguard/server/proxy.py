@@ -1,8 +1,10 @@
 """Proxy mode: forward OpenAI requests to an upstream server (vLLM, or any compatible one) and score
 what it returns with a local copy of the same weights, in a teacher-forced pass.
 
-The upstream's text is re-tokenised with the local tokenizer; the scores describe those tokens (for
-greedy text from the same tokenizer they are the upstream's tokens). Abstain cuts an answer where
+A vLLM upstream is asked for its token ids, and where its prompt ids are the local ones the scores
+describe exactly the tokens it sampled (token_ids.py); any other upstream's text is re-tokenised with
+the local tokenizer, and the scores describe those tokens (for greedy text from the same tokenizer,
+the upstream's). Abstain cuts an answer where
 hosted generation would (`Proxy.cut`), so a client sees the same text, finish reason and scores in
 both modes; streams are relayed by relay.py. Scoring is bounded by the scoring model's context and
 runs in turns (scoring.py); the upstream is untrusted (upstream.py: what it sends is validated, its
@@ -28,6 +30,7 @@ from .chunks import endpoint_name, withheld_logprobs, worst
 from .errors import CLIENT_CLOSED, APIError, context_exceeded
 from .requests import GuardDefaults, check_model, encode_prompt, messages_of, prompts_of
 from .upstream import Upstream, broken, relayed_error
+from .token_ids import ANSWER_IDS, PROMPT_IDS, answer_ids, scorable, strip
 from .upstream_schema import ShapeError, completion
 
 
@@ -43,6 +46,8 @@ class Proxy:
         config = guard.model.config
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 20
         self.scoring = Scoring(guard, self.context)
+        self.vocab = guard.model.get_input_embeddings().weight.shape[0]
+        self.eos = guard._eos_ids()
 
     async def close(self) -> None:
         await self.upstream.close()
@@ -62,6 +67,21 @@ class Proxy:
         body = request.model_dump(exclude_unset=True, exclude={"guard"})
         body.pop("user", None)
         return body
+
+    async def _forward(self, request, policy: Policy | None) -> dict:
+        """`_forward_body`, asking a vLLM upstream for its token ids where the answer is scored (the
+        client sees them only if it asked: `strip`)."""
+        body = self._forward_body(request)
+        if policy is not None and await self.upstream.is_vllm():
+            body["return_token_ids"] = True
+        return body
+
+    def own_ids(self, upstream_prompt: object, ids: list[int] | None, choice: dict, prompt: list[int]) -> list[int] | None:
+        """The answer's ids to score as they are: the upstream's, where it returned them along with the
+        local prompt's very ids (None: the text is re-tokenised)."""
+        if ids is None or upstream_prompt != prompt:
+            return None
+        return answer_ids(scorable(ids, self.vocab), choice, self.eos)
 
     def _prompt(self, request, chat: bool) -> list[int]:
         """The prompt's token ids, encoded once per request (client errors become 400/422 here). A prompt
@@ -132,17 +152,20 @@ class Proxy:
         return Scores.of(scores.token_ids[:kept], logits, calibration), True
 
     async def _complete(self, request, chat: bool, policy: Policy, prompt: list[int], path: str) -> dict:
-        data = await self.upstream.body(path, self._forward_body(request))
+        data = await self.upstream.body(path, await self._forward(request, policy))
         if isinstance(data, dict) and "error" in data:  # an error sent with a 2xx
             raise relayed_error(502, data)
         try:
             body = completion(data, chat, request.n)
         except ShapeError as error:
             raise broken(str(error)) from None
+        shown = request.return_token_ids is True  # the client asked for the ids too
         for choice in body["choices"]:
             text = (choice["message"]["content"] if chat else choice["text"]) or ""
             window = self.scoring.window(prompt) if policy is not None else None
-            scores = await window.score(text) if window is not None else None
+            ids = self.own_ids((body if chat else choice).get(PROMPT_IDS), choice.get(ANSWER_IDS), choice, prompt) \
+                if window is not None else None
+            scores = await window.score(text, ids) if window is not None else None
             finish = choice["finish_reason"] if window is None or not window.full else "stop"
             scores, abstained = self.cut(policy, scores, watched(scores, finish))
             kept = text[:char_offset(self.guard.tokenizer, scores.token_ids, len(scores.token_ids), text)] \
@@ -157,6 +180,10 @@ class Proxy:
                     choice["text"] = self.defaults.abstain_message
                 if choice.get("logprobs") is not None:
                     choice["logprobs"] = withheld_logprobs(chat)
+                if choice.get(ANSWER_IDS) is not None:
+                    choice[ANSWER_IDS] = []  # like its logprobs: the message is not the model's tokens
+        if not shown:
+            strip(body)
         body["model"] = self.model_name
         return body
 
@@ -171,7 +198,7 @@ class Proxy:
         path = "/v1/chat/completions" if chat else "/v1/completions"
         slot = _Slot(self)  # taken before waiting on the upstream, so that requests arriving together count
         try:
-            response, events = await self.upstream.events(path, self._forward_body(request))
+            response, events = await self.upstream.events(path, await self._forward(request, policy))
         except APIError:
             slot.release()
             raise

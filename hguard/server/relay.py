@@ -9,6 +9,9 @@ follows (`abstain_tail`), then the finishing chunk with the summary; the rest of
 is never sent. A choice that the upstream ends gets the same finishing chunk (no text of its own).
 Past the scoring window (scoring.py) the text goes out as it comes, unscored, and the summary says
 where scoring stopped. Requested logprobs are the upstream's, relayed in the chunk that brought them.
+A choice whose upstream sends its token ids (token_ids.py) is scored on them: no token of it changes
+later, so none is held back; where the client asked for the ids too, each chunk carries those of the
+tokens whose text it carries (the prompt's ids come with the first chunk that goes out).
 
 Every upstream event is validated before it is used (upstream_schema.py). A stream that fails before
 its first event is an HTTP error (`start`); after that, a broken, stalled or erroring upstream, or a
@@ -30,6 +33,7 @@ import torch
 from ..results import Scores, decode
 from .chunks import abstain_tail, finishing_choice, finishing_chunk, text_choice
 from .errors import CLIENT_CLOSED, APIError
+from .token_ids import ANSWER_IDS, PROMPT_IDS, answer_ids, scorable
 from .upstream import broken, relayed_error
 from .upstream_schema import ShapeError, chunk as checked_chunk, parse_json
 
@@ -82,6 +86,11 @@ class _Choice:
     tokens: int = 0  # local tokens of the answer so far (at its end: of the answer kept)
     done: bool = False
     abstained: bool = False
+    own: bool | None = None  # scored on the upstream's token ids (None: not known before its first text)
+    ids: list[int] | None = None  # the upstream's token ids of the answer so far (None: it sent none)
+    relayed_ids: int = 0  # of those, the ones relayed to the client (where it asked for them)
+    prompt_ids: list[int] | None = None  # a text choice's prompt ids, as the upstream sent them
+    prompt_pending: bool = False  # they go out with the choice's next chunk
 
 
 class Relay:
@@ -95,6 +104,9 @@ class Relay:
         self.choices: dict[int, _Choice] = {}
         self.verdicts: list[str] = []
         self._first: dict | None = None
+        self.shown = request.return_token_ids is True  # the client asked for the token ids too
+        self._prompt_ids: list[int] | None = None  # a chat's prompt ids, as the upstream sent them
+        self._prompt_pending = False  # they go out with the next event
 
     async def start(self) -> None:
         """Read and check the upstream's first event; its failures are raised (an HTTP status)."""
@@ -170,6 +182,8 @@ class Relay:
         text and scores; then, in events of their own, the abstention messages and the finishing choices
         of the choices it ended."""
         upstream = chunk.get("choices") or []
+        if (prompt_ids := chunk.pop(PROMPT_IDS, None)) is not None:
+            self._prompt_ids, self._prompt_pending = prompt_ids, self.shown
         parts, messages, finishing = [], [], []
         for choice in upstream:
             index = choice.get("index", 0)
@@ -177,9 +191,12 @@ class Relay:
                 window = self.proxy.scoring.window(self.prompt) if self.policy is not None else None
                 self.choices[index] = _Choice(window)
             state = self.choices[index]
+            if (prompt_ids := choice.pop(PROMPT_IDS, None)) is not None:
+                state.prompt_ids, state.prompt_pending = prompt_ids, self.shown
+            new_ids = choice.pop(ANSWER_IDS, None)
             if state.done:
                 continue
-            part, message, end = await self._advance(choice, state)
+            part, message, end = await self._advance(choice, state, new_ids)
             parts += [part] if part is not None else []
             messages += [message] if message is not None else []
             finishing += [end] if end is not None else []
@@ -187,32 +204,40 @@ class Relay:
         bodies += [{**chunk, "choices": messages}] if messages else []
         if finishing:
             bodies.append(finishing_chunk(chunk, finishing))
+        if self._prompt_pending and bodies:
+            bodies[0][PROMPT_IDS], self._prompt_pending = self._prompt_ids, False
         for body in bodies[:-1]:
             if "usage" in body:
                 body["usage"] = None  # the usage, if any, goes with the last event
         return [_event(body) for body in bodies]
 
-    async def _advance(self, choice: dict, state: _Choice) -> tuple[dict | None, dict | None, dict | None]:
+    async def _advance(self, choice: dict, state: _Choice, new_ids: list[int] | None) \
+            -> tuple[dict | None, dict | None, dict | None]:
         """`choice` as this server sends it (None: nothing to send); if the choice ends here, the
-        abstention message (None: it did not abstain) and the finishing choice."""
+        abstention message (None: it did not abstain) and the finishing choice. `new_ids`: the token
+        ids the upstream sent with it."""
         chat, policy = self.chat, self.policy
         delta = choice.get("delta") or {}
-        state.text += (delta.get("content") if chat else choice.get("text")) or ""
+        added = (delta.get("content") if chat else choice.get("text")) or ""
+        state.text += added
+        self._take_ids(state, new_ids, added)
         finish = choice.get("finish_reason")
         if policy is not None and not finish and self.upstream.ready():
             # more of the answer has arrived already: score it all at once, with the next event (one
             # forward for several tokens, where scoring lags behind the upstream)
-            return self._unscored(choice, delta), None, None
-        scores = await self._score(state) if policy is not None else None
+            return self._unscored(choice, delta, state), None, None
+        scores = await self._score(state, choice) if policy is not None else None
         count = len(scores.token_ids) if scores is not None else 0
         full = state.window is not None and state.window.full  # past the window: no token changes any more
-        # until the upstream ends the choice, its last token may still change: act on the others only
-        kept, abstained = self.proxy.cut(policy, scores, count if full else watched(scores, finish) if finish
-                                         else count - 1)
-        if scores is None or ((finish or full) and not abstained):
+        # until the upstream ends the choice, the last token of re-tokenised text may still change: act on
+        # the others only (the upstream's own ids, and a full window, are final)
+        settled = count if full or state.own else count - 1
+        kept, abstained = self.proxy.cut(policy, scores, watched(scores, finish) if finish and not full else settled)
+        whole = scores is None or ((finish or full) and not abstained)
+        if whole:
             end, chars = count, len(state.text)  # all of it (the guard off, or past the window: as it comes)
         else:
-            end = len(kept.token_ids) if abstained else count - 1
+            end = len(kept.token_ids) if abstained else settled
             chars = spelled(self.proxy.guard.tokenizer, scores.token_ids, end, state.text, state.sent_chars)
         text = state.text[state.sent_chars:chars]
         new_scores = scores.token_probs[state.sent_tokens:end] if scores is not None else []
@@ -224,6 +249,8 @@ class Relay:
             choice["text"] = text
         if policy is not None:
             choice["hallucination"] = {"token_scores": new_scores}
+        self._give_ids(choice, state, len(state.ids or []) if whole else end if state.own else
+                       state.relayed_ids if abstained else len(state.ids or []))
         if not (finish or abstained):
             return choice, None, None
         state.done, state.abstained, state.tokens = True, abstained, end
@@ -235,10 +262,35 @@ class Relay:
         message = text_choice(index, chat, abstain_tail(answer, self.proxy.defaults.abstain_message), []) \
             if abstained else None
         ending = finishing_choice(index, chat, summary, "content_filter" if abstained else finish)
-        has_content = text or new_scores or choice.get("logprobs") is not None
+        has_content = text or new_scores or choice.get("logprobs") is not None or choice.get(ANSWER_IDS) \
+            or PROMPT_IDS in choice
         return (choice if has_content else None), message, ending
 
-    def _unscored(self, choice: dict, delta: dict) -> dict | None:
+    def _take_ids(self, state: _Choice, new_ids: list[int] | None, added: str) -> None:
+        """Keep the token ids the upstream sent with a chunk of the choice; the choice's first text, or
+        ids, tell whether it is scored on them: where the upstream sent them with the local prompt's."""
+        if self.policy is not None and state.own is None and (new_ids is not None or added):
+            upstream_prompt = self._prompt_ids if self.chat else state.prompt_ids
+            state.own = new_ids is not None and upstream_prompt == self.prompt
+        if state.own:
+            if new_ids is None and added:
+                raise broken("the upstream's stream stopped sending token ids")
+            scorable(new_ids or [], self.proxy.vocab)
+        if new_ids is not None:
+            state.ids = (state.ids or []) + new_ids
+
+    def _give_ids(self, choice: dict, state: _Choice, upto: int) -> None:
+        """Where the client asked for token ids, the upstream's ids up to `upto` not relayed yet go with
+        `choice` (as do a text choice's prompt ids, once)."""
+        if not self.shown:
+            return
+        if state.prompt_pending:
+            choice[PROMPT_IDS], state.prompt_pending = state.prompt_ids, False
+        if state.ids is not None:
+            choice[ANSWER_IDS] = state.ids[state.relayed_ids:upto]
+            state.relayed_ids = max(state.relayed_ids, upto)
+
+    def _unscored(self, choice: dict, delta: dict, state: _Choice) -> dict | None:
         """`choice` with no text and no scores (they go out with a later event); its logprobs, if any,
         are relayed as they come."""
         if choice.get("logprobs") is None:
@@ -249,11 +301,13 @@ class Relay:
         else:
             choice["text"] = ""
         choice["hallucination"] = {"token_scores": []}
+        self._give_ids(choice, state, state.relayed_ids)
         return choice
 
-    async def _score(self, state: _Choice) -> Scores | None:
+    async def _score(self, state: _Choice, choice: dict) -> Scores | None:
+        ids = answer_ids(state.ids or [], choice, self.proxy.eos) if state.own else None
         try:
-            scores = await state.window.score(state.text)
+            scores = await state.window.score(state.text, ids)
         except Exception as error:  # the client gets an error event; the log, the cause
             raise ScoringFailed(f"{type(error).__name__}: {error}") from error
         state.tokens = len(scores.token_ids) if scores is not None else 0

@@ -11,11 +11,19 @@ model longer than one bounded forward, a long answer cannot starve short ones, a
 client left stops after the batch under way (its wait is cancelled and its piece skipped). The first
 piece also runs the prompt, which fits the context too (a longer prompt is refused before it reaches
 the upstream).
+
+An answer's text is re-tokenised as it grows, but not from its start each time: where the tokenizer
+splits text into pre-tokens that later text cannot change (byte-level BPE with no normaliser, as GPT-2,
+Llama 3 and Qwen split), the tokens before the last few pre-tokens are settled and only the text after
+them is tokenised again (`Window._tokens`). An answer whose upstream returned its token ids is not
+re-tokenised at all (token_ids.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from dataclasses import dataclass
 
 from ..guard import Guard
@@ -25,6 +33,8 @@ from .requests import token_chars
 
 PIECE = 64  # answer tokens per forward
 ROWS = 64  # answers per batched forward
+UNSETTLED = 3  # pre-tokens at the end of a growing text whose tokens may still change
+ADDED_CHARS = 64  # the longest added token (special tokens' texts) a tokenizer may have to settle text
 
 
 @dataclass(eq=False)
@@ -41,6 +51,7 @@ class Scoring:
         self.guard, self.context, self.piece, self.rows = guard, context, piece, rows
         # the longest text a token spells, so that tokenising a bounded prefix finds a full window
         self.token_chars = token_chars(guard.tokenizer)
+        self.pre_tokens, self.added = _local_splits(guard.tokenizer)
         self._waiting: list[_Ask] = []
         self._draining: asyncio.Task | None = None
         self.batches = 0  # forwards run so far, and the answers they held (tests and benchmarks read them)
@@ -86,8 +97,31 @@ class Scoring:
                     ask.future.set_result(result)
 
 
+def _local_splits(tokenizer) -> tuple[object | None, re.Pattern | None]:
+    """The pre-tokenizer of a tokenizer whose tokens of a text, after any of its pre-token boundaries, are
+    the tokens of the text from that boundary on (BPE over regex or byte-level pre-tokens, no normaliser,
+    no added token that takes in the space around it), and a pattern of its added tokens' texts, which a
+    boundary must not cut; (None, None) for any other tokenizer, whose text is tokenised whole."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, None
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    parts = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+    local = bool(parts) and all(part.get("type") in ("Split", "Digits") or
+                                (part.get("type") == "ByteLevel" and not part.get("add_prefix_space")) for part in parts)
+    added = [t for t in spec.get("added_tokens") or [] if t.get("content")]
+    if (spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE" or not local
+            or any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") or len(t["content"]) > ADDED_CHARS
+                   for t in added)):
+        return None, None
+    contents = sorted({t["content"] for t in added}, key=len, reverse=True)
+    return backend.pre_tokenizer, re.compile("|".join(map(re.escape, contents))) if contents else None
+
+
 class Window:
-    """Scores of one growing answer, up to the context; `score(text)` takes the whole answer so far."""
+    """Scores of one growing answer, up to the context; `score(text)` takes the whole answer so far (each
+    call's text extends the last one's)."""
 
     def __init__(self, scoring: Scoring, prompt_ids: list[int]) -> None:
         self.scoring = scoring
@@ -96,19 +130,51 @@ class Window:
         self.full = False  # the answer ran past the context: later text is not scored
         self._ids: list[int] = []
         self._scores: Scores | None = None
+        self._settled: list[int] = []  # the tokens of the text's first `_settled_chars` characters: final
+        self._settled_chars = 0
+        self._seam = ""  # the characters just before `_settled_chars` (a text without them starts over)
 
     def _tokens(self, text: str) -> list[int]:
-        """The answer's token ids, at most `room` (+1, which tells that the window is full), from a
-        prefix of the text bounded by what `room` tokens can spell."""
-        prefix = text[: (self.room + 2) * self.scoring.token_chars]
-        return list(self.scoring.guard.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else []
+        """The answer's token ids, at most `room` (+1, which tells that the window is full): the settled
+        ones, then those of the text after them, up to what the rest of the window can spell."""
+        start = self._settled_chars
+        if text[start - len(self._seam): start] != self._seam:
+            self._settled, self._settled_chars, self._seam, start = [], 0, "", 0
+        tail = text[start: start + (self.room - len(self._settled) + 2) * self.scoring.token_chars]
+        ids = self._settled + self._encode(tail)
+        if self.scoring.pre_tokens is not None:
+            self._settle(text, tail, ids[len(self._settled):])
+        return ids
 
-    async def score(self, text: str) -> Scores | None:
-        """Scores of the answer's tokens in the window (None: no tokens); once the window is full, the
-        same scores whatever follows."""
+    def _encode(self, text: str) -> list[int]:
+        return list(self.scoring.guard.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _settle(self, text: str, tail: str, ids: list[int]) -> None:
+        """Settle the tokens of `tail` (the text from `_settled_chars`, whose tokens are `ids`) before its
+        last UNSETTLED pre-tokens, which no later text changes, where an added token's text does not lie
+        across that boundary and the tokens of the text before it are indeed the first of `ids`."""
+        pieces = self.scoring.pre_tokens.pre_tokenize_str(tail)
+        if len(pieces) <= UNSETTLED or pieces[-UNSETTLED][1][0] == 0:
+            return
+        cut = pieces[-UNSETTLED][1][0]
+        at = self._settled_chars + cut
+        added = self.scoring.added
+        if added is not None and added.search(text, max(0, at - ADDED_CHARS), at + ADDED_CHARS):
+            return
+        settled = self._encode(tail[:cut])
+        if ids[: len(settled)] != settled:
+            return
+        self._settled += settled
+        self._settled_chars = at
+        self._seam = text[max(0, at - 32): at]
+
+    async def score(self, text: str, ids: list[int] | None = None) -> Scores | None:
+        """Scores of the answer's tokens in the window (None: no tokens): of `ids` where the upstream
+        gave them, else of the text re-tokenised; once the window is full, the same scores whatever
+        follows."""
         if self.full:
             return self._scores
-        ids = self._tokens(text)
+        ids = list(ids) if ids is not None else self._tokens(text)
         if len(ids) > self.room:
             ids, self.full = ids[: self.room], True
         if not ids:

@@ -54,8 +54,10 @@ class Serving:
         return Job(rows=rows, max_new_tokens=max_new, settings=settings, loop=asyncio.get_running_loop())
 
     def _settings(self, request, max_new: int) -> Settings:
-        refused = [("ignore_eos", "true", request.ignore_eos), ("skip_special_tokens", "false",
-                                                                   request.skip_special_tokens is False)]
+        refused = [("ignore_eos", "true", request.ignore_eos),
+                   ("skip_special_tokens", "false", request.skip_special_tokens is False),
+                   ("return_token_ids", "true", request.return_token_ids),
+                   ("return_tokens_as_token_ids", "true", request.return_tokens_as_token_ids)]
         for name, value, sent in refused:
             if sent:
                 raise APIError(400, f"{name}={value} is not supported by the hosted engine (a proxy forwards it to "

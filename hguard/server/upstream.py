@@ -28,6 +28,7 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024  # one stream event
 MAX_ERROR_BYTES = 64 * 1024  # an error body: enough for any message, read no further
 MAX_MESSAGE_CHARS = 1000
 HEALTH_EVERY = 2.0  # seconds a /health answer about the upstream is reused
+IDENTITY_EVERY = 60.0  # seconds what the upstream said it is (its models' `owned_by`) is reused
 _NOT_A_MESSAGE = re.compile(r"<[a-zA-Z!/][^>]*>|Traceback \(most recent call last\)|\bFile \"[^\"]+\", line \d+")
 
 
@@ -182,6 +183,8 @@ class Upstream:
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self._health: tuple[float, str | None] = (-HEALTH_EVERY, None)
         self._health_lock = asyncio.Lock()
+        self._identity: tuple[float, bool] = (-IDENTITY_EVERY, False)
+        self._identity_lock = asyncio.Lock()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -244,6 +247,30 @@ class Upstream:
             raise broken(f"the upstream answered a stream request with {kind.split(';')[0] or 'no content type'}",
                          payload[:200])
         return response, Events(response, self.timeout)
+
+    async def is_vllm(self) -> bool:
+        """Whether the upstream says it is vLLM (`owned_by: "vllm"` in `GET /v1/models`), which returns
+        token ids when asked (`return_token_ids`); asked at most once every IDENTITY_EVERY seconds (once
+        every HEALTH_EVERY while the upstream does not answer). An upstream that cannot tell is not."""
+        async with self._identity_lock:
+            checked, vllm = self._identity
+            if time.monotonic() - checked < IDENTITY_EVERY:
+                return vllm
+            models = None
+            try:
+                request = self.client.build_request("GET", f"{self.url}/v1/models", timeout=min(self.timeout, 5.0))
+                response = await self.client.send(request, stream=True)
+                try:
+                    if 200 <= response.status_code < 300:
+                        models = parse_json(await read_bounded(response, MAX_ERROR_BYTES * 16))
+                finally:
+                    await response.aclose()
+            except (httpx.HTTPError, APIError) as error:
+                log.warning("upstream identity: %s: %r", self.url, error)
+            data = models.get("data") if isinstance(models, dict) else None
+            vllm = isinstance(data, list) and any(isinstance(m, dict) and m.get("owned_by") == "vllm" for m in data)
+            self._identity = (time.monotonic() - (IDENTITY_EVERY - HEALTH_EVERY if models is None else 0), vllm)
+            return vllm
 
     async def health(self) -> str | None:
         """Why the upstream cannot serve now (None: it can), from `GET /v1/models`, asked at most once

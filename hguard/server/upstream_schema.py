@@ -11,13 +11,15 @@ scorer). Other fields pass through as the upstream sent them. A body or chunk th
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .protocol import unencodable
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+# vLLM's token ids (`return_token_ids`): the prompt's, and each choice's (in a stream, each chunk's new ones)
+TokenIds = list[Annotated[int, Field(ge=0, strict=True)]] | None
 
 
 class ShapeError(ValueError):
@@ -61,6 +63,7 @@ class ChatChoice(_Open):
     message: Message
     finish_reason: FinishReason
     logprobs: ChatLogprobs | None = None
+    token_ids: TokenIds = None
 
 
 class TextChoice(_Open):
@@ -68,6 +71,8 @@ class TextChoice(_Open):
     text: str
     finish_reason: FinishReason
     logprobs: TextLogprobs | None = None
+    prompt_token_ids: TokenIds = None
+    token_ids: TokenIds = None
 
 
 class Usage(_Open):
@@ -85,6 +90,7 @@ class _Body(_Open):
 
 class ChatCompletion(_Body):
     choices: list[ChatChoice]
+    prompt_token_ids: TokenIds = None
 
 
 class TextCompletion(_Body):
@@ -102,6 +108,7 @@ class ChatChunkChoice(_Open):
     delta: Delta = Field(default_factory=Delta)
     finish_reason: FinishReason | None = None
     logprobs: ChatLogprobs | None = None
+    token_ids: TokenIds = None
 
 
 class TextChunkChoice(_Open):
@@ -109,10 +116,13 @@ class TextChunkChoice(_Open):
     text: str = ""
     finish_reason: FinishReason | None = None
     logprobs: TextLogprobs | None = None
+    prompt_token_ids: TokenIds = None
+    token_ids: TokenIds = None
 
 
 class ChatChunk(_Body):
     choices: list[ChatChunkChoice] = []
+    prompt_token_ids: TokenIds = None
 
 
 class TextChunk(_Body):
