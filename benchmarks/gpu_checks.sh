@@ -8,9 +8,9 @@
 # decoding step on the 8B model, from single forwards (no generate around them, so far less noise).
 # CHECK=vllm runs benchmarks/engine_load.py: plain vLLM vs vLLM with the probe in its forward, on the 8B
 # shape (needs vLLM's CUDA build already on the device).
-# CHECK=static runs benchmarks/overhead.py --static: with a static cache, plain generation compiles its
-# decoding step (CUDA graphs) and guarded generation does not (the guard turns compilation off while its
-# hooks are on), beside plain generation with compilation off (issue 25's compiled-decoding check).
+# CHECK=static runs benchmarks/overhead.py --static: with a static cache transformers compiles the
+# decoding step (CUDA graphs), plain and guarded (the guard's tensor-only hooks, graph.py), beside plain
+# generation with compilation off (issue 25's compiled-decoding check; goal guarded / plain >= 0.99).
 # GRID=1 also runs the organism design grid first (benchmarks/organism_grid.py, 4 designs x 2 seeds).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2

@@ -9,9 +9,10 @@ neighbours than wall time). Every run generates exactly `new_tokens` tokens per 
 host-side assembly of results), with action="flag". With `--stream`, both sides are `Guard.stream`
 (guard off against guard on), as in the two servers of server_load.py, without the server. With
 `--static`, both sides use a static cache (`cache_implementation="static"`): on a GPU transformers then
-compiles plain generation's decoding step (CUDA graphs), while a guarded generation decodes uncompiled
-(its hooks turn compilation off); a third arm, plain generation with compilation off, says how much of
-the gap is the compiler's and how much the guard's.
+compiles the decoding step (CUDA graphs), the guarded one through the guard's tensor-only hooks
+(graph.py); a third arm, plain generation with compilation off, says what the compiler buys, and
+`compiled_vs_teacher_forced` how far the compiled guard's per-token probabilities are from an
+uncompiled teacher-forced pass over the same tokens.
 
 Presets: `100m` (a random-init ~100M Llama, the issue's CPU check), `8b` (Llama-3-8B's shape, for a
 GPU), `host` (8B's 32 layers at width 64: on a CPU, a stand-in for a launch-bound GPU), `organism` (the
@@ -151,7 +152,8 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
     extra = {}
     if static:
         uncompiled_tps = tokens / statistics.median(times["plain_uncompiled"])
-        extra = {"plain_uncompiled_tokens_per_s": round(uncompiled_tps, 2),
+        extra = {"compiled_vs_teacher_forced": agreement(guard, prompts, kw),
+                 "plain_uncompiled_tokens_per_s": round(uncompiled_tps, 2),
                  "ratio_to_uncompiled": round(guarded_tps / uncompiled_tps, 4),
                  "plain_uncompiled_s": [round(t, 4) for t in times["plain_uncompiled"]]}
     return {
@@ -173,6 +175,16 @@ def measure(model, tokenizer, probe, batch: int, new_tokens: int, repeats: int, 
     }
 
 
+def agreement(guard: Guard, prompts: list[str], kw: dict, rows: int = 4) -> dict:
+    """How far the guarded generation's per-token probabilities (a compiled decoding step where the device
+    compiles one) are from teacher forcing the same tokens, uncompiled, for the first `rows` prompts."""
+    results = guard.generate(prompts, action="flag", **kw)[:rows]
+    gaps = [abs(a - b) for prompt, result in zip(prompts, results)
+            for a, b in zip(result.token_probs, guard.score(prompt, result.token_ids).token_probs)]
+    return {"rows": len(results), "tokens": len(gaps), "max_abs_probability_gap": round(max(gaps), 5),
+            "median_abs_probability_gap": round(statistics.median(gaps), 6)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=[*sorted(PRESETS), "organism"], default="100m")
@@ -188,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare Guard.stream with the guard on against the guard off (what a server's "
                              "two sides run) instead of Guard.generate against model.generate")
     parser.add_argument("--static", action="store_true",
-                        help="a static cache on both sides (plain generation compiles on a GPU; guarded does not), "
-                             "plus a plain arm with compilation off")
+                        help="a static cache on both sides (both compile on a GPU), plus a plain arm with "
+                             "compilation off and the compiled guard's gap to teacher forcing")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list (the figures go to stderr either way)")
     args = parser.parse_args(argv)
 

@@ -27,6 +27,7 @@ from .answer import Answer
 from .batching import left_pad, pad_id
 from .compat import generated_cache
 from .logprobs import LogprobRecorder, check_top
+from .graph import GraphMonitor
 from .monitor import Monitor, score_last_tokens
 from .policy import Policy
 from .results import GuardResult, TokenEvent
@@ -55,6 +56,8 @@ class RowsStopped(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         rows, device = input_ids.shape[0], input_ids.device
+        if self.monitor is not None:
+            self.monitor.collect(input_ids.shape[1] - self.prompt_width - 1)  # the forward that sampled this step
         if self.cancel.is_set():
             return torch.ones(rows, dtype=torch.bool, device=device)
         stopped = self.monitor.stopped() if self.monitor is not None else None
@@ -94,10 +97,6 @@ def generation_options(generate_kwargs: dict, guarded: bool, rows: int) -> tuple
         if kwargs.get("prefill_chunk_size") is not None:
             raise ValueError("'prefill_chunk_size' cannot be used with the guard or logprobs: they read the "
                              "prompt as one forward and every later forward as one generated token")
-        if kwargs.get("disable_compile") is False:
-            raise ValueError("disable_compile=False cannot be used with the guard or logprobs: their hooks run "
-                             "Python at every forward, which a compiled decoding step would bake in or drop")
-        kwargs["disable_compile"] = True  # (a static cache on a GPU would otherwise compile the decoding step)
     if kwargs.get("num_beams", 1) != 1:
         raise ValueError(f"num_beams must be 1 with the guard (got {kwargs['num_beams']})")
     limits = kwargs.pop("max_new_tokens", None)
@@ -127,12 +126,26 @@ class Episode:
         self.on_event = on_event
         self.cancel = cancel or threading.Event()
         self.cancelled_rows = cancelled_rows
-        self.monitor = Monitor(guard.bound, policy, step_timer=guard.step_timer) if policy is not None else None
+        self.monitor = self._monitor(guard, policy) if policy is not None else None
         self.recorder = LogprobRecorder(guard.model, self.top) if self.top is not None else None
+        if not isinstance(self.monitor, GraphMonitor) and (policy is not None or self.top is not None):
+            if self.kwargs.get("disable_compile") is False:
+                raise ValueError("disable_compile=False needs the guard's compilable hooks, which run with a "
+                                 "static cache (cache_implementation='static'), no logprobs, one device")
+            self.kwargs["disable_compile"] = True  # Python in the hooks: a compiled step would bake it in
         self.eos_ids = guard._eos_ids(self.kwargs)
         self.answers: list[Answer] = []
         self.trigger: list[int] = []  # per row, the generated index whose score triggered the policy, or -1
         self._puts = 0
+
+    def _monitor(self, guard, policy: Policy) -> Monitor:
+        """With a static cache (which transformers compiles on a GPU), hooks a compiled step can hold;
+        else the eager Monitor, which does less work per layer."""
+        static = (self.kwargs.get("cache_implementation") or guard.model.generation_config.cache_implementation) == "static"
+        if static and self.top is None and GraphMonitor.usable(guard.bound):
+            copies = self.kwargs.get("num_return_sequences", 1) or 1
+            return GraphMonitor(guard.bound, policy, len(self.rows) * copies)
+        return Monitor(guard.bound, policy, step_timer=guard.step_timer)
 
     # ---- running ------------------------------------------------------------------------------
     def run(self) -> list[GuardResult]:
@@ -201,6 +214,8 @@ class Episode:
         self._puts += 1
         if self._puts == 1:
             return
+        if self.monitor is not None:
+            self.monitor.collect(self._puts - 2)  # (before the stopping criterion sees this step)
         for answer, token in zip(self.answers, value.reshape(-1).tolist()):
             answer.push(token)
         self._keep()

@@ -196,6 +196,22 @@ class Monitor:
                 self._ones = torch.ones_like(logit)
             self.factor = torch.where(self.triggered, self._alpha, self._ones)
 
+    def collect(self, forward: int) -> None:
+        """After forward `forward`: nothing to do here (the hooks ended it); a GraphMonitor's step."""
+
+    @contextmanager
+    def finishing(self, whole: bool, factor: torch.Tensor | None) -> Iterator[None]:
+        """The final token's forward: stop after the last hooked layer, keep the last position only where
+        `whole` sequences run, and scale by `factor` per row and position where given."""
+        kept = self.factor
+        self.stop_early, self.whole = True, whole
+        if factor is not None:
+            self.factor = factor.to(kept.dtype)
+        try:
+            yield
+        finally:
+            self.stop_early, self.whole, self.factor = False, False, kept
+
     # ---- results ------------------------------------------------------------------------------
     @property
     def scored(self) -> int:
@@ -238,24 +254,19 @@ def score_last_tokens(
     ran the whole sequences with the row's current factor, and so does this one.
     """
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    factor = monitor.factor
-    whole = not _extendable(cache)
-    if whole and cache is not None and isinstance(factor, torch.Tensor):  # alpha after each row's trigger
+    whole, factor = not _extendable(cache), None
+    if whole and cache is not None and isinstance(monitor.factor, torch.Tensor):  # alpha after each row's trigger
         width = sequences.shape[1]
         trigger = monitor.trigger_token
         first = torch.where(trigger >= 0, prompt_width + trigger + 1, width)
         columns = torch.arange(width, device=first.device)
-        monitor.factor = torch.where(columns >= first[:, None], monitor.policy.alpha, 1.0).to(factor.dtype)
-    monitor.stop_early, monitor.whole = True, whole
-    try:
-        with torch.no_grad(), stoppable():
-            if whole:
-                model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False)
-            else:
-                model(input_ids=sequences[:, -1:], attention_mask=attention_mask, position_ids=positions[:, -1:],
-                      use_cache=True, **cache_kwargs(model, cache))
-    finally:
-        monitor.stop_early, monitor.whole, monitor.factor = False, False, factor
+        factor = torch.where(columns >= first[:, None], monitor.policy.alpha, 1.0)
+    with torch.no_grad(), monitor.finishing(whole, factor), stoppable():
+        if whole:
+            model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        else:
+            model(input_ids=sequences[:, -1:], attention_mask=attention_mask, position_ids=positions[:, -1:],
+                  use_cache=True, **cache_kwargs(model, cache))
 
 
 def _extendable(cache: Cache | None) -> bool:

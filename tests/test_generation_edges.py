@@ -98,36 +98,53 @@ def test_the_final_token_is_scored_in_context_without_a_growing_cache(make_guard
             assert b.token_probs == pytest.approx(a.token_probs, abs=1e-5)
 
 
-def test_compiled_decoding_is_turned_off_while_the_guard_hooks_the_model(make_guard):
-    """A static cache on a GPU makes transformers compile the decoding step; compiling through the guard's
-    hooks would bake one step's Python into the graph (or replay a graph compiled without them). So a
-    guarded generation decodes uncompiled, and scores as teacher forcing does, even after a plain
-    generation compiled the model (forced on the CPU here as a GPU would have it)."""
+def test_compiled_decoding_keeps_the_guard(make_guard):
+    """A static cache on a GPU makes transformers compile the decoding step (forced on the CPU here, as a
+    GPU does by itself). The guard's hooks there are tensor-only (graph.py) and the graph traced through
+    them is reused by every later generation of that batch size; its scores equal teacher forcing and
+    its actions equal the uncompiled guard's. Where the hooks need Python per step (logprobs), the
+    guard turns compilation off instead."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
     guard = make_guard()
-    config = CompileConfig(backend="eager", fullgraph=False)
-    config._compile_all_devices = True  # what a CUDA device does by itself
-    options = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", compile_config=config)
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True
+    static = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", compile_config=config)
+    eager = dict(max_new_tokens=5, do_sample=False)
+    prompts = PROMPTS[:2]
     torch._dynamo.reset()
     counters.clear()
-    ids = guard.tokenizer(PROMPTS[:1], return_tensors="pt")
-    plain = guard.model.generate(**ids, **options)
-    assert counters["stats"]["unique_graphs"] > 0  # the plain generation did compile its decoding step
-    compiled = dict(counters["stats"])
-    for action, extra in (("flag", {}), ("dampen", {"threshold": 0.0, "alpha": 0.3})):
-        results = guard.generate(PROMPTS[:2], action=action, **options, **extra)
-        if action == "flag":
-            assert results[0].token_ids == plain[0, ids["input_ids"].shape[1]:].tolist()
-            for prompt, result in zip(PROMPTS[:2], results):
-                assert result.token_probs == pytest.approx(guard.score(prompt, result.token_ids).token_probs, abs=TOL)
-        else:
-            reference = guard.generate(PROMPTS[:2], action=action, max_new_tokens=5, do_sample=False, **extra)
-            assert [r.token_probs for r in results] == [pytest.approx(r.token_probs, abs=1e-5) for r in reference]
-    assert dict(counters["stats"]) == compiled  # nothing more was compiled while the hooks were on
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    ids, mask = guard._batch([guard.encode(p) for p in prompts])
+    plain = guard.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=guard._pad_id(), **static)
+    assert graphs() == 1  # the plain generation compiled its decoding step
+    flagged = guard.generate(prompts, **static)
+    assert graphs() == 2  # traced once through the guard's hooks ...
+    assert [r.token_ids for r in flagged] == [row[ids.shape[1]:].tolist() for row in plain]
+    for prompt, result in zip(prompts, flagged):
+        assert result.token_probs == pytest.approx(guard.score(prompt, result.token_ids).token_probs, abs=TOL)
+    again = guard.generate(prompts, **static)
+    _, streamed = collect(guard.stream(prompts, **static))
+    assert graphs() == 2  # ... and reused, streamed too
+    assert [r.token_probs for r in again] == [r.token_probs for r in streamed] == [r.token_probs for r in flagged]
+    for action, extra in (("dampen", {"threshold": 0.0, "alpha": 0.3}), ("scale", {"alpha": 0.5}),
+                          ("abstain", {"threshold": 0.0})):
+        compiled = guard.generate(prompts, action=action, **static, **extra)
+        reference = guard.generate(prompts, action=action, **eager, **extra)
+        assert [r.token_ids for r in compiled] == [r.token_ids for r in reference]
+        assert [r.verdict for r in compiled] == [r.verdict for r in reference]
+        assert [r.token_probs for r in compiled] == [pytest.approx(r.token_probs, abs=1e-5) for r in reference]
+    scaled = graphs()
+    guard.generate(prompts, action="dampen", threshold=0.0, alpha=0.3, **static)
+    assert graphs() == scaled  # the scaling graph is reused too
+    logprobs = guard.generate(prompts, logprobs=2, **static)  # the recorder's hooks are Python: not compiled
+    assert graphs() == scaled and [r.token_ids for r in logprobs] == [r.token_ids for r in flagged]
     with pytest.raises(ValueError, match="disable_compile"):
-        guard.generate(PROMPTS[:1], max_new_tokens=2, disable_compile=False)
+        guard.generate(prompts, max_new_tokens=2, disable_compile=False)
     torch._dynamo.reset()
 
 
