@@ -41,7 +41,7 @@ if [ "${CHECK:-overhead}" = vllm ]; then
   exit 0
 fi
 if [ "${CHECK:-overhead}" = static ]; then
-  timeout "${OVERHEAD_LIMIT:-480}" python3 benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches 1 32 \
+  timeout "${OVERHEAD_LIMIT:-480}" python3 benchmarks/overhead.py --json --preset 8b --dtype bfloat16 --batches ${BATCHES:-1 32} \
     --new-tokens "${NEW_TOKENS:-64}" --repeats "${REPEATS:-4}" --static \
     > "$OUT/overhead-static-8b.json" 2> >(tee -a "$OUT/log.txt" >&2)
   echo "overhead --static rc $?" | tee -a "$OUT/log.txt"

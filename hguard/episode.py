@@ -126,6 +126,8 @@ class Episode:
         self.on_event = on_event
         self.cancel = cancel or threading.Event()
         self.cancelled_rows = cancelled_rows
+        self.static = (self.kwargs.get("cache_implementation")
+                       or guard.model.generation_config.cache_implementation) == "static"
         self.monitor = self._monitor(guard, policy) if policy is not None else None
         self.recorder = LogprobRecorder(guard.model, self.top) if self.top is not None else None
         if not isinstance(self.monitor, GraphMonitor) and (policy is not None or self.top is not None):
@@ -141,8 +143,7 @@ class Episode:
     def _monitor(self, guard, policy: Policy) -> Monitor:
         """With a static cache (which transformers compiles on a GPU), hooks a compiled step can hold;
         else the eager Monitor, which does less work per layer."""
-        static = (self.kwargs.get("cache_implementation") or guard.model.generation_config.cache_implementation) == "static"
-        if static and self.top is None and GraphMonitor.usable(guard.bound):
+        if self.static and self.top is None and GraphMonitor.usable(guard.bound):
             copies = self.kwargs.get("num_return_sequences", 1) or 1
             return GraphMonitor(guard.bound, policy, len(self.rows) * copies)
         return Monitor(guard.bound, policy, step_timer=guard.step_timer)
@@ -166,6 +167,8 @@ class Episode:
             criteria.append(self.recorder)  # sees each step's tokens; never stops a row
         kwargs = dict(self.kwargs)
         kwargs.setdefault("pad_token_id", pad_id(self.guard.tokenizer))
+        if self.static and self.monitor is not None and kwargs.get("max_new_tokens"):  # room for the final token
+            kwargs["max_cache_len"] = max(kwargs.get("max_cache_len") or 0, width + kwargs["max_new_tokens"])
         if self.stops:
             kwargs.update(stop_strings=self.stops, tokenizer=self.guard.tokenizer)
         with torch.no_grad(), (self.monitor.attached() if self.monitor is not None else nullcontext()), \

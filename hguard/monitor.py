@@ -248,13 +248,13 @@ def score_last_tokens(
     `attention_mask` covers `sequences` (prompt padding and all generated positions); the prompt is
     `sequences`' first `prompt_width` columns. The forward stops after the last hooked layer: no later
     layer and no LM head run. With generation's cache it is one position; without one (`use_cache=False`)
-    or with a fixed-size one that is full (`cache_implementation="static"`), the whole sequences run
-    again and only their last position is kept. Dampen's factors apply as generation applied them:
+    or with a fixed-size one that is full (a sliding window's; a static cache is sized one longer by the
+    episode), the whole sequences run again and only their last position is kept. Dampen's factors apply as generation applied them:
     after a cached generation, to each row's positions after its trigger; without a cache, every step
     ran the whole sequences with the row's current factor, and so does this one.
     """
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    whole, factor = not _extendable(cache), None
+    whole, factor = not _extendable(cache, sequences.shape[1]), None
     if whole and cache is not None and isinstance(monitor.factor, torch.Tensor):  # alpha after each row's trigger
         width = sequences.shape[1]
         trigger = monitor.trigger_token
@@ -269,7 +269,9 @@ def score_last_tokens(
                   use_cache=True, **cache_kwargs(model, cache))
 
 
-def _extendable(cache: Cache | None) -> bool:
-    """Whether generation's cache can take one more position: not where there is none, nor where a
-    layer is a fixed-size static one (full once generation ends at its length)."""
-    return cache is not None and not any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ()))
+def _extendable(cache: Cache | None, positions: int) -> bool:
+    """Whether generation's cache can take one more position, for `positions` in all: not where there is
+    none, nor where a fixed-size static layer has no room left (a static cache is sized to the generation's
+    length less one unless the episode asked for one more, `max_cache_len`; a sliding window's is smaller)."""
+    return cache is not None and all(layer.max_cache_len >= positions for layer in getattr(cache, "layers", ())
+                                     if isinstance(layer, StaticLayer))
