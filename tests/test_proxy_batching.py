@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import random
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -12,6 +15,7 @@ from hguard import Guard
 from hguard.incremental import IncrementalScorer, score_together
 from hguard.server.app import ServerSettings, build_app
 from hguard.server.requests import GuardDefaults
+from hguard.server.scoring import Scoring
 
 from test_server import LiveServer
 
@@ -58,6 +62,29 @@ def test_open_streams_are_scored_together_and_exactly(organism):
         ids = organism.tokenizer(text, add_special_tokens=False)["input_ids"]
         want = organism.score([{"role": "user", "content": question}], ids)
         assert scores == pytest.approx(want.token_probs, abs=1e-4)
+
+
+def test_re_tokenisation_settles_tokens_and_equals_a_whole_tokenisation(organism):
+    """A growing text is tokenised from its settled tokens on, not from its start, with the tokens of a
+    whole tokenisation at every length: prose, and soup of spaces, newlines, contractions, digits,
+    emoji and the tokenizer's special tokens' texts, which no settled boundary may cut."""
+    tokenizer, rng = copy.deepcopy(organism.tokenizer), random.Random(0)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>"]})  # five pre-tokens
+    scoring = Scoring(SimpleNamespace(tokenizer=tokenizer, encode=organism.encode, model=organism.model), 1 << 20)
+    assert scoring.pre_tokens is not None  # byte-level BPE: settles
+    prose = " ".join(QUESTIONS * 8)
+    soup = ["a", "b", " ", "  ", "\n", "\n\n", "'s", "'", "é", "日本", "12", "345", ".", "!?", "\t", "😀", "<", "|",
+            "'ve", tokenizer.eos_token, tokenizer.decode([5]), "<|start_header_id|>"]
+    texts = [prose] + ["".join(rng.choice(soup) for _ in range(150)) for _ in range(6)]
+    for text in texts:
+        window, end = scoring.window([1]), 0
+        while end < len(text):
+            end = min(len(text), end + rng.randint(1, 9))
+            assert window._tokens(text[:end]) == tokenizer(text[:end], add_special_tokens=False)["input_ids"]
+    window = scoring.window([1])
+    for end in range(1, len(prose) + 1, 5):
+        window._tokens(prose[:end])
+    assert len(window._settled) > 0.9 * len(tokenizer(prose, add_special_tokens=False)["input_ids"])
 
 
 async def _stream_all(url: str, questions: list[str]) -> list[tuple[str, list[float]]]:

@@ -481,7 +481,8 @@ def test_vllm_sampling_fields_hosted(client, guard):
     [library] = guard.generate([messages], max_new_tokens=8, do_sample=False, repetition_penalty=1.8, min_new_tokens=3)
     assert penalised == library.text
     for body, param in (({"ignore_eos": True}, "ignore_eos"), ({"skip_special_tokens": False}, "skip_special_tokens"),
-                        ({"min_tokens": 9}, "min_tokens"), ({"top_k": -2}, "top_k")):
+                        ({"min_tokens": 9}, "min_tokens"), ({"top_k": -2}, "top_k"),
+                        ({"return_token_ids": True}, "return_token_ids")):
         with pytest.raises(openai.BadRequestError) as error:
             client.chat.completions.create(extra_body=body, **kw)
         assert param in str(error.value)

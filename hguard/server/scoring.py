@@ -154,12 +154,13 @@ class Window:
         last UNSETTLED pre-tokens, which no later text changes, where an added token's text does not lie
         across that boundary and the tokens of the text before it are indeed the first of `ids`."""
         pieces = self.scoring.pre_tokens.pre_tokenize_str(tail)
-        if len(pieces) <= UNSETTLED or pieces[-UNSETTLED][1][0] == 0:
-            return
-        cut = pieces[-UNSETTLED][1][0]
-        at = self._settled_chars + cut
         added = self.scoring.added
-        if added is not None and added.search(text, max(0, at - ADDED_CHARS), at + ADDED_CHARS):
+        # the boundary: the start of a pre-token before the last UNSETTLED ones, and where the tokenizer
+        # has added tokens, ADDED_CHARS before the text's end (no added token arriving can reach back to it)
+        last = len(text) - (ADDED_CHARS if added is not None else 0) - self._settled_chars
+        cut = next((start for _, (start, _) in reversed(pieces[:len(pieces) - UNSETTLED + 1]) if start <= last), 0)
+        at = self._settled_chars + cut
+        if cut == 0 or (added is not None and added.search(text, max(0, at - ADDED_CHARS), at + ADDED_CHARS)):
             return
         settled = self._encode(tail[:cut])
         if ids[: len(settled)] != settled:
