@@ -45,12 +45,14 @@ def non_canonical(tokenizer, text: str) -> list[int]:
 class VllmStandIn:
     """vLLM's OpenAI server, as far as proxy mode reads it. `owner`: what `GET /v1/models` says it is;
     `ids`: "vllm" (token ids where asked), "none" (an older vLLM, which ignores the field) or "other
-    prompt" (prompt ids other than the proxy's: another chat template). Every request body is kept."""
+    prompt" (prompt ids other than the proxy's: another chat template); `lag`: a stream's text comes a
+    chunk after its ids (as vLLM holds back a partial character or a possible stop string). Every
+    request body is kept."""
 
     def __init__(self, guard, answer: list[int]) -> None:  # noqa: F811
         self.guard, self.answer = guard, answer
         self.eos = guard.tokenizer.eos_token_id
-        self.owner, self.ids = "vllm", "vllm"
+        self.owner, self.ids, self.lag = "vllm", "vllm", False
         self.bodies: list[dict] = []
         self.app = FastAPI()
         self.app.get("/v1/models")(self._models)
@@ -98,9 +100,9 @@ class VllmStandIn:
                                           "logprobs": None, "finish_reason": None}]}
             yield f"data: {json.dumps({**first, 'prompt_token_ids': prompt} if asked else first)}\n\n"
         for start in range(0, len(answer), 2):
-            ids = answer[start: start + 2]
-            text = decode(self.guard.tokenizer, answer[:start + 2])[len(decode(self.guard.tokenizer, answer[:start])):]
-            last = start + 2 >= len(answer)
+            ids, last = answer[start: start + 2], start + 2 >= len(answer)
+            before, upto = (max(0, start - 2), start + 2 if last else start) if self.lag else (start, start + 2)
+            text = decode(self.guard.tokenizer, answer[:upto])[len(decode(self.guard.tokenizer, answer[:before])):]
             choice = {"index": 0, "logprobs": None, "finish_reason": "stop" if last else None}
             choice.update({"delta": {"content": text}} if chat else {"text": text})
             if asked:
@@ -211,6 +213,15 @@ def test_the_client_that_asks_gets_the_ids(guard, upstream, proxy, answer, chat,
                 assert decode(guard.tokenizer, choice["token_ids"]) == text
                 assert len(choice["hallucination"].get("token_scores", [])) == len(
                     [i for i in choice["token_ids"] if i != guard.tokenizer.eos_token_id])
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_ids_whose_text_lags_go_out_with_their_text(guard, upstream, proxy, answer, chat):  # noqa: F811
+    upstream.lag = True
+    try:
+        test_the_client_that_asks_gets_the_ids(guard, upstream, proxy, answer, chat, True)
+    finally:
+        upstream.lag = False
 
 
 def test_an_abstained_answer_shows_none_of_its_ids(guard, upstream, proxy):  # noqa: F811

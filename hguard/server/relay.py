@@ -236,6 +236,11 @@ class Relay:
         whole = scores is None or ((finish or full) and not abstained)
         if whole:
             end, chars = count, len(state.text)  # all of it (the guard off, or past the window: as it comes)
+        elif state.own and not abstained:  # the upstream's text may lag its ids (a partial character, a
+            # possible stop string): its tokens go out once their text has come
+            prefix = decode(self.proxy.guard.tokenizer, scores.token_ids[:settled])
+            end, chars = (settled, len(prefix)) if state.text.startswith(prefix) else (state.sent_tokens,
+                                                                                       state.sent_chars)
         else:
             end = len(kept.token_ids) if abstained else settled
             chars = spelled(self.proxy.guard.tokenizer, scores.token_ids, end, state.text, state.sent_chars)
