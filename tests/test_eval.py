@@ -20,7 +20,7 @@ from hguard.organism.suites import read_suite
 
 METHODS = ("h_neurons", "h_neurons_answer", "random_neurons", "all_neurons", "residual", "max_sequence_probability",
            "mean_token_entropy", "perplexity", "max_sequence_probability_answer", "mean_token_entropy_answer",
-           "perplexity_answer", "prompt_only", "name_tokens", "exposure")
+           "perplexity_answer", "fused", "logit_fused", "prompt_only", "name_tokens", "exposure")
 
 
 @pytest.fixture

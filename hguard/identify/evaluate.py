@@ -13,6 +13,11 @@ Methods (higher score = more likely hallucinated):
                   response, and (`_answer`) on the answer tokens only
   prompt_only     the probe's logit at the last prompt token (no answer yet); name_tokens, exposure:
                   controls.py's trivial baselines
+  fused           candidate (issue 20): a standardised L2 logistic fit over the probe's score, the
+                  perplexity and the mean token entropy of the whole response. All three are means over
+                  the response's tokens, so this is the mean of one per-token dot product (CETT terms,
+                  the token's log-probability, its entropy): a score the guard could give each token
+  logit_fused     the same fit without the probe (what the two logit inputs give alone)
 Baselines are fitted on the "train" side of the training suite, with the probe's class balancing (the
 same class weights, or a subsample drawn by the same rule from its seed), and tuned on its "val" side; every
 method's decision threshold is the one with the best accuracy on the balanced "val" side. Suites are
@@ -157,6 +162,15 @@ def logit_scorers(span: bool = False) -> dict[str, Scorer]:
             for name in LOGIT_SCORES}
 
 
+def fused_scorer(parts: Sequence[Scorer], train: Collected, seed: int, balance: str = "none") -> Scorer:
+    """A standardised L2 logistic fit over the scores `parts` give each response, on `train`."""
+    def features(data: Collected) -> np.ndarray:
+        return np.stack([part(data) for part in parts], axis=1)
+
+    fit = _l2(features(train), train.labels, 1.0, seed, question_weights(train.labels, balance))
+    return lambda data: fit.decision_function(features(data))
+
+
 def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collected], *, draws: int = 10,
              rounds: int = 1000, seed: int = 0, Cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
              logit_baselines: bool = True) -> dict:
@@ -188,6 +202,11 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
     if logit_baselines:
         for span in (False, True):
             methods.update({name: ([scorer], {"library": "lm-polygraph"}) for name, scorer in logit_scorers(span).items()})
+        means = [methods[name][0][0] for name in ("perplexity", "mean_token_entropy")]
+        methods["fused"] = ([fused_scorer([methods["h_neurons"][0][0], *means], train, seed, balance)],
+                            {"inputs": ["h_neurons", "perplexity", "mean_token_entropy"]})
+        methods["logit_fused"] = ([fused_scorer(means, train, seed, balance)],
+                                  {"inputs": ["perplexity", "mean_token_entropy"]})
     def prompt_only(data: Collected) -> np.ndarray:
         if data.last_prompt is None:
             return np.full(len(data.keys), np.nan)
