@@ -6,83 +6,29 @@ import pytest
 import torch
 from transformers import StoppingCriteria
 
-from hguard import GuardResult, TokenEvent, hook_count
+from hguard import TokenEvent, hook_count
 from hguard.tiny import ARCHITECTURES
 
 from conftest import PROMPTS
-
-TOL = 1e-4
-
-
-def collect(events) -> tuple[dict[int, list[TokenEvent]], list[GuardResult]]:
-    tokens: dict[int, list[TokenEvent]] = {}
-    results: list[GuardResult] = []
-    for event in events:
-        if isinstance(event, GuardResult):
-            results.append(event)
-        else:
-            tokens.setdefault(event.row, []).append(event)
-    return tokens, results
+from guard_checks import (TOL, abstain_extremes, alpha_one_is_plain_generate, alpha_zero_is_zeroed_columns, collect,
+                          dampen_acts_from_the_step_after_the_flag, scores_under_intervention_are_unintervened,
+                          streamed_equals_teacher_forced)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_streamed_scores_equal_teacher_forced(make_guard, arch, batch):
-    guard = make_guard(arch)
-    prompts = PROMPTS[:batch]
-    tokens, results = collect(guard.stream(prompts, max_new_tokens=10, do_sample=False))
-    assert len(results) == batch
-    for row, (prompt, result) in enumerate(zip(prompts, results)):
-        streamed = [e for e in tokens[row] if e.token_id >= 0]
-        assert [e.token_id for e in streamed] == result.token_ids
-        assert "".join(e.text for e in tokens[row]) == result.text
-        assert len(result.token_ids) > 0
-        reference = guard.score(prompt, result.token_ids)
-        assert len(reference.token_probs) == len(result.token_probs)
-        for event, expected in zip(streamed, reference.token_probs):
-            assert event.probability == pytest.approx(expected, abs=TOL)
-        assert result.probability == pytest.approx(reference.probability, abs=TOL)
-    # the non-streaming path gives the same tokens and scores
-    again = guard.generate(prompts, max_new_tokens=10, do_sample=False)
-    for a, b in zip(again, results):
-        assert a.token_ids == b.token_ids
-        assert a.token_probs == pytest.approx(b.token_probs, abs=1e-6)
+    streamed_equals_teacher_forced(make_guard(arch), PROMPTS[:batch])
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_alpha_one_is_plain_generate(make_guard, arch):
-    guard = make_guard(arch, count=40)
-    ids, mask = guard._batch([guard.encode(p) for p in PROMPTS])
-    plain = guard.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                 pad_token_id=guard._pad_id())
-    scaled = guard.generate(PROMPTS, action="scale", alpha=1.0, max_new_tokens=12, do_sample=False)
-    for row, result in enumerate(scaled):
-        expected = plain[row, ids.shape[1]:].tolist()[: len(result.token_ids)]
-        assert result.token_ids == expected
+    alpha_one_is_plain_generate(make_guard(arch, count=40), PROMPTS)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_alpha_zero_is_zeroed_columns(make_guard, arch):
-    guard = make_guard(arch, count=60)
-    probe = guard.probe
-    import copy
-
-    from hguard import resolve
-
-    zeroed = copy.deepcopy(guard.model)
-    zsites = resolve(zeroed)
-    with torch.no_grad():
-        for layer, neuron in zip(probe.layer[probe.h_neurons].tolist(), probe.neuron[probe.h_neurons].tolist()):
-            zsites.down_weight(layer)[:, neuron] = 0.0
-    ids, mask = guard._batch([guard.encode(p) for p in PROMPTS])
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=guard._pad_id())
-    expected = zeroed.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
-    plain = guard.model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
-    assert not torch.equal(expected, plain), "zeroing the probe's columns should change some tokens"
-    results = guard.generate(PROMPTS, action="scale", alpha=0.0, max_new_tokens=12, do_sample=False)
-    for row, result in enumerate(results):
-        assert result.token_ids == expected[row].tolist()[: len(result.token_ids)]
-        assert result.verdict == "dampened"
+    alpha_zero_is_zeroed_columns(make_guard(arch, count=60), PROMPTS)
 
 
 class _Probe(StoppingCriteria):
@@ -138,14 +84,7 @@ def test_closing_a_stream_stops_generation_and_cleans_up(make_guard):
 
 def test_abstain_stops_at_the_triggering_token(make_guard):
     guard = make_guard("llama")
-    results = guard.generate(PROMPTS, action="abstain", threshold=0.0, max_new_tokens=8, do_sample=False)
-    for result in results:
-        assert result.finish_reason == "abstain" and result.verdict == "abstained"
-        assert len(result.token_ids) == 1
-    never = guard.generate(PROMPTS, action="abstain", threshold=1.0, max_new_tokens=8, do_sample=False)
-    plain = guard.generate(PROMPTS, action=None, max_new_tokens=8, do_sample=False)
-    assert [r.token_ids for r in never] == [r.token_ids for r in plain]
-    assert all(r.finish_reason != "abstain" for r in never)
+    abstain_extremes(guard, PROMPTS)
     # a threshold inside the observed range stops a sequence at the first token whose running mean reaches it
     flagged = guard.generate(PROMPTS, action="flag", max_new_tokens=8, do_sample=False)
     row = flagged[0]
@@ -186,18 +125,7 @@ def _logit(p: float) -> float:
 
 
 def test_dampen_acts_from_the_step_after_the_flag(make_guard):
-    guard = make_guard("llama", count=60)
-    plain = guard.generate(PROMPTS, action=None, max_new_tokens=10, do_sample=False)
-    damped = guard.generate(PROMPTS, action="dampen", threshold=0.0, alpha=0.0, max_new_tokens=10, do_sample=False)
-    for a, b in zip(plain, damped):
-        assert b.verdict == "dampened"
-        # token 0's score exists when it is fed back (the forward that samples token 1), so dampening
-        # changes the model from the forward that samples token 2 on
-        assert b.token_ids[:2] == a.token_ids[:2]
-    assert any(a.token_ids != b.token_ids for a, b in zip(plain, damped))
-    never = guard.generate(PROMPTS, action="dampen", threshold=1.0, alpha=0.0, max_new_tokens=10, do_sample=False)
-    assert [r.token_ids for r in never] == [r.token_ids for r in plain]
-    assert all(r.verdict in ("ok", "flagged") for r in never)
+    dampen_acts_from_the_step_after_the_flag(make_guard("llama", count=60), PROMPTS)
 
 
 def test_stop_strings_cut_text_and_stream_agree(make_guard):
@@ -418,30 +346,7 @@ def test_assisted_decoding_is_refused_with_the_guard(make_guard):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("action", ["dampen", "scale"])
 def test_scores_under_intervention_are_what_the_probe_read_before_acting(make_guard, arch, action):
-    """With every probe neuron in one layer, scaling that layer's H-Neurons changes nothing that layer reads
-    later (only the layers above it, and so the tokens sampled); so on the same tokens the reported scores
-    must equal an unintervened teacher-forced pass, and the verdict must still say the guard acted."""
-    from hguard import Guard, Probe
-
-    guard = make_guard(arch)
-    model = guard.model
-    generator = torch.Generator().manual_seed(3)
-    width = guard.sites.intermediate_size
-    neuron = torch.randperm(width, generator=generator)[:16]
-    weight = torch.randn(16, generator=generator).abs() + 0.1
-    layer = torch.full((16,), guard.sites.num_layers - 2)
-    guard = Guard(model, guard.tokenizer, Probe.from_weights(model, layer, neuron, weight, 0.0))
-    kw = dict(max_new_tokens=10, do_sample=False, action=action, threshold=0.0, alpha=0.0)
-    plain = guard.generate(PROMPTS, action="off", max_new_tokens=10, do_sample=False)
-    acted = guard.generate(PROMPTS, **kw)
-    assert any(a.token_ids != b.token_ids for a, b in zip(plain, acted)), "alpha 0 should change some answers"
-    tokens, streamed = collect(guard.stream(PROMPTS, **kw))
-    for prompt, result, again in zip(PROMPTS, acted, streamed):
-        assert result.verdict == "dampened" and result.action == action
-        reference = guard.score(prompt, result.token_ids)
-        assert result.token_probs == pytest.approx(reference.token_probs, abs=TOL)
-        assert result.probability == pytest.approx(reference.probability, abs=TOL)
-        assert again.token_probs == pytest.approx(result.token_probs, abs=TOL)
+    scores_under_intervention_are_unintervened(make_guard(arch), action, PROMPTS)
 
 
 def test_one_action_vocabulary(make_guard):
