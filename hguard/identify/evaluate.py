@@ -171,6 +171,9 @@ def fused_scorer(parts: Sequence[Scorer], train: Collected, seed: int, balance: 
     return lambda data: fit.decision_function(features(data))
 
 
+Methods = dict[str, tuple[list[Scorer], dict]]
+
+
 def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collected], *, draws: int = 10,
              rounds: int = 1000, seed: int = 0, Cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
              logit_baselines: bool = True) -> dict:
@@ -188,13 +191,32 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
         rows = np.zeros(len(train.keys), dtype=bool)
         rows[balanced(train.labels, int(probe.training.get("seed", seed)), train.keys)] = True
         train = train.where(rows)
+    methods, skipped = fitted_methods(probe, sites.intermediate_size, train, val, draws=draws, seed=seed, Cs=Cs,
+                                      balance=balance, logit_baselines=logit_baselines)
+    val_index = balanced(val.labels, seed)
+    thresholds = {name: [best_threshold(val.labels[val_index], s(val)[val_index]) for s in scorers]
+                  for name, (scorers, _) in methods.items()}
+    report = {"neurons_kept": probe.count, "per_mille": round(1000 * probe.count / total, 4),
+              "target": probe_target(probe), "h_neurons": int((probe.weight > 0).sum()), "total_neurons": total,
+              "training": {side: {"faithful": int((d.labels == 0).sum()), "hallucinated": int(d.labels.sum())}
+                           for side, d in (("train", train), ("val", val))},
+              "balance": balance, "methods": list(methods), "skipped_methods": skipped,
+              "suites": {}}
+    for name, data in progress(suites.items(), desc="eval suites", total=len(suites)):
+        report["suites"][name] = suite_entry(data, methods, thresholds, rounds, seed)
+    return report
+
+
+def fitted_methods(probe: Probe, intermediate: int, train: Collected, val: Collected, *, draws: int, seed: int,
+                   Cs: Sequence[float], balance: str, logit_baselines: bool) -> tuple[Methods, dict]:
+    """Every method (module docstring), its baselines fitted on `train` and tuned on `val`, with what each
+    reports beside its figures; and the methods skipped, with why."""
     target = probe_target(probe)
     all_neurons, all_info = all_neuron_scorer(train, val, Cs, target, balance)
     residual, residual_info = residual_scorer(train, val, seed, balance)
-    inter = sites.intermediate_size
-    methods: dict[str, tuple[list[Scorer], dict]] = {
-        "h_neurons": ([probe_scorer(probe, inter)], {}),
-        "h_neurons_answer": ([lambda data: probe_logits(probe, inter, data.cett)], {}),
+    methods: Methods = {
+        "h_neurons": ([probe_scorer(probe, intermediate)], {}),
+        "h_neurons_answer": ([lambda data: probe_logits(probe, intermediate, data.cett)], {}),
         "random_neurons": (random_scorers(train, probe.count, draws, seed, target, balance), {"draws": draws}),
         "all_neurons": ([all_neurons], all_info),
         "residual": ([residual], residual_info),
@@ -207,10 +229,11 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
                             {"inputs": ["h_neurons", "perplexity", "mean_token_entropy"]})
         methods["logit_fused"] = ([fused_scorer(means, train, seed, balance)],
                                   {"inputs": ["perplexity", "mean_token_entropy"]})
+
     def prompt_only(data: Collected) -> np.ndarray:
         if data.last_prompt is None:
             return np.full(len(data.keys), np.nan)
-        return probe_logits(probe, inter, data.last_prompt)
+        return probe_logits(probe, intermediate, data.last_prompt)
 
     skipped = {}
     for name, scorer in {"prompt_only": prompt_only, **trivial_scorers()}.items():
@@ -218,38 +241,31 @@ def evaluate(probe: Probe, model, training: Collected, suites: dict[str, Collect
             skipped[name] = "the training suite lacks it"
         else:
             methods[name] = ([scorer], {})
-    val_index = balanced(val.labels, seed)
-    thresholds = {name: [best_threshold(val.labels[val_index], s(val)[val_index]) for s in scorers]
-                  for name, (scorers, _) in methods.items()}
-    report = {"neurons_kept": probe.count, "per_mille": round(1000 * probe.count / total, 4), "target": target,
-              "h_neurons": int((probe.weight > 0).sum()), "total_neurons": total,
-              "training": {side: {"faithful": int((d.labels == 0).sum()), "hallucinated": int(d.labels.sum())}
-                           for side, d in (("train", train), ("val", val))},
-              "balance": balance, "methods": list(methods), "skipped_methods": skipped,
-              "suites": {}}
-    for name, data in progress(suites.items(), desc="eval suites", total=len(suites)):
-        held = data.where(data.side == "test")
-        entry = {"questions": data.questions, "kept": len(data.keys), "held_out": len(held.keys),
-                 "faithful": int((held.labels == 0).sum()), "hallucinated": int(held.labels.sum()),
-                 "dropped": data.dropped}
-        if min(entry["faithful"], entry["hallucinated"]) < 2:
-            entry["note"] = "fewer than 2 questions in a class: no AUROC"
-            report["suites"][name] = entry
+    return methods, skipped
+
+
+def suite_entry(data: Collected, methods: Methods, thresholds: dict[str, list[float]], rounds: int,
+                seed: int) -> dict:
+    """One suite's report: every method on its held-out side (balanced, bootstrapped), and the controls."""
+    held = data.where(data.side == "test")
+    entry = {"questions": data.questions, "kept": len(data.keys), "held_out": len(held.keys),
+             "faithful": int((held.labels == 0).sum()), "hallucinated": int(held.labels.sum()),
+             "dropped": data.dropped}
+    if min(entry["faithful"], entry["hallucinated"]) < 2:
+        return {**entry, "note": "fewer than 2 questions in a class: no AUROC"}
+    scores = {method: [s(held) for s in scorers] for method, (scorers, _) in methods.items()}
+    usable = {m: v for m, v in scores.items() if not any(np.isnan(x).any() for x in v)}
+    index = balanced(held.labels, seed)
+    entry["balanced"] = int(index.size)
+    for method, (_, info) in methods.items():
+        if method not in usable:
+            entry[method] = {"note": "some items lack it"}
             continue
-        scores = {method: [s(held) for s in scorers] for method, (scorers, _) in methods.items()}
-        usable = {m: v for m, v in scores.items() if not any(np.isnan(x).any() for x in v)}
-        index = balanced(held.labels, seed)
-        entry["balanced"] = int(index.size)
-        for method, (_, info) in methods.items():
-            if method not in usable:
-                entry[method] = {"note": "some items lack it"}
-                continue
-            entry[method] = {**bootstrap(held.labels[index], [v[index] for v in scores[method]], thresholds[method],
-                                         rounds, seed), **info}
-        entry["strata"] = strata_report(held, usable, rounds, seed)
-        entry["forced"] = forced_report(held, {m: methods[m][0] for m in usable}, rounds, seed)
-        report["suites"][name] = entry
-    return report
+        entry[method] = {**bootstrap(held.labels[index], [v[index] for v in scores[method]], thresholds[method],
+                                     rounds, seed), **info}
+    entry["strata"] = strata_report(held, usable, rounds, seed)
+    entry["forced"] = forced_report(held, {m: methods[m][0] for m in usable}, rounds, seed)
+    return entry
 
 
 def fact_side(item: dict, seed: int = 0) -> str:
