@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,92 @@ def running_peaks(model, tokenizer, probe, examples: Sequence[Example], keys: li
     return peaks
 
 
+@dataclass
+class Featurised:
+    """Every kept question's mean CETT features, label and split side, in one order (`keys`)."""
+
+    keys: list[str]
+    answer: np.ndarray  # [questions, neurons] mean over the answer tokens
+    other: np.ndarray  # ... over the other response tokens
+    whole: np.ndarray  # ... over every response token (what the guard's running mean reads)
+    y: np.ndarray  # 1: hallucinated
+    side: np.ndarray  # "train" / "val" / "test", from a hash of the question id
+
+    def view(self, target: str) -> np.ndarray:
+        return self.answer if target == "answer" else self.whole
+
+    def counts(self) -> dict:
+        return {s: {"faithful": int(((self.side == s) & (self.y == 0)).sum()),
+                    "hallucinated": int(((self.side == s) & (self.y == 1)).sum())} for s in ("train", "val", "test")}
+
+
+def featurise(model, tokenizer, examples: Sequence[Example], labels: dict[str, int], work: Path, *, batch: int,
+              progress: bool, seed: int) -> Featurised:
+    """Extract (or read back) the features of `examples` into `work/features` and gather them."""
+    paths = extract(model, examples, pad_id(tokenizer), work / "features", batch=batch, progress=progress)
+    keys, answer, other = [], [], []
+    for chunk_keys, chunk_answer, chunk_other in read_chunks(paths):
+        keys += chunk_keys
+        answer.append(chunk_answer.numpy())
+        other.append(chunk_other.numpy())
+    answer_x, other_x = np.concatenate(answer), np.concatenate(other)
+    # The guard's verdict reads the running mean over every generated token, not over the answer alone,
+    # so the calibration and the threshold are fitted on that quantity: the mean CETT over all response
+    # tokens (answer and other tokens weighted by their counts), through the chosen classifier.
+    sizes = {e.key: (len(e.answer_tokens), len(e.response_ids) - len(e.answer_tokens)) for e in examples}
+    whole_x = whole_response(answer_x, other_x, np.array([sizes[k][0] for k in keys]),
+                             np.array([sizes[k][1] for k in keys]))
+    return Featurised(keys, answer_x, other_x, whole_x, np.array([labels[k] for k in keys]),
+                      np.array([split_of(k, seed) for k in keys]))
+
+
+class Sweep:
+    """C sweeps on the train side, chosen by validation AUROC within the neuron budget, scored on test."""
+
+    def __init__(self, data: Featurised, train: np.ndarray, Cs: Sequence[float], budget: int, balance: str) -> None:
+        self.data, self.train, self.Cs, self.budget, self.balance = data, train, Cs, budget, balance
+        self.val, self.test = data.side == "val", data.side == "test"
+        self.y_test = data.y[self.test]
+        self.two = len(set(self.y_test)) == 2
+
+    def choose(self, goal: str):
+        """The C sweep for one target and its best fit within the neuron budget (validation AUROC)."""
+        d, train = self.data, self.train
+        train_x, train_y = training_set(goal, d.answer[train], d.other[train], d.whole[train], d.y[train])
+        weights = row_weights(goal, question_weights(d.y[train], self.balance), d.other[train])
+        rows, fitted, row = select(train_x, train_y, d.view(goal)[self.val], d.y[self.val], self.Cs, self.budget, weights)
+        return rows, fitted, row["val_auroc"]
+
+    def test_auroc(self, fitted, view: np.ndarray) -> float | None:
+        from sklearn.metrics import roc_auc_score
+
+        return round(float(roc_auc_score(self.y_test, fitted.logits(view[self.test]))), 4) if self.two else None
+
+    def test_report(self, chosen, calibration, threshold: float, target: str) -> dict:
+        """The chosen probe on the test side: AUROC on each view, accuracy and flag rates."""
+        d, y_test = self.data, self.y_test
+        probs = np.array([calibration.prob(float(v)) for v in chosen.logits(d.whole[self.test])])
+        return {"questions": int(y_test.size), "target": target, "auroc": self.test_auroc(chosen, d.view(target)),
+                "answer_auroc": self.test_auroc(chosen, d.answer), "response_auroc": self.test_auroc(chosen, d.whole),
+                "accuracy": round(float(((probs >= 0.5) == y_test).mean()), 4) if y_test.size else None,
+                "flag_rate_faithful": self.rate(probs, 0, threshold),
+                "flag_rate_hallucinated": self.rate(probs, 1, threshold)}
+
+    def alternatives(self, target: str) -> dict:
+        """The other targets' best probes under the same budget, for the report."""
+        out = {}
+        for goal in (g for g in TARGETS if g != target):
+            _, fitted, val_auroc = self.choose(goal)
+            out[goal] = {"C": fitted.C, "neurons_kept": fitted.kept, "val_auroc": val_auroc,
+                         "test_auroc": self.test_auroc(fitted, self.data.view(goal)),
+                         "test_response_auroc": self.test_auroc(fitted, self.data.whole)}
+        return out
+
+    def rate(self, values: np.ndarray, label: int, threshold: float) -> float | None:
+        """Share of the test side's `label` class whose `values` reach `threshold`."""
+        return round(float((values[self.y_test == label] >= threshold).mean()), 4) if self.two else None
+
+
 def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
@@ -70,8 +157,6 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     target's best probe under the same neuron budget. `balance`: how the classes are balanced in the fit
     (the paper fits on equal numbers of each): "weight" keeps every training question and weights each
     class inversely to its size, "subsample" cuts the larger class, "none" fits as sampled."""
-    from sklearn.metrics import roc_auc_score
-
     check_balance(balance)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
@@ -84,70 +169,25 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     examples, more = examples_for(tokenizer, kept)
     dropped.update(more)
     echo(f"{len(items)} questions: {len(examples)} kept, dropped {dropped}")
-    pad = pad_id(tokenizer)
-    paths = extract(model, examples, pad, work / "features", batch=batch, progress=progress)
-    labels = {str(r["item"]["id"]): r["label"] for r in kept}
-    keys, answer, other = [], [], []
-    for chunk_keys, chunk_answer, chunk_other in read_chunks(paths):
-        keys += chunk_keys
-        answer.append(chunk_answer.numpy())
-        other.append(chunk_other.numpy())
-    answer_x, other_x = np.concatenate(answer), np.concatenate(other)
-    y = np.array([labels[k] for k in keys])
-    side = np.array([split_of(k, seed) for k in keys])
-    counts = {s: {"faithful": int(((side == s) & (y == 0)).sum()), "hallucinated": int(((side == s) & (y == 1)).sum())}
-              for s in ("train", "val", "test")}
+    data = featurise(model, tokenizer, examples, {str(r["item"]["id"]): r["label"] for r in kept}, work,
+                     batch=batch, progress=progress, seed=seed)
+    counts = data.counts()
     echo(f"split by question id: {counts}")
-    train = np.flatnonzero(side == "train")
     for name in ("train", "val"):
         if min(counts[name].values()) == 0:
             raise ValueError(f"the {name} side needs faithful and hallucinated questions; got {counts[name]} "
                              "(more questions, or questions the model answers both right and wrong)")
+    train = np.flatnonzero(data.side == "train")
     if balance == "subsample":
-        train = train[balanced(y[train], seed, [keys[i] for i in train])]
-    # The guard's verdict reads the running mean over every generated token, not over the answer alone,
-    # so the calibration and the threshold are fitted on that quantity: the mean CETT over all response
-    # tokens (answer and other tokens weighted by their counts), through the chosen classifier.
-    sizes = {e.key: (len(e.answer_tokens), len(e.response_ids) - len(e.answer_tokens)) for e in examples}
-    whole_x = whole_response(answer_x, other_x, np.array([sizes[k][0] for k in keys]),
-                             np.array([sizes[k][1] for k in keys]))
-    views = {"answer": answer_x, "response": whole_x}
-    val, test_side = side == "val", side == "test"
-    y_test = y[test_side]
-    two = len(set(y_test)) == 2
-
-    budget = int(max_kept_ratio * total)
-
-    def choose(goal: str):
-        """The C sweep for one target and its best fit within the neuron budget (validation AUROC)."""
-        train_x, train_y = training_set(goal, answer_x[train], other_x[train], whole_x[train], y[train])
-        weights = row_weights(goal, question_weights(y[train], balance), other_x[train])
-        rows, fitted, row = select(train_x, train_y, views[goal][val], y[val], Cs, budget, weights)
-        return rows, fitted, row["val_auroc"]
-
-    def test_auroc(fitted, view: np.ndarray):
-        return round(float(roc_auc_score(y_test, fitted.logits(view[test_side]))), 4) if two else None
-
-    rows, chosen, _ = choose(target)
-    val_logits = chosen.logits(whole_x[val])
-    calibration = calibrate(val_logits, y[val])
+        train = train[balanced(data.y[train], seed, [data.keys[i] for i in train])]
+    sweep = Sweep(data, train, Cs, int(max_kept_ratio * total), balance)
+    rows, chosen, _ = sweep.choose(target)
+    val_logits = chosen.logits(data.whole[sweep.val])
+    calibration = calibrate(val_logits, data.y[sweep.val])
     val_probs = np.array([calibration.prob(float(v)) for v in val_logits])
-    threshold = threshold_for(val_probs, y[val], false_flag_rate)
-    test_logits = chosen.logits(whole_x[test_side])
-    test_probs = np.array([calibration.prob(float(v)) for v in test_logits])
-    test = {"questions": int(y_test.size), "target": target,
-            "auroc": test_auroc(chosen, views[target]),
-            "answer_auroc": test_auroc(chosen, answer_x), "response_auroc": test_auroc(chosen, whole_x),
-            "accuracy": round(float(((test_probs >= 0.5) == y_test).mean()), 4) if y_test.size else None,
-            "flag_rate_faithful": round(float((test_probs[y_test == 0] >= threshold).mean()), 4) if two else None,
-            "flag_rate_hallucinated": round(float((test_probs[y_test == 1] >= threshold).mean()), 4) if two else None}
-    alternatives = {}
-    if compare_targets:  # the other target's best probe under the same budget, for the report
-        for goal in (g for g in TARGETS if g != target):
-            _, fitted, val_auroc = choose(goal)
-            alternatives[goal] = {"C": fitted.C, "neurons_kept": fitted.kept, "val_auroc": val_auroc,
-                                  "test_auroc": test_auroc(fitted, views[goal]),
-                                  "test_response_auroc": test_auroc(fitted, whole_x)}
+    threshold = threshold_for(val_probs, data.y[sweep.val], false_flag_rate)
+    test = sweep.test_report(chosen, calibration, threshold, target)
+    alternatives = sweep.alternatives(target) if compare_targets else {}
     summary = {
         "questions": len(items), "kept": len(examples), "dropped": dropped, "split": counts, "sweep": rows,
         "C": chosen.C, "neurons_kept": chosen.kept, "h_neurons": int((chosen.weight > 0).sum()),
@@ -159,14 +199,14 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     }
     probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, calibration=calibration,
                      threshold=threshold, training=summary)
-    peaks = running_peaks(model, tokenizer, probe, examples, keys, side)
+    peaks = running_peaks(model, tokenizer, probe, examples, data.keys, data.side)
     # the peak is at least the final mean, so the watch threshold is at least the flag threshold (the
     # max only absorbs rounding between the features' means and the guard's per-token scores)
-    probe.watch_threshold = max(threshold, threshold_for(peaks["val"], y[val], false_flag_rate))
+    probe.watch_threshold = max(threshold, threshold_for(peaks["val"], data.y[sweep.val], false_flag_rate))
     summary["watch_threshold"] = probe.watch_threshold
-    if two:
-        summary["test"]["abstain_rate_faithful"] = round(float((peaks["test"][y_test == 0] >= probe.watch_threshold).mean()), 4)
-        summary["test"]["abstain_rate_hallucinated"] = round(float((peaks["test"][y_test == 1] >= probe.watch_threshold).mean()), 4)
+    if sweep.two:
+        summary["test"]["abstain_rate_faithful"] = sweep.rate(peaks["test"], 0, probe.watch_threshold)
+        summary["test"]["abstain_rate_hallucinated"] = sweep.rate(peaks["test"], 1, probe.watch_threshold)
     probe.save(out)
     echo(f"probe: {chosen.kept} neurons ({summary['per_mille']} per mille) at C={chosen.C}; test {test}")
     (work / "report.json").write_text(json.dumps(summary, indent=1))
