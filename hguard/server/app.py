@@ -187,6 +187,21 @@ def _without_422(openapi):
 def build_app(settings: ServerSettings | None = None, guard: Guard | None = None) -> FastAPI:
     """The OpenAI-compatible app. Pass `guard` to serve an already loaded model (tests, notebooks)."""
     settings = settings or ServerSettings()
+    app = FastAPI(title="hguard", version="0.1.0", lifespan=_lifespan(settings, guard))
+    app.state.serving = None
+    app.state.proxy = None
+    app.include_router(router)
+    app.add_middleware(TrimAfterLarge)  # glibc keeps what a large request freed: give it back
+    app.add_middleware(BodyLimit)
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key)
+    _add_error_handlers(app)
+    app.openapi = _without_422(app.openapi)
+    return app
+
+
+def _lifespan(settings: ServerSettings, guard: Guard | None):
+    """Load the model (unless given), start the engine and the proxy; stop them on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -211,15 +226,11 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
                 app.state.proxy = None
             engine.stop()
 
-    app = FastAPI(title="hguard", version="0.1.0", lifespan=lifespan)
-    app.state.serving = None
-    app.state.proxy = None
-    app.include_router(router)
-    app.add_middleware(TrimAfterLarge)  # glibc keeps what a large request freed: give it back
-    app.add_middleware(BodyLimit)
+    return lifespan
 
-    if settings.api_key:
-        app.add_middleware(ApiKey, key=settings.api_key)
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI error body; a refused completion request counted in the metrics once."""
 
     def refused(request: Request, status: int) -> None:
         serving = request.app.state.serving
@@ -247,11 +258,7 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return _error(error.status_code, str(error.detail), kind, headers=error.headers)  # 405: Allow
 
-    app.openapi = _without_422(app.openapi)
-
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):  # a bug of ours, never the client's input
         logging.getLogger("hguard.server").error("unexpected error on %s", request.url.path, exc_info=error)
         return _error(500, f"internal error: {type(error).__name__}", "server_error")
-
-    return app
