@@ -220,34 +220,14 @@ class Serving:
     async def _events(self, request, job: Job, chat: bool) -> AsyncIterator[str]:
         """Server-Sent Events in the OpenAI chunk format; an error mid-stream is an error event (its cause
         is logged, not sent). A stream whose client left is counted with status 499."""
-        cid, created = new_id("chatcmpl" if chat else "cmpl"), now()
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choices: list[dict], usage: dict | None = None, finishing: bool = False) -> str:
-            body = {"id": cid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
-            # chat chunks carry `usage: null` until the last when usage is asked for, as OpenAI's do; the
-            # legacy completions schema has no null usage, so its chunks leave it out until then
-            if usage is not None or (chat and request.stream_options and request.stream_options.include_usage):
-                body["usage"] = usage
-            return f"data: {json.dumps(finishing_chunk(body, choices) if finishing else body)}\n\n"
-
+        out = _Chunks(self, request, chat)
+        chunk, logprobs = out.chunk, out.logprobs
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                           "logprobs": None} for i in range(len(job.rows))])
         completion = 0
         results: list[GuardResult] = []
         endpoint = endpoint_name(chat)
-        token_chars: dict[int, int] = {}  # per choice: characters of token text so far (text_offset)
-
-        def logprobs(event: TokenEvent) -> dict | None:
-            if event.logprob is None:
-                return None
-            if chat:
-                return chat_logprobs([self._chat_entry(event.token_id, event.logprob)])
-            entries = self._text_entries([event.token_id], [event.logprob], token_chars.get(event.row, 0))
-            token_chars[event.row] = token_chars.get(event.row, 0) + len(entries["tokens"][0])
-            return entries
-
         finished = False
         try:
             while (item := await job.events.get()) is not DONE:
@@ -281,3 +261,32 @@ class Serving:
             if not finished:  # the client left (the generator was closed or cancelled mid-stream)
                 self.record(endpoint, CLIENT_CLOSED, job)
         yield "data: [DONE]\n\n"
+
+
+class _Chunks:
+    """One stream's SSE chunks in the OpenAI format, and each streamed token's logprobs entry."""
+
+    def __init__(self, serving: Serving, request, chat: bool) -> None:
+        self.serving, self.request, self.chat = serving, request, chat
+        self.id, self.created = new_id("chatcmpl" if chat else "cmpl"), now()
+        self.kind = "chat.completion.chunk" if chat else "text_completion"
+        self.token_chars: dict[int, int] = {}  # per choice: characters of token text so far (text_offset)
+
+    def chunk(self, choices: list[dict], usage: dict | None = None, finishing: bool = False) -> str:
+        body = {"id": self.id, "object": self.kind, "created": self.created, "model": self.serving.model_name,
+                "choices": choices}
+        # chat chunks carry `usage: null` until the last when usage is asked for, as OpenAI's do; the
+        # legacy completions schema has no null usage, so its chunks leave it out until then
+        if usage is not None or (self.chat and self.request.stream_options and self.request.stream_options.include_usage):
+            body["usage"] = usage
+        return f"data: {json.dumps(finishing_chunk(body, choices) if finishing else body)}\n\n"
+
+    def logprobs(self, event: TokenEvent) -> dict | None:
+        if event.logprob is None:
+            return None
+        if self.chat:
+            return chat_logprobs([self.serving._chat_entry(event.token_id, event.logprob)])
+        offset = self.token_chars.get(event.row, 0)
+        entries = self.serving._text_entries([event.token_id], [event.logprob], offset)
+        self.token_chars[event.row] = offset + len(entries["tokens"][0])
+        return entries
