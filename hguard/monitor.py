@@ -48,6 +48,7 @@ class Monitor:
         self._acc: torch.Tensor | None = None
         self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, its z [batch, 1, I]
         self._h: list[torch.Tensor] = []  # ... and its output h [batch, 1, H] (references, no copy)
+        self._h_versions: list[int] = []  # ... and h's in-place version counter when kept
         self._index: torch.Tensor | None = None  # the selected neurons in those z laid end to end (first step)
         self._fast = policy is not None and bound.single_device
         self._running: torch.Tensor | None = None  # [batch] sum of logits so far
@@ -98,7 +99,7 @@ class Monitor:
         return h + removed.to(h.dtype) @ self.bound.h_columns(term).to(h.dtype)
 
     def _post_hook(self, term: LayerTerm, first: bool, last: bool):
-        keep_z, keep_h = self._z.append, self._h.append
+        keep_z, keep_h, keep_version = self._z.append, self._h.append, self._h_versions.append
         reads_unscaled = self.policy is not None and self.policy.scales
 
         def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -111,6 +112,7 @@ class Monitor:
                     z, output = z[:, -1:].clone(), output[:, -1:].clone()
                 keep_z(z)
                 keep_h(output)
+                keep_version(output._version)
 
         if self._fast and not last and self.step_timer is None:  # most hooks of a generation
             return keep
@@ -159,6 +161,11 @@ class Monitor:
         the hooks kept, in four kernels whatever the number of hooked layers."""
         if self._index is None:  # the layers' widths are the same at every step
             self._index = self.bound.flat_index(tuple(z.shape[-1] for z in self._z))
+        for i, (h, version) in enumerate(zip(self._h, self._h_versions)):
+            if h._version != version:  # the layer added to h in place (falcon's parallel attention):
+                module = self.bound.sites.down(self.bound.terms[i].layer)  # h again, as the layer made it
+                self._h[i] = type(module).forward(module, self._z[i])
+        self._h_versions.clear()
         z = torch.cat(self._z, dim=-1)[:, -1].index_select(1, self._index)
         norms = torch.linalg.vector_norm(torch.stack(self._h)[:, :, -1], dim=-1, dtype=torch.float32)
         self._z.clear()

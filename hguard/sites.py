@@ -58,9 +58,7 @@ _MOE_TYPES = {
 _BROKEN: dict[str, str] = {
     "opt": "its decoder layers flatten tokens to [tokens, features] before the MLP, and the hooks read "
            "[batch, positions, features] (IndexError in the monitor)",
-    "falcon": "streamed scores differ from teacher-forced ones by about 1e-2 even at batch 1 (cause not yet found)",
     "openai-gpt": "it has no KV cache and its left-padded batched generation fails inside transformers",
-    "persimmon": "streamed scores differ from teacher-forced ones beyond 1e-4 (cause not yet found)",
     **dict.fromkeys(
         ("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
          "trocr", "whisper"),
