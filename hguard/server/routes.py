@@ -9,6 +9,7 @@ error in the OpenAI error body. A non-streamed completion also carries its verdi
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 from fastapi import APIRouter, Request
@@ -75,19 +76,18 @@ def _serving(request: Request) -> Serving:
     return serving
 
 
-async def _complete(http: Request, body, chat: bool):
-    """Hosted or proxied alike: each mode (Serving, Proxy) builds the answer or the stream and records
-    its metrics; the route shapes the HTTP reply and races a non-streamed answer against the client's
-    disconnect (499)."""
-    serving = _serving(http)
-    mode = http.app.state.proxy or serving
-    if body.stream:
-        return StreamingResponse(await mode.stream(body, chat), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    answer = await _unless_disconnected(http, mode.complete(body, chat))
-    if answer is None:  # the client left: its generation or scoring stopped
-        return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(answer, headers=verdict_headers(answer))
+def with_cancellation(handler):
+    """A route that races its handler against the client's disconnect: a client that leaves first gets
+    499 and its work is cancelled (generation or scoring stops; the mode records the 499). A streamed
+    reply is handed over at once, so only the wait for a whole answer is raced; a stream notices the
+    client leaving itself."""
+
+    @functools.wraps(handler)
+    async def route(*args, **kwargs):
+        answer = await _unless_disconnected(kwargs["http"], handler(*args, **kwargs))
+        return Response(status_code=CLIENT_CLOSED) if answer is None else answer
+
+    return route
 
 
 async def _unless_disconnected(http: Request, work, poll: float = 0.25):
@@ -104,12 +104,26 @@ async def _unless_disconnected(http: Request, work, poll: float = 0.25):
         task.cancel()
 
 
+async def _complete(http: Request, body, chat: bool):
+    """Hosted or proxied alike: each mode (Serving, Proxy) builds the answer or the stream and records
+    its metrics; the route shapes the HTTP reply."""
+    serving = _serving(http)
+    mode = http.app.state.proxy or serving
+    if body.stream:
+        return StreamingResponse(await mode.stream(body, chat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    answer = await mode.complete(body, chat)
+    return JSONResponse(answer, headers=verdict_headers(answer))
+
+
 @router.post("/v1/chat/completions", responses=_COMPLETION)
+@with_cancellation
 async def chat_completions(body: ChatCompletionRequest, http: Request):
     return await _complete(http, body, chat=True)
 
 
 @router.post("/v1/completions", responses=_COMPLETION)
+@with_cancellation
 async def completions(body: CompletionRequest, http: Request):
     return await _complete(http, body, chat=False)
 
