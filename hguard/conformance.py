@@ -78,6 +78,8 @@ OVERRIDES: dict[str, dict] = {
     "mamba2": dict(num_heads=8, head_dim=8), "bamba": dict(mamba_n_heads=8, mamba_d_head=8, attn_layer_indices=[1]),
     "gemma4_text": dict(vocab_size_per_layer_input=400, hidden_size_per_layer_input=8),
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8),
+    # (its default SSM widths made transformers 5.16's chunked scan ask for 34 GB on the tiny config)
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=16),
     "gemma4_assistant": dict(hidden_size_per_layer_input=0),
     "prophetnet": dict(num_encoder_layers=2, num_decoder_layers=2, num_hidden_layers=None),
     "xlnet": dict(max_position_embeddings=None), "reformer": dict(is_decoder=True),
