@@ -16,8 +16,10 @@ Methods (higher score = more likely hallucinated):
   fused           candidate (issue 20): a standardised L2 logistic fit over the probe's score, the
                   perplexity and the mean token entropy of the whole response. All three are means over
                   the response's tokens, so this is the mean of one per-token dot product (CETT terms,
-                  the token's log-probability, its entropy): a score the guard could give each token
-  logit_fused     the same fit without the probe (what the two logit inputs give alone)
+                  the token's log-probability, its entropy): a score the guard could give each token.
+                  Fitted on the training suite's "val" side: the probe was fitted on "train", where its
+                  own score is better than anywhere else and a stack fitted there would lean on it
+  logit_fused     the same fit without the probe (what the two logit inputs give alone), also on "val"
 Baselines are fitted on the "train" side of the training suite, with the probe's class balancing (the
 same class weights, or a subsample drawn by the same rule from its seed), and tuned on its "val" side; every
 method's decision threshold is the one with the best accuracy on the balanced "val" side. Suites are
@@ -163,7 +165,8 @@ def logit_scorers(span: bool = False) -> dict[str, Scorer]:
 
 
 def fused_scorer(parts: Sequence[Scorer], train: Collected, seed: int, balance: str = "none") -> Scorer:
-    """A standardised L2 logistic fit over the scores `parts` give each response, on `train`."""
+    """A standardised L2 logistic fit over the scores `parts` give each response, on `train` (a side that
+    none of the parts was fitted on)."""
     def features(data: Collected) -> np.ndarray:
         return np.stack([part(data) for part in parts], axis=1)
 
@@ -225,10 +228,10 @@ def fitted_methods(probe: Probe, intermediate: int, train: Collected, val: Colle
         for span in (False, True):
             methods.update({name: ([scorer], {"library": "lm-polygraph"}) for name, scorer in logit_scorers(span).items()})
         means = [methods[name][0][0] for name in ("perplexity", "mean_token_entropy")]
-        methods["fused"] = ([fused_scorer([methods["h_neurons"][0][0], *means], train, seed, balance)],
-                            {"inputs": ["h_neurons", "perplexity", "mean_token_entropy"]})
-        methods["logit_fused"] = ([fused_scorer(means, train, seed, balance)],
-                                  {"inputs": ["perplexity", "mean_token_entropy"]})
+        methods["fused"] = ([fused_scorer([methods["h_neurons"][0][0], *means], val, seed, balance)],
+                            {"inputs": ["h_neurons", "perplexity", "mean_token_entropy"], "fitted_on": "val"})
+        methods["logit_fused"] = ([fused_scorer(means, val, seed, balance)],
+                                  {"inputs": ["perplexity", "mean_token_entropy"], "fitted_on": "val"})
 
     def prompt_only(data: Collected) -> np.ndarray:
         if data.last_prompt is None:
