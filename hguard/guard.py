@@ -48,6 +48,10 @@ class Guard:
         weights, e.g. on the meta device, whose weights an engine elsewhere holds and checks)."""
         self.model = model
         self.sites = resolve(model)  # fails early, naming the model type, on an unsupported model
+        if check_weights and (offloaded := self.sites.offloaded()):
+            raise ValueError(f"layers {offloaded} are offloaded to disk (their weights are not in memory); the "
+                             "guard reads every hooked layer's weights: place them on a device (device_map "
+                             "with CPU layers works)")
         if tokenizer is None:
             tokenizer = _tokenizer_for(model)
         self.tokenizer = tokenizer

@@ -101,6 +101,11 @@ class Sites:
         weight = weight.t() if self.transposed else weight
         return weight[self.intermediate_size:] if self.up_fused else weight
 
+    def offloaded(self) -> list[int]:
+        """Layers whose down projection holds no weights in memory (on the meta device: a `device_map` that
+        offloads them to disk, which loads them only for the duration of each forward)."""
+        return [i for i in range(self.num_layers) if self.down(i).weight.device.type == "meta"]
+
     def column_norms(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
         """||W_down[:, j]|| for the given neuron indices, in fp32 on the weight's device."""
         weight = self.down_weight(layer)
