@@ -26,8 +26,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .answer import Answer
 from .batching import left_pad, pad_id
 from .compat import generated_cache
-from .logprobs import LogprobRecorder, check_top
 from .graph import GraphMonitor
+from .logprobs import LogprobRecorder, check_top
 from .monitor import Monitor, score_last_tokens
 from .policy import Policy
 from .results import GuardResult, TokenEvent

@@ -255,10 +255,11 @@ def score_last_tokens(
     `attention_mask` covers `sequences` (prompt padding and all generated positions); the prompt is
     `sequences`' first `prompt_width` columns. The forward stops after the last hooked layer: no later
     layer and no LM head run. With generation's cache it is one position; without one (`use_cache=False`)
-    or with a fixed-size one that is full (a sliding window's; a static cache is sized one longer by the
-    episode), the whole sequences run again and only their last position is kept. Dampen's factors apply as generation applied them:
-    after a cached generation, to each row's positions after its trigger; without a cache, every step
-    ran the whole sequences with the row's current factor, and so does this one.
+    or with a fixed-size one that is full (a sliding window's; the episode sizes a static cache one
+    longer), the whole sequences run again and only their last position is kept. Dampen's factors apply
+    as generation applied them: after a cached generation, to each row's positions after its trigger;
+    without a cache, every step ran the whole sequences with the row's current factor, and so does this
+    one.
     """
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     whole, factor = not _extendable(cache, sequences.shape[1]), None

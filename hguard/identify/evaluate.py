@@ -164,13 +164,13 @@ def logit_scorers(span: bool = False) -> dict[str, Scorer]:
             for name in LOGIT_SCORES}
 
 
-def fused_scorer(parts: Sequence[Scorer], train: Collected, seed: int, balance: str = "none") -> Scorer:
-    """A standardised L2 logistic fit over the scores `parts` give each response, on `train` (a side that
-    none of the parts was fitted on)."""
+def fused_scorer(parts: Sequence[Scorer], side: Collected, seed: int, balance: str = "none") -> Scorer:
+    """A standardised L2 logistic fit over the scores `parts` give each response, on `side` (one that none
+    of the parts was fitted on)."""
     def features(data: Collected) -> np.ndarray:
         return np.stack([part(data) for part in parts], axis=1)
 
-    fit = _l2(features(train), train.labels, 1.0, seed, question_weights(train.labels, balance))
+    fit = _l2(features(side), side.labels, 1.0, seed, question_weights(side.labels, balance))
     return lambda data: fit.decision_function(features(data))
 
 
