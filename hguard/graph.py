@@ -82,10 +82,8 @@ class GraphMonitor(Monitor):
 
     def __init__(self, bound: BoundProbe, policy: Policy, rows: int) -> None:
         super().__init__(bound, policy)
-        self.tap = GraphTap.of(bound, rows)
-        self.tap.scaling = policy.scales
-        self.tap.stop_early = False
-        self.tap.factor.fill_(self.factor if isinstance(self.factor, float) else 1.0)
+        self.rows = rows
+        self.tap: GraphTap | None = None  # taken when the hooks go on (under the model's lock)
 
     @staticmethod
     def usable(bound: BoundProbe) -> bool:
@@ -95,6 +93,11 @@ class GraphMonitor(Monitor):
 
     @contextmanager
     def attached(self) -> Iterator["GraphMonitor"]:
+        """Set the tap of this batch size for this generation and put its wrappers on; the caller holds
+        the model's lock, so no other generation shares the tap meanwhile."""
+        self.tap = GraphTap.of(self.bound, self.rows)
+        self.tap.scaling, self.tap.stop_early = self.policy.scales, False
+        self.tap.factor.fill_(self.factor if isinstance(self.factor, float) else 1.0)
         installed = []
         try:
             for module, forward in self.tap.wrappers:
