@@ -152,15 +152,7 @@ class Proxy:
         return Scores.of(scores.token_ids[:kept], logits, calibration), True
 
     async def _complete(self, request, chat: bool, policy: Policy, prompt: list[int], path: str) -> dict:
-        # each choice's prompt forward runs while the upstream generates
-        windows = [self.scoring.window(prompt) for _ in range(request.n)] if policy is not None else []
-        priming = [asyncio.ensure_future(window.prime()) for window in windows]
-        try:
-            data = await self.upstream.body(path, await self._forward(request, policy))
-        except BaseException:
-            for task in priming:
-                task.cancel()
-            raise
+        data = await self.upstream.body(path, await self._forward(request, policy))
         if isinstance(data, dict) and "error" in data:  # an error sent with a 2xx
             raise relayed_error(502, data)
         try:
@@ -168,9 +160,9 @@ class Proxy:
         except ShapeError as error:
             raise broken(str(error)) from None
         shown = request.return_token_ids is True  # the client asked for the ids too
-        for index, choice in enumerate(body["choices"]):
+        for choice in body["choices"]:
             text = (choice["message"]["content"] if chat else choice["text"]) or ""
-            window = windows[index] if policy is not None else None
+            window = self.scoring.window(prompt) if policy is not None else None
             ids = self.own_ids((body if chat else choice).get(PROMPT_IDS), choice.get(ANSWER_IDS), choice, prompt) \
                 if window is not None else None
             scores = await window.score(text, ids) if window is not None else None
@@ -214,7 +206,6 @@ class Proxy:
         try:
             await relay.start()  # the first event: an upstream that fails before it is a 502 or 504 status
         except BaseException:
-            relay.stop_priming()
             slot.release()
             events.close()
             await response.aclose()

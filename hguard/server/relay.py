@@ -21,7 +21,6 @@ ends before all its choices did. A stream whose client left is counted with stat
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -108,15 +107,6 @@ class Relay:
         self.shown = request.return_token_ids is True  # the client asked for the token ids too
         self._prompt_ids: list[int] | None = None  # a chat's prompt ids, as the upstream sent them
         self._prompt_pending = False  # they go out with the next event
-        self._priming: list[asyncio.Future] = []
-        if policy is not None:  # each choice's prompt forward runs while the upstream works on its first token
-            for index in range(request.n):
-                self.choices[index] = _Choice(proxy.scoring.window(prompt))
-                self._priming.append(asyncio.ensure_future(self.choices[index].window.prime()))
-
-    def stop_priming(self) -> None:
-        for priming in self._priming:
-            priming.cancel()
 
     async def start(self) -> None:
         """Read and check the upstream's first event; its failures are raised (an HTTP status)."""
@@ -182,7 +172,6 @@ class Relay:
         finally:
             self.slot.release()
             self.proxy.count(self.chat, self.policy, self.verdicts, self.prompt, status)
-            self.stop_priming()
             self.choices.clear()  # the KV caches go now, not when the response object does
             self.upstream.close()
             await self.response.aclose()

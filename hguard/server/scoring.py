@@ -169,15 +169,6 @@ class Window:
         self._settled_chars = at
         self._seam = text[max(0, at - 32): at]
 
-    async def prime(self) -> None:
-        """Run the prompt's forward now (while the upstream works on its first token), so that the first
-        tokens of the answer cost only their own positions. A failure here is left for `score` to meet."""
-        if not self._ids and self.room:
-            try:
-                await self.scoring.run(self.scorer, [])
-            except Exception:  # noqa: BLE001 - the scorer starts over; the answer's scoring reports it
-                pass
-
     async def score(self, text: str, ids: list[int] | None = None) -> Scores | None:
         """Scores of the answer's tokens in the window (None: no tokens): of `ids` where the upstream
         gave them, else of the text re-tokenised; once the window is full, the same scores whatever
