@@ -87,8 +87,9 @@ class GraphMonitor(Monitor):
 
     @staticmethod
     def usable(bound: BoundProbe) -> bool:
-        """Whether this binding can be tapped so: its layers on one device, no other forward wrapper."""
-        return bound.single_device and not any(
+        """Whether this binding can be tapped so: its layers on one device, dense MLPs (an experts module's
+        routing is data-dependent), no other forward wrapper."""
+        return bound.single_device and not bound.sites.experts and not any(
             "forward" in bound.sites.down(term.layer).__dict__ for term in bound.terms)
 
     @contextmanager

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,7 @@ class HookSpec:
     module: nn.Module
     pre: PreHook | None = None
     post: PostHook | None = None
+    neurons: torch.Tensor | None = None  # the neurons the hooks read (None: all); a virtual module computes only those
 
 
 @contextmanager
@@ -60,16 +61,20 @@ def hooked(specs: Sequence[HookSpec]) -> Iterator[None]:
     arguments before the first's pre-hook), so one spec carries a module's pre and post. Blocks on one
     module may end in any order: each takes out only its own wrapper."""
     installed: list[tuple[nn.Module, Callable]] = []
-    try:
-        for spec in specs:
-            if spec.pre is not None or spec.post is not None:
-                wrapper = _wrapper(spec)
-                spec.module.forward = wrapper
-                installed.append((spec.module, wrapper))
-        yield
-    finally:
-        for module, wrapper in reversed(installed):
-            _unwrap(module, wrapper)
+    with ExitStack() as attachments:
+        try:
+            for spec in specs:
+                if spec.pre is not None or spec.post is not None:
+                    attach = getattr(spec.module, "hguard_attached", None)  # experts.ExpertsDown
+                    if attach is not None:
+                        attachments.enter_context(attach(spec.neurons))
+                    wrapper = _wrapper(spec)
+                    spec.module.forward = wrapper
+                    installed.append((spec.module, wrapper))
+            yield
+        finally:
+            for module, wrapper in reversed(installed):
+                unwrap(module, wrapper)
 
 
 def _wrapper(spec: HookSpec) -> Callable:
@@ -92,7 +97,7 @@ def _wrapper(spec: HookSpec) -> Callable:
     return forward
 
 
-def _unwrap(module: nn.Module, wrapper: Callable) -> None:
+def unwrap(module: nn.Module, wrapper: Callable) -> None:
     """Take `wrapper` out of the module's chain of forward wrappers, wherever it is in the chain."""
     outer, current = None, module.__dict__.get("forward")
     while current is not None and current is not wrapper:

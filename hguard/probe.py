@@ -7,7 +7,8 @@ token costs one gather, an abs, a dot and one norm per layer that has selected n
 (what `dampen`/`scale` act on) are the neurons with positive weight.
 
 File layout: tensors `layer`, `neuron` (int64), `weight`, `column_norm` (fp32), `bias` (fp32, [1]);
-string metadata `format`, `version`, `fingerprint` (JSON), `calibration` (JSON), `threshold`, optionally
+string metadata `format`, `version` ("1"; "2" for a mixture-of-experts model, whose fingerprint names
+its `experts` per layer and whose neuron index is expert * expert_width + neuron), `fingerprint` (JSON), `calibration` (JSON), `threshold`, optionally
 `watch_threshold` (for the running mean; see policy.py), `training` (JSON) and `checksum` (sha256 of
 the tensors). Loading onto the wrong model is a
 `ProbeMismatchError` naming the field that differs; a damaged file is a `ProbeFormatError`.
@@ -31,7 +32,9 @@ from .policy import Calibration
 from .sites import Sites, resolve
 
 FORMAT = "hguard.probe"
-VERSION = "1"
+VERSION = "1"  # dense models' probes
+EXPERTS_VERSION = "2"  # mixture-of-experts models' probes (also read: "1")
+_VERSIONS = (VERSION, EXPERTS_VERSION)
 EPS = 1e-6  # added to ||h|| in every CETT denominator (guard, scorer and feature extraction alike)
 
 
@@ -43,7 +46,7 @@ def cett(z: torch.Tensor, h: torch.Tensor, column_norm: torch.Tensor | float = 1
     reordered form: (|z| @ w) / (||h|| + EPS) per layer, for all of a step's layers in one product."""
     return z.abs().float() * column_norm / (torch.linalg.vector_norm(h.float(), dim=-1, keepdim=True) + EPS)
 NORM_RTOL = 2e-2  # column norms must agree this closely (covers bf16/fp16 copies of the same weights)
-_ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size")
+_ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "experts")
 _TENSORS = ("layer", "neuron", "weight", "column_norm", "bias")
 
 
@@ -56,12 +59,16 @@ class ProbeMismatchError(ValueError):
 
 
 def fingerprint(sites: Sites) -> dict[str, object]:
-    return {
+    """The architecture a probe fits; `intermediate_size` counts every neuron of a layer (all experts')."""
+    found: dict[str, object] = {
         "model_type": sites.model_type,
         "num_layers": sites.num_layers,
         "hidden_size": sites.hidden_size,
         "intermediate_size": sites.intermediate_size,
     }
+    if sites.experts:
+        found["experts"] = sites.experts
+    return found
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -184,7 +191,7 @@ class Probe:
         tensors = self._tensors()
         metadata = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": EXPERTS_VERSION if "experts" in self.fingerprint else VERSION,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "calibration": self.calibration.to_json(),
             "threshold": repr(float(self.threshold)),
@@ -213,8 +220,8 @@ class Probe:
             raise ProbeFormatError(f"{path}: not a readable safetensors probe file ({error})") from error
         if metadata.get("format") != FORMAT:
             raise ProbeFormatError(f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
-        if metadata.get("version") != VERSION:
-            raise ProbeFormatError(f"{path}: probe format version {metadata.get('version')!r} is not {VERSION!r}")
+        if metadata.get("version") not in _VERSIONS:
+            raise ProbeFormatError(f"{path}: probe format version {metadata.get('version')!r} is not one of {_VERSIONS}")
         missing = set(_TENSORS) - names
         if missing:
             raise ProbeFormatError(f"{path}: missing tensors {sorted(missing)}")
@@ -249,15 +256,20 @@ class Probe:
         """None if the probe fits `model`, else a sentence naming the first field that differs."""
         actual = fingerprint(resolve(model))
         for name in _ARCH_FIELDS:
-            if self.fingerprint.get(name) != actual[name]:
-                return f"{name}: the probe was fitted on {self.fingerprint.get(name)!r}, the model has {actual[name]!r}"
+            if self.fingerprint.get(name) != actual.get(name):
+                return f"{name}: the probe was fitted on {self.fingerprint.get(name)!r}, the model has {actual.get(name)!r}"
         if strict:
             fresh = Probe.from_weights(model, self.layer, self.neuron, self.weight, 0.0).column_norm
             if not torch.allclose(fresh, self.column_norm, rtol=NORM_RTOL, atol=1e-6):
                 worst = int(((fresh - self.column_norm).abs() / self.column_norm.abs().clamp_min(1e-6)).argmax())
+                neuron = int(self.neuron[worst])
+                experts = self.fingerprint.get("experts")
+                if experts:  # name the expert and its own neuron index
+                    expert, index = divmod(neuron, int(self.fingerprint["intermediate_size"]) // int(experts))
+                    neuron = f"{index} of expert {expert}"
                 return (
                     "column_norm (weights): the down-projection column of layer "
-                    f"{int(self.layer[worst])} neuron {int(self.neuron[worst])} has norm "
+                    f"{int(self.layer[worst])} neuron {neuron} has norm "
                     f"{float(fresh[worst]):.6g}, the probe expects {float(self.column_norm[worst]):.6g}"
                 )
         return None
@@ -331,8 +343,7 @@ class BoundProbe:
         """[m_l, hidden] the down projection's columns of `term`'s H-Neurons (cached): what one unit of each
         adds to the layer's output h."""
         if term.layer not in self._h_columns:
-            weight = self.sites.down_weight(term.layer)  # [hidden, intermediate]
-            self._h_columns[term.layer] = weight.detach().index_select(1, term.h_index.to(weight.device)).t()
+            self._h_columns[term.layer] = self.sites.columns(term.layer, term.h_index).detach().t()
         return self._h_columns[term.layer]
 
     def flat_index(self, widths: tuple[int, ...]) -> torch.Tensor:

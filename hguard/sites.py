@@ -3,8 +3,9 @@
 A neuron is one element of the *input* of the MLP's down projection (gated MLPs: act(gate(x)) * up(x);
 GPT-2 style: act(c_fc(x)) feeding c_proj). `resolve(model)` returns a `Sites` view with the decoder
 layers, each layer's down projection and how its weight is laid out. Architectures missing from the
-table go through a generic search for a down projection; mixture-of-experts models are refused, since a
-neuron there would need an expert index too. Where nothing fits, the error names the model type.
+table go through a generic search for a down projection. In a mixture-of-experts model the neurons are
+the routed experts' (experts.py): layer l's "down projection" is a virtual one over its E experts'
+neurons laid end to end, neuron e * I + i. Where nothing fits, the error names the model type.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .experts import ExpertsDown, check_layout, is_experts
 
 
 class UnsupportedModelError(ValueError):
@@ -65,6 +68,8 @@ _BROKEN: dict[str, str] = {
         "the decoder of an encoder-decoder model; its learned positions follow the cache length, not "
         "position_ids, so a left-padded batch row is scored at shifted positions (differs by ~1e-1)"),
     "dory": "its generation fails inside its own attention on a tiny config (mask length mismatch)",
+    "deepseek_v4": "its compressed attention does not honour a left-padded batch's attention mask (a padded row's "
+                   "logits differ from the row's alone by ~1e-1, without hguard)",
 }
 _MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -82,21 +87,48 @@ class Sites:
     intermediate_size: int
     hidden_size: int
     layers_path: str = ""  # module path of the layers' ModuleList, from the causal-LM wrapper
+    experts: int = 0  # routed experts per layer (mixture of experts; `down_name` is then the experts module)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def down(self, layer: int) -> nn.Module:
-        return self.layers[layer].get_submodule(self.down_name)
+    def down(self, layer: int) -> nn.Module | ExpertsDown:
+        """The module whose input is layer `layer`'s neuron vector z and whose output is h (hooks go here);
+        for experts, their virtual down projection."""
+        module = self.layers[layer].get_submodule(self.down_name)
+        if self.experts:
+            parent = self.down_name.rpartition(".")[0]
+            return ExpertsDown.of(module, self.layers[layer].get_submodule(parent) if parent else self.layers[layer])
+        return module
 
     def down_weight(self, layer: int) -> torch.Tensor:
-        """W_down as [hidden, intermediate]: column j writes neuron j into the residual stream."""
+        """W_down as [hidden, intermediate]: column j writes neuron j into the residual stream (dense MLPs)."""
+        self._dense_only("the whole down projection")
         weight = self.down(layer).weight
         return weight.t() if self.transposed else weight
 
+    def columns(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        """[hidden, k] the down projection's columns of the given neurons: what one unit of each adds to h."""
+        if self.experts:
+            return self.down(layer).columns(neurons)
+        weight = self.down_weight(layer)
+        return weight.index_select(1, neurons.to(weight.device))
+
+    def all_column_norms(self, layer: int) -> torch.Tensor:
+        """[intermediate] ||W_down[:, j]|| of every neuron of layer `layer`, fp32."""
+        if self.experts:
+            return self.down(layer).column_norms()
+        return torch.linalg.vector_norm(self.down_weight(layer).float(), dim=0)
+
+    def _dense_only(self, what: str) -> None:
+        if self.experts:
+            raise UnsupportedModelError(f"model_type {self.model_type!r}: {what} is defined for dense MLPs only "
+                                        "(this model's neurons are its routed experts')")
+
     def up_weight(self, layer: int) -> torch.Tensor:
-        """W_up as [intermediate, hidden]: row j reads neuron j's up input."""
+        """W_up as [intermediate, hidden]: row j reads neuron j's up input (dense MLPs)."""
+        self._dense_only("the up projection")
         weight = self.layers[layer].get_submodule(self.up_name).weight
         weight = weight.t() if self.transposed else weight
         return weight[self.intermediate_size:] if self.up_fused else weight
@@ -108,8 +140,7 @@ class Sites:
 
     def column_norms(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
         """||W_down[:, j]|| for the given neuron indices, in fp32 on the weight's device."""
-        weight = self.down_weight(layer)
-        return torch.linalg.vector_norm(weight[:, neurons.to(weight.device)].float(), dim=0)
+        return torch.linalg.vector_norm(self.columns(layer, neurons).float(), dim=0)
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -203,26 +234,44 @@ def _spec_for(model: nn.Module, model_type: str) -> SiteSpec:
     return SiteSpec(layers=layers_path, down=down, up=up, up_fused=up.endswith("gate_up_proj"))
 
 
-def refuse_moe(model_type: str) -> None:
-    """Raise the mixture-of-experts refusal, naming `model_type`."""
-    raise UnsupportedModelError(
-        f"model_type {model_type!r} is a mixture-of-experts model; hguard supports dense MLPs only "
-        "(an H-Neuron there would be (layer, expert, index), which the probe format does not carry)"
-    )
+def refuse_moe(model_type: str, reason: str) -> None:
+    """Raise the mixture-of-experts refusal, naming `model_type` and why."""
+    raise UnsupportedModelError(f"model_type {model_type!r} is a mixture-of-experts model that hguard cannot read: "
+                                f"{reason}")
 
 
-def is_moe_type(model_type: str) -> bool:
-    """Whether `model_type` is known to be a mixture-of-experts architecture (by name, without a model)."""
-    return model_type in _MOE_TYPES
+def _experts_sites(model: nn.Module, model_type: str) -> Sites:
+    """Sites of a mixture-of-experts model: every decoder layer's routed experts module (experts.py)."""
+    found = _find_layers(model)
+    if found is None:
+        refuse_moe(model_type, "no list of decoder layers found")
+    layers_path, layers = found
+    paths = [next((path for path, module in layer.named_modules() if is_experts(module)), None) for layer in layers]
+    dense = [i for i, path in enumerate(paths) if path is None]
+    if len(dense) == len(paths):
+        refuse_moe(model_type, "no experts module with 3-D gate_up_proj and down_proj weights in its layers")
+    if dense or len(set(paths)) > 1:
+        refuse_moe(model_type, f"its layers mix dense MLPs and routed experts (no experts module in layers {dense})"
+                   if dense else f"its experts modules sit at different paths ({sorted(set(paths))})")
+    views = [ExpertsDown(layer.get_submodule(paths[0]), layer) for layer in layers]
+    if len({(v.num_experts, v.width, v.hidden, v.transposed) for v in views}) > 1:
+        refuse_moe(model_type, "its layers' experts differ in number or width")
+    problem = check_layout(views[0].experts)
+    if problem is not None:
+        refuse_moe(model_type, problem)
+    first = views[0]
+    return Sites(model_type=model_type, layers=tuple(layers), down_name=paths[0], up_name="", up_fused=False,
+                 transposed=first.transposed, intermediate_size=first.intermediate_size, hidden_size=first.hidden,
+                 layers_path=layers_path, experts=first.num_experts)
 
 
 def resolve(model: nn.Module) -> Sites:
     """The neuron sites of `model`; raises UnsupportedModelError naming the model type."""
     model_type = model_type_of(model)
-    if _is_moe(model, model_type):
-        refuse_moe(model_type)
     if model_type in _BROKEN:
         raise UnsupportedModelError(f"model_type {model_type!r}: not supported: {_BROKEN[model_type]}")
+    if _is_moe(model, model_type):
+        return _experts_sites(model, model_type)
     spec = _spec_for(model, model_type)
     layers = tuple(model.get_submodule(spec.layers))
     shape = _in_out(layers[0].get_submodule(spec.down))

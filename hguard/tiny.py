@@ -31,7 +31,8 @@ _SHAPES: dict[str, dict] = {
     "phi3": {"pad_token_id": 1},
     "gpt2": {},
     "gpt_neox": {},  # not in the site table: exercises the generic search
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # refused: mixture of experts
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # mixture of experts (hguard/experts.py)
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True},
 }
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox")
 

@@ -71,7 +71,7 @@ def alpha_zero_is_zeroed_columns(guard: Guard, prompts: list, max_new_tokens: in
     zsites = resolve(zeroed)
     with torch.no_grad():
         for layer, neuron in zip(probe.layer[probe.h_neurons].tolist(), probe.neuron[probe.h_neurons].tolist()):
-            zsites.down_weight(layer)[:, neuron] = 0.0
+            _zero_column(zsites, layer, neuron)
     expected = _plain(guard, zeroed, prompts, max_new_tokens)
     plain = _plain(guard, guard.model, prompts, max_new_tokens)
     assert not torch.equal(expected, plain), "zeroing the probe's columns should change some tokens"
@@ -79,6 +79,19 @@ def alpha_zero_is_zeroed_columns(guard: Guard, prompts: list, max_new_tokens: in
     for row, result in enumerate(results):
         assert result.token_ids == expected[row].tolist()[: len(result.token_ids)]
         assert result.verdict == "dampened"
+
+
+def _zero_column(sites, layer: int, neuron: int) -> None:
+    """Zero neuron `neuron`'s column of layer `layer`'s down projection (an expert's, for experts)."""
+    if not sites.experts:
+        sites.down_weight(layer)[:, neuron] = 0.0
+        return
+    view = sites.down(layer)
+    expert, index = divmod(neuron, view.width)
+    if view.transposed:
+        view.experts.down_proj[expert, index, :] = 0.0
+    else:
+        view.experts.down_proj[expert, :, index] = 0.0
 
 
 def abstain_extremes(guard: Guard, prompts: list, max_new_tokens: int = 8) -> list[GuardResult]:

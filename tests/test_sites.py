@@ -37,11 +37,17 @@ def test_generic_search_finds_gpt_neox(tiny_dirs):
     assert sites.down_name == "mlp.dense_4h_to_h" and sites.up_name == "mlp.dense_h_to_4h"
 
 
-def test_mixture_of_experts_is_refused_by_name():
+def test_mixture_of_experts_resolves_to_its_routed_experts():
     from hguard.tiny import build_model
 
-    with pytest.raises(UnsupportedModelError, match="'mixtral'.*mixture-of-experts"):
-        resolve(build_model("mixtral"))
+    sites = resolve(build_model("mixtral"))
+    assert sites.down_name == "mlp.experts" and sites.experts == 4 and sites.intermediate_size == 4 * 64
+    with pytest.raises(UnsupportedModelError, match="'mixtral'.*dense MLPs only"):
+        sites.up_weight(0)
+    # a model whose first layer is a dense MLP (DeepSeek's first_k_dense_replace, qwen2_moe's mlp_only_layers)
+    mixed = build_model("qwen3_moe", mlp_only_layers=[0])
+    with pytest.raises(UnsupportedModelError, match="'qwen3_moe'.*mix dense MLPs and routed experts"):
+        resolve(mixed)
 
 
 class _Config:

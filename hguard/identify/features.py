@@ -64,7 +64,7 @@ def cett_pools(model: nn.Module, examples: Sequence[Example], pad_id: int,
                     weights[p, i, start + t] = 1.0
     weights /= weights.sum(2, keepdim=True).clamp_min(1.0)
     out = torch.zeros(len(pools), len(rows), sites.num_layers, sites.intermediate_size)
-    norms = [torch.linalg.vector_norm(sites.down_weight(l).float(), dim=0) for l in range(sites.num_layers)]
+    norms = [sites.all_column_norms(l) for l in range(sites.num_layers)]
 
     def hook(layer: int):
         def post(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

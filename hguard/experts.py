@@ -1,0 +1,225 @@
+"""Mixture-of-experts layers read as one wide MLP, so that the rest of hguard treats them as dense.
+
+A routed experts module (transformers' `*Experts`: `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I],
+called as experts(x [T, H], top_k_index [T, k], top_k_weights [T, k])) computes
+
+    h_t = sum_e w_te * W_down[e] z_te,    z_te = act(gate_e x_t) * up_e x_t,
+
+with w_te the routing weight of expert e for token t (zero where the token was not routed to e). That
+is exactly a dense down projection W = [W_down[0] | ... | W_down[E-1]] ([H, E*I]) applied to the routed
+neuron vector Z_t = (w_t0 z_t0, ..., w_t(E-1) z_t(E-1)) ([E*I], zero on the experts not chosen). So an
+H-Neuron is (layer, e * I + i); its CETT is |Z_j| ||W_down[e][:, i]|| / ||h||, with the expert's own
+down-projection column, the routing weight inside Z, and h the routed output; dampening Z_j scales that
+neuron's contribution to the output. Shared experts (qwen2_moe's `shared_expert`, DeepSeek's) are dense
+MLPs beside the routed ones: they are not read, and their output is not part of h.
+
+`ExpertsDown` is that virtual down projection, one per experts module. It is never part of the model:
+while a hook is on it (`hooks.hooked` enters `attached`), the experts module runs its own sparse
+kernels as usual, then computes Z for the neurons the hooks read (a probe's: one product with their
+gathered gate/up rows; identification's: all of them, expert by expert), passes Z [B, S, E*I] through
+`ExpertsDown.forward`, where the hooks see it, and returns h plus whatever the hooks' scaling of Z
+changed. The experts' parent block is wrapped too, to learn the batch shape that the experts module
+only sees flattened.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .hooks import unwrap
+
+_DOWNS: "weakref.WeakKeyDictionary[nn.Module, ExpertsDown]" = weakref.WeakKeyDictionary()
+
+
+class UnsupportedExpertsError(ValueError):
+    """An experts module whose layout the routed-neuron view cannot read."""
+
+
+def is_experts(module: nn.Module) -> bool:
+    """Whether `module` holds routed experts as 3-D `gate_up_proj` and `down_proj` parameters."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3
+
+
+def check_layout(module: nn.Module) -> str | None:
+    """None if the routed-neuron view can read `module`, else why not."""
+    parameters = list(inspect.signature(type(module).forward).parameters)[1:]
+    if len(parameters) < 3:
+        return ("its experts module takes tokens already dispatched to experts, not (tokens, top-k experts, "
+                "top-k weights)")
+    if getattr(module, "has_post_expert_norm", False):
+        return "its experts normalise their outputs, so the routed output is not linear in the neurons"
+    if getattr(module, "has_gate", True) is False:
+        return "its experts have no gate projection"
+    if getattr(module, "has_bias", False) and getattr(module, "gate_up_proj_bias", None) is None:
+        return "its experts declare a bias that they do not hold"
+    return None
+
+
+class ExpertsDown:
+    """The virtual down projection of one experts module: input Z [B, S, E*I], output h [B, S, H]."""
+
+    def __init__(self, experts: nn.Module, block: nn.Module) -> None:
+        self.experts, self.block = experts, block
+        self.transposed = bool(getattr(experts, "is_transposed", False))
+        self.concatenated = bool(getattr(experts, "is_concatenated", True))
+        down = experts.down_proj  # [E, H, I], or [E, I, H] transposed
+        self.num_experts = down.shape[0]
+        self.width = down.shape[1] if self.transposed else down.shape[2]  # I: neurons per expert
+        self.hidden = down.shape[2] if self.transposed else down.shape[1]
+        self.live: torch.Tensor | None = None  # the neurons the hooks read; None: all
+        self.attached = False
+        self._shape: tuple[int, ...] | None = None  # the block's [B, S] of the current forward
+        self._routed: torch.Tensor | None = None  # h as the experts computed it, [B, S, H]
+        self._z_live: torch.Tensor | None = None  # Z of the live neurons before any hook scaled them
+        self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+
+    @classmethod
+    def of(cls, experts: nn.Module, block: nn.Module) -> "ExpertsDown":
+        down = _DOWNS.get(experts)
+        if down is None:
+            down = _DOWNS[experts] = cls(experts, block)
+        return down
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The experts' down projections (for device, dtype and placement checks)."""
+        return self.experts.down_proj
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_experts * self.width
+
+    # ---- weights ------------------------------------------------------------------------------
+    def columns(self, neurons: torch.Tensor) -> torch.Tensor:
+        """[H, k] the down-projection columns of the given flattened neurons (expert * I + i)."""
+        down = self.experts.down_proj
+        neurons = neurons.to(down.device)
+        expert, index = neurons // self.width, neurons % self.width
+        picked = down[expert, index] if self.transposed else down[expert, :, index]  # [k, H]
+        return picked.t()
+
+    def column_norms(self) -> torch.Tensor:
+        """[E*I] ||W_down[e][:, i]|| of every neuron, fp32, in flattened order."""
+        down = self.experts.down_proj.float()
+        return torch.linalg.vector_norm(down, dim=2 if self.transposed else 1).flatten()
+
+    def _gate_up_rows(self, expert: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """[k, 2, H] each neuron's gate and up rows."""
+        weight, width = self.experts.gate_up_proj, self.width
+        if self.concatenated:
+            positions = torch.stack((index, index + width), 1)
+        else:  # interleaved: gate of neuron i at 2i, its up at 2i + 1
+            positions = torch.stack((2 * index, 2 * index + 1), 1)
+        expert = expert[:, None].expand_as(positions)
+        return weight[expert, :, positions] if self.transposed else weight[expert, positions]
+
+    def _selection(self, live: torch.Tensor):
+        """(rows [2k, H] in the layout `_apply_gate` reads, bias [2k] or None, expert [k]), cached per live set."""
+        key = (live.data_ptr(), live.numel(), self.experts.gate_up_proj.data_ptr())
+        if key not in self._rows:
+            live = live.to(self.experts.gate_up_proj.device)
+            expert, index = live // self.width, live % self.width
+            rows = self._gate_up_rows(expert, index)  # [k, 2, H]
+            bias = getattr(self.experts, "gate_up_proj_bias", None)
+            if bias is not None:
+                positions = torch.stack((index, index + self.width), 1) if self.concatenated else \
+                    torch.stack((2 * index, 2 * index + 1), 1)
+                bias = bias[expert[:, None].expand_as(positions), positions]  # [k, 2]
+            if self.concatenated:  # [gates..., ups...]
+                rows = rows.transpose(0, 1).reshape(-1, rows.shape[-1])
+                bias = bias.t().reshape(-1) if bias is not None else None
+            else:  # [gate0, up0, gate1, up1, ...]
+                rows = rows.reshape(-1, rows.shape[-1])
+                bias = bias.reshape(-1) if bias is not None else None
+            self._rows = {key: (rows.detach(), None if bias is None else bias.detach(), expert)}
+        return self._rows[key]
+
+    # ---- the routed neurons -------------------------------------------------------------------
+    def _gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        apply = getattr(self.experts, "_apply_gate", None)
+        if apply is not None:
+            return apply(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.experts.act_fn(gate) * up
+
+    def _routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[T, E] each token's weight on each expert (zero where not routed; index E marks a dropped slot)."""
+        weights = torch.zeros(top_k_index.shape[0], self.num_experts + 1, dtype=dtype, device=top_k_index.device)
+        weights.scatter_add_(1, top_k_index.long(), top_k_weights.to(dtype))
+        return weights[:, : self.num_experts]
+
+    def routed_neurons(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Z [T, E*I] for tokens x [T, H]: the live neurons' values (or all), zero elsewhere."""
+        routing = self._routing(top_k_index, top_k_weights, x.dtype)
+        z = x.new_zeros(x.shape[0], self.intermediate_size)
+        if self.live is None:  # every neuron: one expert at a time
+            weight, bias = self.experts.gate_up_proj, getattr(self.experts, "gate_up_proj_bias", None)
+            for e in range(self.num_experts):
+                gate_up = x @ (weight[e] if self.transposed else weight[e].t())
+                if bias is not None:
+                    gate_up = gate_up + bias[e]
+                z[:, e * self.width:(e + 1) * self.width] = self._gate(gate_up) * routing[:, e:e + 1]
+            self._z_live = None
+            return z
+        rows, bias, expert = self._selection(self.live)
+        gate_up = x @ rows.t().to(x.dtype)
+        if bias is not None:
+            gate_up = gate_up + bias.to(x.dtype)
+        self._z_live = self._gate(gate_up) * routing[:, expert]
+        z[:, self.live] = self._z_live
+        return z
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """h [B, S, H]: the routed output, plus what a hook's change to the live neurons of Z adds."""
+        if self._z_live is None:
+            return self._routed
+        changed = z.reshape(-1, z.shape[-1])[:, self.live] - self._z_live
+        columns = self.columns(self.live).to(changed.dtype)
+        return self._routed + (changed @ columns.t()).view_as(self._routed)
+
+    # ---- attaching ----------------------------------------------------------------------------
+    @contextmanager
+    def hguard_attached(self, live: torch.Tensor | None) -> Iterator[None]:
+        """Route the experts module through this view for the block, computing Z for the `live` neurons
+        (None: all), so that hooks on `forward` see Z and h. `hooks.hooked` enters it."""
+        if self.attached:
+            raise RuntimeError("this experts module is already being read by another hook block")
+        experts, block, view = self.experts, self.block, self
+
+        def block_forward(hidden_states, *args, **kwargs):
+            view._shape = tuple(hidden_states.shape[:-1])
+            return block_forward.hguard_inner(hidden_states, *args, **kwargs)
+
+        def experts_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            routed = experts_forward.hguard_inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            shape = view._shape if view._shape is not None and _count(view._shape) == hidden_states.shape[0] \
+                else (1, hidden_states.shape[0])
+            view._routed = routed.view(*shape, routed.shape[-1])
+            z = view.routed_neurons(hidden_states, top_k_index, top_k_weights).view(*shape, -1)
+            return view.forward(z).reshape(routed.shape)  # through the hooks on `view.forward`
+
+        self.live = None if live is None else live.to(experts.down_proj.device)
+        block_forward.hguard_inner, experts_forward.hguard_inner = block.forward, experts.forward
+        block.forward, experts.forward = block_forward, experts_forward
+        self.attached = True
+        try:
+            yield
+        finally:
+            for module, wrapper in ((experts, experts_forward), (block, block_forward)):
+                unwrap(module, wrapper)
+            self.live, self._routed, self._z_live, self._shape = None, None, None, None
+            self.attached = False
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
