@@ -23,10 +23,11 @@ from ..metrics import Metrics
 from .engine import Engine
 from .errors import APIError
 from .memory import TrimAfterLarge
-from .proxy import Proxy
+from .endpoint import Serving
+from .proxy import ProxiedChat, ProxiedCompletion, Proxy
 from .requests import GuardDefaults
 from .routes import router
-from .serving import Serving
+from .serving import HostedChat, HostedCompletion
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -131,6 +132,19 @@ def make_engine(guard: Guard, settings: ServerSettings, metrics: Metrics | None)
     return engine
 
 
+def make_servings(guard: Guard, engine, name: str, settings: ServerSettings,
+                  metrics: Metrics | None) -> tuple[Serving, Serving, Proxy | None]:
+    """The chat and the completions endpoints' servings in the settings' mode, and in proxy mode the
+    `Proxy` they share (its open streams are bounded by the engine's batch and queue)."""
+    if not settings.upstream:
+        return (HostedChat(guard, engine, name, settings.defaults, metrics),
+                HostedCompletion(guard, engine, name, settings.defaults, metrics), None)
+    proxy = Proxy(guard, settings.upstream, settings.upstream_timeout, settings.upstream_api_key,
+                  max_streams=settings.max_batch_size + settings.max_queue)
+    return (ProxiedChat(proxy, name, settings.defaults, metrics),
+            ProxiedCompletion(proxy, name, settings.defaults, metrics), proxy)
+
+
 def load_guard(settings: ServerSettings) -> Guard:
     """The model as the server sees it: loaded (the HF engine), or a weightless front of it (vLLM holds the
     weights)."""
@@ -188,8 +202,8 @@ def build_app(settings: ServerSettings | None = None, guard: Guard | None = None
     """The OpenAI-compatible app. Pass `guard` to serve an already loaded model (tests, notebooks)."""
     settings = settings or ServerSettings()
     app = FastAPI(title="hguard", version="0.1.0", lifespan=_lifespan(settings, guard))
-    app.state.serving = None
-    app.state.proxy = None
+    app.state.serving_chat = app.state.serving_completion = None  # each endpoint's serving, once loaded
+    app.state.engine = app.state.proxy = None
     app.include_router(router)
     app.add_middleware(TrimAfterLarge)  # glibc keeps what a large request freed: give it back
     app.add_middleware(BodyLimit)
@@ -210,16 +224,13 @@ def _lifespan(settings: ServerSettings, guard: Guard | None):
         metrics = Metrics(name) if settings.metrics else None
         if metrics is not None:
             loaded.step_timer = metrics.labels(metrics.probe_step).observe
-        engine = make_engine(loaded, settings, metrics)
-        app.state.serving = Serving(loaded, engine, name, settings.defaults, metrics)
-        if settings.upstream:
-            app.state.proxy = Proxy(loaded, settings.upstream, name, settings.defaults, settings.upstream_timeout,
-                                    settings.upstream_api_key, max_streams=settings.max_batch_size + settings.max_queue,
-                                    metrics=metrics)
+        engine = app.state.engine = make_engine(loaded, settings, metrics)
+        app.state.serving_chat, app.state.serving_completion, app.state.proxy = make_servings(
+            loaded, engine, name, settings, metrics)
         try:
             yield
         finally:
-            app.state.serving = None
+            app.state.serving_chat = app.state.serving_completion = app.state.engine = None
             loaded.step_timer = None
             if app.state.proxy is not None:
                 await app.state.proxy.close()
@@ -232,17 +243,20 @@ def _lifespan(settings: ServerSettings, guard: Guard | None):
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error as an OpenAI error body; a refused completion request counted in the metrics once."""
 
+    def servings(request: Request) -> list[Serving]:
+        state = request.app.state
+        return [s for s in (state.serving_chat, state.serving_completion) if s is not None]
+
     def refused(request: Request, status: int) -> None:
-        serving = request.app.state.serving
-        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}.get(request.url.path)
-        if serving is not None and endpoint is not None:
-            serving.record(endpoint, status)
+        for serving in servings(request):
+            if serving.endpoint.path == request.url.path:
+                serving.record(status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         refused(request, error.status)
-        if error.type in ("upstream_error", "upstream_timeout") and request.app.state.serving is not None:
-            metrics = request.app.state.serving.metrics
+        if error.type in ("upstream_error", "upstream_timeout") and servings(request):
+            metrics = servings(request)[0].metrics
             if metrics is not None:
                 metrics.labels(metrics.upstream_errors, kind=str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)

@@ -4,8 +4,10 @@ what it returns with a local copy of the same weights, in a teacher-forced pass.
 A vLLM upstream is asked for its token ids, and where its prompt ids are the local ones the scores
 describe exactly the tokens it sampled (token_ids.py); any other upstream's text is re-tokenised with
 the local tokenizer, and the scores describe those tokens (for greedy text from the same tokenizer,
-the upstream's). Abstain cuts an answer where
-hosted generation would (`Proxy.cut`), so a client sees the same text, finish reason and scores in
+the upstream's). `Proxy` holds what every proxied endpoint shares (the upstream, the scoring batches,
+the open streams); `Proxied` serves one endpoint (`ProxiedChat`, `ProxiedCompletion`; see endpoint.py)
+over it. Abstain cuts an answer where
+hosted generation would (`Proxied.cut`), so a client sees the same text, finish reason and scores in
 both modes; streams are relayed by relay.py. Scoring is bounded by the scoring model's context and
 runs in turns (scoring.py); the upstream is untrusted (upstream.py: what it sends is validated, its
 failures are clean 502s and 504s). Requested logprobs are the upstream's, relayed as they come.
@@ -26,22 +28,23 @@ from ..policy import Policy, verdict
 from ..results import Scores, char_offset, spans_of, summary
 from .relay import Relay, trigger_index, watched
 from .scoring import Scoring
-from .chunks import endpoint_name, withheld_logprobs, worst
+from .endpoint import CHAT, COMPLETION, Serving
 from .errors import CLIENT_CLOSED, APIError, context_exceeded
-from .requests import GuardDefaults, check_model, encode_prompt, messages_of, prompts_of
+from .requests import GuardDefaults, check_model, encode_prompt
 from .upstream import Upstream, broken, relayed_error
 from .token_ids import ANSWER_IDS, PROMPT_IDS, answer_ids, scorable, strip
-from .upstream_schema import ShapeError, completion
+from .upstream_schema import ShapeError
 
 
 class Proxy:
-    def __init__(self, guard: Guard, upstream: str, model_name: str, defaults: GuardDefaults,
-                 timeout: float = 60.0, api_key: str | None = None, max_streams: int = 288,
-                 metrics: Metrics | None = None) -> None:
-        self.guard, self.model_name, self.defaults = guard, model_name, defaults
+    """What a proxy's endpoints share: the upstream, the scoring model's context and batches, and the
+    open streams."""
+
+    def __init__(self, guard: Guard, upstream: str, timeout: float = 60.0, api_key: str | None = None,
+                 max_streams: int = 288) -> None:
+        self.guard = guard
         self.max_streams = max_streams  # each open stream keeps a KV cache of the local weights
         self.streams = 0  # open streams, counted from admission (before the upstream answers) to their end
-        self.metrics = metrics  # proxied answers count like hosted ones (errors: where they are rendered)
         self.upstream = Upstream(upstream, timeout, api_key)
         config = guard.model.config
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or 1 << 20
@@ -51,6 +54,30 @@ class Proxy:
 
     async def close(self) -> None:
         await self.upstream.close()
+
+    def admit(self) -> "_Slot":
+        """A place for one more stream, taken before waiting on the upstream, so that requests arriving
+        together count (429 when all are taken)."""
+        if self.streams >= self.max_streams:
+            raise APIError(429, f"{self.max_streams} proxied streams are open; retry later", "rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        return _Slot(self)
+
+    def own_ids(self, upstream_prompt: object, ids: list[int] | None, choice: dict, prompt: list[int]) -> list[int] | None:
+        """The answer's ids to score as they are: the upstream's, where it returned them along with the
+        local prompt's very ids (None: the text is re-tokenised)."""
+        if ids is None or upstream_prompt != prompt:
+            return None
+        return answer_ids(scorable(ids, self.vocab), choice, self.eos)
+
+
+class Proxied(Serving):
+    """An endpoint served by forwarding to the upstream and scoring its answers (subclasses: one per
+    endpoint)."""
+
+    def __init__(self, proxy: Proxy, model_name: str, defaults: GuardDefaults, metrics: Metrics | None = None) -> None:
+        super().__init__(proxy.guard, model_name, defaults, metrics)  # proxied answers count like hosted ones
+        self.proxy = proxy
 
     def policy(self, request) -> Policy | None:
         options = request.guard
@@ -72,29 +99,19 @@ class Proxy:
         """`_forward_body`, asking a vLLM upstream for its token ids where the answer is scored (the
         client sees them only if it asked: `strip`)."""
         body = self._forward_body(request)
-        if policy is not None and await self.upstream.is_vllm():
+        if policy is not None and await self.proxy.upstream.is_vllm():
             body["return_token_ids"] = True
         return body
 
-    def own_ids(self, upstream_prompt: object, ids: list[int] | None, choice: dict, prompt: list[int]) -> list[int] | None:
-        """The answer's ids to score as they are: the upstream's, where it returned them along with the
-        local prompt's very ids (None: the text is re-tokenised)."""
-        if ids is None or upstream_prompt != prompt:
-            return None
-        return answer_ids(scorable(ids, self.vocab), choice, self.eos)
-
-    def _prompt(self, request, chat: bool) -> list[int]:
+    def _prompt(self, request) -> list[int]:
         """The prompt's token ids, encoded once per request (client errors become 400/422 here). A prompt
         that leaves no room in the scoring model's context is refused, as hosting it would be."""
-        if chat:
-            ids = encode_prompt(self.guard, messages_of(request), self.context, "messages")
-        else:
-            prompts = prompts_of(request)
-            if len(prompts) != 1:
-                raise APIError(400, "proxy mode scores one prompt per request", param="prompt")
-            ids = encode_prompt(self.guard, prompts[0], self.context)
-        if len(ids) >= self.context:
-            raise context_exceeded(self.context, len(ids), 1, "messages" if chat else "prompt")
+        prompts, param, context = self.endpoint.prompts(request), self.endpoint.param, self.proxy.context
+        if len(prompts) != 1:
+            raise APIError(400, "proxy mode scores one prompt per request", param="prompt")
+        ids = encode_prompt(self.guard, prompts[0], context, param)
+        if len(ids) >= context:
+            raise context_exceeded(context, len(ids), 1, param)
         return ids
 
     def report(self, policy: Policy | None, scores: Scores | None, text: str, token_scores: bool,
@@ -119,23 +136,20 @@ class Proxy:
         return summary(scores.probability, verdict(policy, scores.probability, abstained), policy.action, spans,
                        scores.token_probs if token_scores else None)
 
-    async def complete(self, request, chat: bool) -> dict:
+    async def complete(self, request) -> dict:
         check_model(request.model, self.model_name)
         policy = self.policy(request)
-        prompt = self._prompt(request, chat)
-        path = "/v1/chat/completions" if chat else "/v1/completions"
+        prompt = self._prompt(request)
         try:
-            body = await self._complete(request, chat, policy, prompt, path)
+            body = await self._complete(request, policy, prompt)
         except asyncio.CancelledError:  # the client left: its scoring stopped after the forward under way
-            self.count(chat, policy, [], prompt, CLIENT_CLOSED)
+            self.count(policy, [], prompt, CLIENT_CLOSED)
             raise
-        self.count(chat, policy, [choice["hallucination"]["verdict"] for choice in body.get("choices", [])], prompt)
+        self.count(policy, [choice["hallucination"]["verdict"] for choice in body.get("choices", [])], prompt)
         return body
 
-    def count(self, chat: bool, policy: Policy | None, verdicts: list[str], prompt: list[int], status: int = 200) -> None:
-        if self.metrics is not None:
-            action = policy.action if policy is not None else "off"
-            self.metrics.request(endpoint_name(chat), status, action, worst(verdicts), len(prompt))
+    def count(self, policy: Policy | None, verdicts: list[str], prompt: list[int], status: int = 200) -> None:
+        self.record(status, policy.action if policy is not None else "off", verdicts, len(prompt))
 
     def cut(self, policy: Policy | None, scores: Scores | None, watched: int) -> tuple[Scores | None, bool]:
         """Where abstain stops an answer, as hosted generation does: `scores` up to and including the
@@ -151,20 +165,21 @@ class Proxy:
         logits = torch.tensor(scores.token_logits[:kept], dtype=torch.float64)
         return Scores.of(scores.token_ids[:kept], logits, calibration), True
 
-    async def _complete(self, request, chat: bool, policy: Policy, prompt: list[int], path: str) -> dict:
-        data = await self.upstream.body(path, await self._forward(request, policy))
+    async def _complete(self, request, policy: Policy, prompt: list[int]) -> dict:
+        endpoint = self.endpoint
+        data = await self.proxy.upstream.body(endpoint.path, await self._forward(request, policy))
         if isinstance(data, dict) and "error" in data:  # an error sent with a 2xx
             raise relayed_error(502, data)
         try:
-            body = completion(data, chat, request.n)
+            body = endpoint.upstream_answer(data, request.n)
         except ShapeError as error:
             raise broken(str(error)) from None
         shown = request.return_token_ids is True  # the client asked for the ids too
         for choice in body["choices"]:
-            text = (choice["message"]["content"] if chat else choice["text"]) or ""
-            window = self.scoring.window(prompt) if policy is not None else None
-            ids = self.own_ids((body if chat else choice).get(PROMPT_IDS), choice.get(ANSWER_IDS), choice, prompt) \
-                if window is not None else None
+            text = endpoint.answer_text(choice) or ""
+            window = self.proxy.scoring.window(prompt) if policy is not None else None
+            ids = self.proxy.own_ids(endpoint.upstream_prompt(body.get(PROMPT_IDS), choice.get(PROMPT_IDS)),
+                                     choice.get(ANSWER_IDS), choice, prompt) if window is not None else None
             scores = await window.score(text, ids) if window is not None else None
             finish = choice["finish_reason"] if window is None or not window.full else "stop"
             scores, abstained = self.cut(policy, scores, watched(scores, finish))
@@ -174,12 +189,9 @@ class Proxy:
             choice["hallucination"] = self.report(policy, scores, kept, request.guard.token_scores, abstained, scored)
             if abstained:
                 choice["finish_reason"] = "content_filter"
-                if chat:
-                    choice["message"]["content"] = self.defaults.abstain_message
-                else:
-                    choice["text"] = self.defaults.abstain_message
+                endpoint.set_answer_text(choice, self.defaults.abstain_message)
                 if choice.get("logprobs") is not None:
-                    choice["logprobs"] = withheld_logprobs(chat)
+                    choice["logprobs"] = endpoint.withheld_logprobs()
                 if choice.get(ANSWER_IDS) is not None:
                     choice[ANSWER_IDS] = []  # like its logprobs: the message is not the model's tokens
         if not shown:
@@ -187,22 +199,19 @@ class Proxy:
         body["model"] = self.model_name
         return body
 
-    async def stream(self, request, chat: bool) -> AsyncIterator[str]:
+    async def stream(self, request) -> AsyncIterator[str]:
         """The upstream's stream, relayed with scores (see relay.py)."""
         check_model(request.model, self.model_name)
         policy = self.policy(request)
-        prompt = self._prompt(request, chat)
-        if self.streams >= self.max_streams:
-            raise APIError(429, f"{self.max_streams} proxied streams are open; retry later", "rate_limit_exceeded",
-                           headers={"Retry-After": "1"})
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        slot = _Slot(self)  # taken before waiting on the upstream, so that requests arriving together count
+        prompt = self._prompt(request)
+        slot = self.proxy.admit()
         try:
-            response, events = await self.upstream.events(path, await self._forward(request, policy))
+            body = await self._forward(request, policy)
+            response, events = await self.proxy.upstream.events(self.endpoint.path, body)
         except APIError:
             slot.release()
             raise
-        relay = Relay(self, response, events, request, policy, prompt, chat, slot)
+        relay = Relay(self, response, events, request, policy, prompt, slot)
         try:
             await relay.start()  # the first event: an upstream that fails before it is a 502 or 504 status
         except BaseException:
@@ -213,6 +222,18 @@ class Proxy:
         relay = relay.events()
         weakref.finalize(relay, slot.release)  # a response never iterated (the client left at once)
         return relay
+
+
+class ProxiedChat(Proxied):
+    """/v1/chat/completions, proxied."""
+
+    endpoint = CHAT
+
+
+class ProxiedCompletion(Proxied):
+    """/v1/completions, proxied (one prompt per request: each choice is scored against it)."""
+
+    endpoint = COMPLETION
 
 
 class _Slot:

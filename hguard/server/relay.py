@@ -31,15 +31,15 @@ import httpx
 import torch
 
 from ..results import Scores, decode
-from .chunks import abstain_tail, finishing_choice, finishing_chunk, text_choice
+from .chunks import abstain_tail, finishing_chunk
 from .errors import CLIENT_CLOSED, APIError
 from .token_ids import ANSWER_IDS, PROMPT_IDS, answer_ids, scorable
 from .upstream import broken, relayed_error
-from .upstream_schema import ShapeError, chunk as checked_chunk, parse_json
+from .upstream_schema import ShapeError, parse_json
 
 if TYPE_CHECKING:
     from ..policy import Calibration, Policy
-    from .proxy import Proxy, _Slot
+    from .proxy import Proxied, _Slot
     from .scoring import Window
     from .upstream import Events
 
@@ -97,10 +97,11 @@ class Relay:
     """The events of one proxied stream: `start()` reads the upstream's first event, then `events()` is
     the iterator the route sends."""
 
-    def __init__(self, proxy: "Proxy", response: httpx.Response, upstream: "Events", request,
-                 policy: "Policy | None", prompt: list[int], chat: bool, slot: "_Slot") -> None:
-        self.proxy, self.response, self.upstream, self.request = proxy, response, upstream, request
-        self.policy, self.prompt, self.chat, self.slot = policy, prompt, chat, slot
+    def __init__(self, serving: "Proxied", response: httpx.Response, upstream: "Events", request,
+                 policy: "Policy | None", prompt: list[int], slot: "_Slot") -> None:
+        self.serving, self.proxy, self.endpoint = serving, serving.proxy, serving.endpoint
+        self.response, self.upstream, self.request = response, upstream, request
+        self.policy, self.prompt, self.slot = policy, prompt, slot
         self.choices: dict[int, _Choice] = {}
         self.verdicts: list[str] = []
         self._first: dict | None = None
@@ -125,7 +126,7 @@ class Relay:
         if isinstance(parsed, dict) and "error" in parsed:
             raise relayed_error(502, parsed)
         try:
-            return checked_chunk(parsed, self.chat, self.request.n)
+            return self.endpoint.upstream_chunk(parsed, self.request.n)
         except ShapeError as error:
             raise broken(str(error), data[:200]) from None
 
@@ -139,8 +140,8 @@ class Relay:
         try:
             chunk = self._first
             while chunk is not None:
-                chunk["model"] = self.proxy.model_name
-                if not self.chat and "usage" in chunk and chunk["usage"] is None:
+                chunk["model"] = self.serving.model_name
+                if not self.endpoint.usage_null and "usage" in chunk and chunk["usage"] is None:
                     del chunk["usage"]  # the legacy completions schema has no null usage (vLLM sends one)
                 last = chunk
                 usage_sent = usage_sent or chunk.get("usage") is not None
@@ -162,8 +163,9 @@ class Relay:
             status = 200
         except APIError as error:  # the stream has started: the upstream's failure goes in-band
             status = error.status
-            if self.proxy.metrics is not None:
-                self.proxy.metrics.labels(self.proxy.metrics.upstream_errors, kind=str(error.status)).inc()
+            metrics = self.serving.metrics
+            if metrics is not None:
+                metrics.labels(metrics.upstream_errors, kind=str(error.status)).inc()
             yield _event(error.body())
         except ScoringFailed:
             status = 500
@@ -171,7 +173,7 @@ class Relay:
             yield _event(APIError(500, "scoring failed; the server's log has the cause", "server_error").body())
         finally:
             self.slot.release()
-            self.proxy.count(self.chat, self.policy, self.verdicts, self.prompt, status)
+            self.serving.count(self.policy, self.verdicts, self.prompt, status)
             self.choices.clear()  # the KV caches go now, not when the response object does
             self.upstream.close()
             await self.response.aclose()
@@ -216,42 +218,38 @@ class Relay:
         """`choice` as this server sends it (None: nothing to send); if the choice ends here, the
         abstention message (None: it did not abstain) and the finishing choice. `new_ids`: the token
         ids the upstream sent with it."""
-        chat, policy = self.chat, self.policy
-        delta = choice.get("delta") or {}
-        added = (delta.get("content") if chat else choice.get("text")) or ""
+        endpoint, policy = self.endpoint, self.policy
+        added = endpoint.chunk_text(choice) or ""
         state.text += added
         self._take_ids(state, new_ids, added)
         finish = choice.get("finish_reason")
         if policy is not None and not finish and self.upstream.ready():
             # more of the answer has arrived already: score it all at once, with the next event (one
             # forward for several tokens, where scoring lags behind the upstream)
-            return self._unscored(choice, delta, state), None, None
+            return self._unscored(choice, state), None, None
         scores = await self._score(state, choice) if policy is not None else None
         count = len(scores.token_ids) if scores is not None else 0
         full = state.window is not None and state.window.full  # past the window: no token changes any more
         # until the upstream ends the choice, the last token of re-tokenised text may still change: act on
         # the others only (the upstream's own ids, and a full window, are final)
         settled = count if full or state.own else count - 1
-        kept, abstained = self.proxy.cut(policy, scores, watched(scores, finish) if finish and not full else settled)
+        kept, abstained = self.serving.cut(policy, scores, watched(scores, finish) if finish and not full else settled)
         whole = scores is None or ((finish or full) and not abstained)
         if whole:
             end, chars = count, len(state.text)  # all of it (the guard off, or past the window: as it comes)
         elif state.own and not abstained:  # the upstream's text may lag its ids (a partial character, a
             # possible stop string): its tokens go out once their text has come
-            prefix = decode(self.proxy.guard.tokenizer, scores.token_ids[:settled])
+            prefix = decode(self.serving.guard.tokenizer, scores.token_ids[:settled])
             end, chars = (settled, len(prefix)) if state.text.startswith(prefix) else (state.sent_tokens,
                                                                                        state.sent_chars)
         else:
             end = len(kept.token_ids) if abstained else settled
-            chars = spelled(self.proxy.guard.tokenizer, scores.token_ids, end, state.text, state.sent_chars)
+            chars = spelled(self.serving.guard.tokenizer, scores.token_ids, end, state.text, state.sent_chars)
         text = state.text[state.sent_chars:chars]
         new_scores = scores.token_probs[state.sent_tokens:end] if scores is not None else []
         state.sent_chars, state.sent_tokens = max(state.sent_chars, chars), max(state.sent_tokens, end)
         choice["finish_reason"] = None
-        if chat:
-            choice["delta"] = {**delta, "content": text}
-        else:
-            choice["text"] = text
+        endpoint.set_chunk_text(choice, text)
         if policy is not None:
             choice["hallucination"] = {"token_scores": new_scores}
         self._give_ids(choice, state, len(state.ids or []) if whole else end if state.own else
@@ -261,12 +259,12 @@ class Relay:
         state.done, state.abstained, state.tokens = True, abstained, end
         answer = state.text[:chars]
         scored = state.window.scored_chars(answer) if state.window is not None and not abstained else None
-        summary = self.proxy.report(policy, kept, answer, self.request.guard.token_scores, abstained, scored)
+        summary = self.serving.report(policy, kept, answer, self.request.guard.token_scores, abstained, scored)
         self.verdicts.append(summary["verdict"])
         index = choice.get("index", 0)
-        message = text_choice(index, chat, abstain_tail(answer, self.proxy.defaults.abstain_message), []) \
+        message = endpoint.text_choice(index, abstain_tail(answer, self.serving.defaults.abstain_message), []) \
             if abstained else None
-        ending = finishing_choice(index, chat, summary, "content_filter" if abstained else finish)
+        ending = endpoint.finishing_choice(index, summary, "content_filter" if abstained else finish)
         has_content = text or new_scores or choice.get("logprobs") is not None or choice.get(ANSWER_IDS) \
             or PROMPT_IDS in choice
         return (choice if has_content else None), message, ending
@@ -275,7 +273,7 @@ class Relay:
         """Keep the token ids the upstream sent with a chunk of the choice; the choice's first text, or
         ids, tell whether it is scored on them: where the upstream sent them with the local prompt's."""
         if self.policy is not None and state.own is None and (new_ids is not None or added):
-            upstream_prompt = self._prompt_ids if self.chat else state.prompt_ids
+            upstream_prompt = self.endpoint.upstream_prompt(self._prompt_ids, state.prompt_ids)
             state.own = new_ids is not None and upstream_prompt == self.prompt
         if state.own:
             if new_ids is None and added:
@@ -295,16 +293,13 @@ class Relay:
             choice[ANSWER_IDS] = state.ids[state.relayed_ids:upto]
             state.relayed_ids = max(state.relayed_ids, upto)
 
-    def _unscored(self, choice: dict, delta: dict, state: _Choice) -> dict | None:
+    def _unscored(self, choice: dict, state: _Choice) -> dict | None:
         """`choice` with no text and no scores (they go out with a later event); its logprobs, if any,
         are relayed as they come."""
         if choice.get("logprobs") is None:
             return None
         choice["finish_reason"] = None
-        if self.chat:
-            choice["delta"] = {**delta, "content": ""}
-        else:
-            choice["text"] = ""
+        self.endpoint.set_chunk_text(choice, "")
         choice["hallucination"] = {"token_scores": []}
         self._give_ids(choice, state, state.relayed_ids)
         return choice
@@ -322,7 +317,7 @@ class Relay:
         """The usage chunk the upstream would have sent last, counted in local tokens."""
         prompt, completion = len(self.prompt), sum(c.tokens for c in self.choices.values())
         return {"id": last.get("id", ""), "object": last.get("object", "chat.completion.chunk"),
-                "created": last.get("created", 0), "model": self.proxy.model_name, "choices": [],
+                "created": last.get("created", 0), "model": self.serving.model_name, "choices": [],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                           "total_tokens": prompt + completion}}
 

@@ -1,5 +1,6 @@
-"""HTTP routes: thin, they validate, hand the work to the serving mode (`Serving` hosts the model, `Proxy`
-forwards to an upstream; both have `complete` and `stream`), and shape the HTTP reply.
+"""HTTP routes: thin, they validate, hand the work to their endpoint's serving (endpoint.py: `Hosted*`
+serve the model, `Proxied*` forward to an upstream; all have `complete` and `stream`), and shape the
+HTTP reply.
 
 Each route declares the statuses it can answer with (hguard's own /openapi.json lists them), every
 error in the OpenAI error body. A non-streamed completion also carries its verdict in headers
@@ -17,10 +18,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..metrics import CONTENT_TYPE_LATEST
 
+from .endpoint import CHAT, COMPLETION, Serving
 from .errors import CLIENT_CLOSED, APIError
 from .protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from .requests import check_model
-from .serving import Serving
 
 router = APIRouter()
 
@@ -69,8 +70,10 @@ def verdict_headers(body: dict) -> dict[str, str]:
             "x-hguard-probability": ", ".join(json.dumps(r.get("probability")) for r in reports)}
 
 
-def _serving(request: Request) -> Serving:
-    serving = getattr(request.app.state, "serving", None)
+def _serving(request: Request, endpoint: str = "serving_chat") -> Serving:
+    """The app's serving of an endpoint (`app.state.serving_chat`, `serving_completion`); the chat one also
+    stands for the server (every serving has the model's name and the metrics)."""
+    serving = getattr(request.app.state, endpoint, None)
     if serving is None:
         raise APIError(503, "the model is not loaded yet", "service_unavailable")
     return serving
@@ -104,28 +107,26 @@ async def _unless_disconnected(http: Request, work, poll: float = 0.25):
         task.cancel()
 
 
-async def _complete(http: Request, body, chat: bool):
-    """Hosted or proxied alike: each mode (Serving, Proxy) builds the answer or the stream and records
-    its metrics; the route shapes the HTTP reply."""
-    serving = _serving(http)
-    mode = http.app.state.proxy or serving
+async def _complete(serving: Serving, body):
+    """Hosted or proxied alike: the endpoint's serving builds the answer or the stream and records its
+    metrics; the route shapes the HTTP reply."""
     if body.stream:
-        return StreamingResponse(await mode.stream(body, chat), media_type="text/event-stream",
+        return StreamingResponse(await serving.stream(body), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    answer = await mode.complete(body, chat)
+    answer = await serving.complete(body)
     return JSONResponse(answer, headers=verdict_headers(answer))
 
 
-@router.post("/v1/chat/completions", responses=_COMPLETION)
+@router.post(CHAT.path, responses=_COMPLETION)
 @with_cancellation
 async def chat_completions(body: ChatCompletionRequest, http: Request):
-    return await _complete(http, body, chat=True)
+    return await _complete(_serving(http, "serving_chat"), body)
 
 
-@router.post("/v1/completions", responses=_COMPLETION)
+@router.post(COMPLETION.path, responses=_COMPLETION)
 @with_cancellation
 async def completions(body: CompletionRequest, http: Request):
-    return await _complete(http, body, chat=False)
+    return await _complete(_serving(http, "serving_completion"), body)
 
 
 def _model(serving: Serving) -> dict:
@@ -156,14 +157,13 @@ async def metrics(http: Request):
 async def health(http: Request):
     """200 while this replica can answer; 503 (a load balancer takes it out) while the model is not
     loaded, the engine's worker has died (hosted), or the upstream does not answer (proxy)."""
-    serving = _serving(http)
-    proxy = http.app.state.proxy
+    _serving(http)  # 503 until loaded
+    proxy, engine = http.app.state.proxy, http.app.state.engine
     if proxy is not None:
         problem = await proxy.upstream.health()
         if problem:
             raise APIError(503, problem, "service_unavailable", code="upstream_unavailable")
         return {"status": "ok", "upstream": "ok", "open_streams": proxy.streams}
-    if not serving.engine.alive:
+    if not engine.alive:
         raise APIError(503, "the engine's worker is not running", "service_unavailable", code="engine_stopped")
-    return {"status": "ok", "engine": "running", "queue_depth": serving.engine.queue_depth,
-            "running": serving.engine.running}
+    return {"status": "ok", "engine": "running", "queue_depth": engine.queue_depth, "running": engine.running}

@@ -163,31 +163,52 @@ def _checked(model: type[_Body], data: object, n: int, what: str) -> dict:
     return body
 
 
-def completion(data: object, chat: bool, n: int) -> dict:
-    """A non-streamed answer, validated, with the fields OpenAI's schema requires filled in."""
-    body = _checked(ChatCompletion if chat else TextCompletion, data, n, "answer")
+def _answer(model: type[_Body], data: object, kind: str, n: int) -> dict:
+    """A non-streamed answer, validated, with the fields OpenAI's schema requires filled in (`kind`: its
+    `object`)."""
+    body = _checked(model, data, n, "answer")
     if len({choice["index"] for choice in body["choices"]}) != len(body["choices"]):
         raise ShapeError("the upstream's answer repeats a choice index")
-    body.update(object="chat.completion" if chat else "text_completion", id=body.get("id", ""),
-                created=body.get("created", 0))
+    body.update(object=kind, id=body.get("id", ""), created=body.get("created", 0))
     for choice in body["choices"]:
         choice.setdefault("logprobs", None)
-        if chat:
-            choice["message"].setdefault("role", "assistant")
-            choice["message"].setdefault("content", None)
-            choice["message"].setdefault("refusal", None)
-            if isinstance(choice["logprobs"], dict):
-                choice["logprobs"].setdefault("refusal", None)
     return body
 
 
-def chunk(data: object, chat: bool, n: int) -> dict:
+def _chunk(model: type[_Body], data: object, kind: str, n: int) -> dict:
     """A stream chunk, validated (an `error` event is the caller's to handle first)."""
-    body = _checked(ChatChunk if chat else TextChunk, data, n, "stream chunk")
-    body.update(object="chat.completion.chunk" if chat else "text_completion", id=body.get("id", ""),
-                created=body.get("created", 0))
+    body = _checked(model, data, n, "stream chunk")
+    body.update(object=kind, id=body.get("id", ""), created=body.get("created", 0))
     body.setdefault("choices", [])
-    for choice in body["choices"]:
-        if chat and isinstance(choice.get("logprobs"), dict):
-            choice["logprobs"].setdefault("refusal", None)
     return body
+
+
+def _chat_logprobs(choice: dict) -> None:
+    if isinstance(choice.get("logprobs"), dict):
+        choice["logprobs"].setdefault("refusal", None)
+
+
+def chat_answer(data: object, kind: str, n: int) -> dict:
+    """A chat answer (`_answer`), each message with its role, content and refusal."""
+    body = _answer(ChatCompletion, data, kind, n)
+    for choice in body["choices"]:
+        choice["message"].setdefault("role", "assistant")
+        choice["message"].setdefault("content", None)
+        choice["message"].setdefault("refusal", None)
+        _chat_logprobs(choice)
+    return body
+
+
+def text_answer(data: object, kind: str, n: int) -> dict:
+    return _answer(TextCompletion, data, kind, n)
+
+
+def chat_chunk(data: object, kind: str, n: int) -> dict:
+    body = _chunk(ChatChunk, data, kind, n)
+    for choice in body["choices"]:
+        _chat_logprobs(choice)
+    return body
+
+
+def text_chunk(data: object, kind: str, n: int) -> dict:
+    return _chunk(TextChunk, data, kind, n)
