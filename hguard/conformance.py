@@ -34,6 +34,7 @@ NOT_BUILT: dict[str, str] = {
     "qwen3_5": f"{_VISION} (its text model, qwen3_5_text, is in the matrix)",
     "qwen3_5_moe": f"{_VISION} (its text model, qwen3_5_moe_text, is in the matrix)",
     "qwen4_exp": f"{_VISION} (its text model, qwen4_exp_text, is in the matrix)",
+    "dots3_note": f"{_VISION} (its text model, dots3_note_text, is in the matrix)",
     "emu3": "an image-token model: needs its VQ image tokenizer's vocabulary map",
     "git": f"{_VISION}",
     "moss_transcribe_diarize": "a speech model: needs an audio encoder and feature extractor",
@@ -46,12 +47,6 @@ NOT_BUILT: dict[str, str] = {
     "gemma3n_text": "a tiny config trips its own KV-sharing validation (the layer types producing a cache differ "
                     "from those using one); no tiny config found yet",
     "reformer": "needs its own axial position and chunking config (not a KV-cache decoder)",
-    "dbrx": "its config does not build in this transformers release, tiny or default (its attention config has "
-            "no rope_theta)",
-    "dots1": "its model does not build in this transformers release, tiny or default (TypeError in torch.empty "
-             "for its experts)",
-    "lfm2_moe": "its model does not build in this transformers release, tiny or default (TypeError: its layer "
-                "types are None)",
 }
 
 # The shared small shape, and per type what else a tiny config needs (names a config spells its own way,
@@ -64,6 +59,7 @@ _BART = dict(decoder_layers=2, encoder_layers=2, decoder_attention_heads=4, enco
              decoder_ffn_dim=64, encoder_ffn_dim=64, d_model=32)
 _MLA = dict(num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
             v_head_dim=8, qk_head_dim=12)
+_MIXED = dict(mlp_layer_types=["dense", "sparse"])  # a dense layer, then experts
 OVERRIDES: dict[str, dict] = {
     "bart": _BART, "bigbird_pegasus": _BART, "blenderbot": _BART, "blenderbot-small": _BART, "marian": _BART,
     "mbart": _BART, "mvp": _BART, "pegasus": _BART, "plbart": _BART, "whisper": _BART,
@@ -87,6 +83,14 @@ OVERRIDES: dict[str, dict] = {
     # (its default SSM widths made transformers 5.16's chunked scan ask for 34 GB on the tiny config)
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=16),
     "gemma4_assistant": dict(hidden_size_per_layer_input=0),
+    "beam": _MIXED, **dict.fromkeys(("axk1", "axk2", "sarvam_mla", "glm4_moe_lite"), _MLA),
+    **dict.fromkeys(("deepseek_v32", "glm_moe_dsa", "hy_v4", "dots3_note_text"),
+                    dict(_MLA, **_MIXED, index_head_dim=8, index_topk=4, head_dim=8, sliding_window=16,
+                         shared_experts_intermediate_size=16)),
+    **dict.fromkeys(("bailing_hybrid", "kimi_linear"),
+                    dict(_MLA, **_MIXED, layer_types=["linear_attention", "full_attention"], linear_head_dim=8)),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1),
+    "flint": dict(mlp_only_layers=[0], initializer_range=0.4), "nemotron_h": dict(layers_block_type=["moe", "full_attention"]),
     "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention"]),
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
     "qwen4_exp_text": dict(layer_types=["linear_attention", "indexed_attention"], head_dim=8, linear_key_head_dim=8,
@@ -110,7 +114,8 @@ OVERRIDES: dict[str, dict] = {
 # Mixture-of-experts configs: few, narrow experts (names as each family spells them); applied where the
 # type's own config routes over experts.
 _MOE = dict(num_local_experts=4, num_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
-            moe_topk=2, moe_intermediate_size=16, expert_intermediate_size=16, moe_ffn_hidden_size=16)
+            moe_topk=2, moe_intermediate_size=16, expert_intermediate_size=16, moe_ffn_hidden_size=16,
+            first_k_dense_replace=1, n_group=1, topk_group=1)  # (DeepSeek-style: a dense first layer, then experts)
 _MOE_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -151,12 +156,23 @@ def row(model_type: str) -> Row:
         return Row(model_type, "", f"not built: {NOT_BUILT[model_type]}")
     try:
         model, tiny = _meta_model(model_type)
+    except Exception as error:  # neither config builds in this release: nothing to resolve
+        message = str(error).strip().splitlines()[-1].strip() if str(error).strip() else ""
+        return Row(model_type, "", f"not built: neither a tiny nor its default config builds in transformers "
+                                   f"{transformers.__version__} ({type(error).__name__}: {message[:90]})")
+    try:
         sites = resolve(model)
     except UnsupportedModelError as error:
         return Row(model_type, "", f"refused: {refusal_reason(error)}")
     if not tiny:
         raise RuntimeError(f"{model_type}: resolves but has no tiny config; add it to hguard.conformance.OVERRIDES")
-    return Row(model_type, f"{sites.layers_path}.N.{sites.down_name}", None)
+    return Row(model_type, where(sites), None)
+
+
+def where(sites) -> str:
+    """The module path of a layer's neurons, "N" for the layer index (and which layers, where not all)."""
+    path = f"{sites.layers_path}.N.{sites.down_name}"
+    return f"{path} (N in {list(sites.layer_ids)})" if sites.layer_ids else path
 
 
 def refusal_reason(error: UnsupportedModelError) -> str:

@@ -121,8 +121,10 @@ class ExpertsDown:
         return weight[expert, :, positions] if self.transposed else weight[expert, positions]
 
     def _selection(self, live: torch.Tensor):
-        """(rows [2k, H] in the layout `_apply_gate` reads, bias [2k] or None, expert [k]), cached per live set."""
-        key = (live.data_ptr(), live.numel(), self.experts.gate_up_proj.data_ptr())
+        """(rows [2k, H] in the layout `_apply_gate` reads, bias [2k] or None, expert [k]), cached per live set
+        and version of the weights (an in-place change of them gathers again)."""
+        weight = self.experts.gate_up_proj
+        key = (live.data_ptr(), live.numel(), weight.data_ptr(), weight._version)
         if key not in self._rows:
             live = live.to(self.experts.gate_up_proj.device)
             expert, index = live // self.width, live % self.width

@@ -46,7 +46,7 @@ def cett(z: torch.Tensor, h: torch.Tensor, column_norm: torch.Tensor | float = 1
     reordered form: (|z| @ w) / (||h|| + EPS) per layer, for all of a step's layers in one product."""
     return z.abs().float() * column_norm / (torch.linalg.vector_norm(h.float(), dim=-1, keepdim=True) + EPS)
 NORM_RTOL = 2e-2  # column norms must agree this closely (covers bf16/fp16 copies of the same weights)
-_ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "experts")
+_ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "experts", "expert_layers")
 _TENSORS = ("layer", "neuron", "weight", "column_norm", "bias")
 
 
@@ -68,6 +68,8 @@ def fingerprint(sites: Sites) -> dict[str, object]:
     }
     if sites.experts:
         found["experts"] = sites.experts
+    if sites.layer_ids:  # a probe's layer l is the model's layer expert_layers[l]
+        found["expert_layers"] = list(sites.layer_ids)
     return found
 
 

@@ -88,6 +88,7 @@ class Sites:
     hidden_size: int
     layers_path: str = ""  # module path of the layers' ModuleList, from the causal-LM wrapper
     experts: int = 0  # routed experts per layer (mixture of experts; `down_name` is then the experts module)
+    layer_ids: tuple[int, ...] = ()  # the model's indices of `layers` where they are not all its layers
 
     @property
     def num_layers(self) -> int:
@@ -247,12 +248,13 @@ def _experts_sites(model: nn.Module, model_type: str) -> Sites:
         refuse_moe(model_type, "no list of decoder layers found")
     layers_path, layers = found
     paths = [next((path for path, module in layer.named_modules() if is_experts(module)), None) for layer in layers]
-    dense = [i for i, path in enumerate(paths) if path is None]
-    if len(dense) == len(paths):
+    ids = tuple(i for i, path in enumerate(paths) if path is not None)
+    if not ids:
         refuse_moe(model_type, "no experts module with 3-D gate_up_proj and down_proj weights in its layers")
-    if dense or len(set(paths)) > 1:
-        refuse_moe(model_type, f"its layers mix dense MLPs and routed experts (no experts module in layers {dense})"
-                   if dense else f"its experts modules sit at different paths ({sorted(set(paths))})")
+    if len({paths[i] for i in ids}) > 1:
+        refuse_moe(model_type, f"its experts modules sit at different paths ({sorted({paths[i] for i in ids})})")
+    layers = [layers[i] for i in ids]  # a layer with a dense MLP instead (DeepSeek's first ones) is not read
+    paths = [paths[i] for i in ids]
     views = [ExpertsDown(layer.get_submodule(paths[0]), layer) for layer in layers]
     if len({(v.num_experts, v.width, v.hidden, v.transposed) for v in views}) > 1:
         refuse_moe(model_type, "its layers' experts differ in number or width")
@@ -262,7 +264,8 @@ def _experts_sites(model: nn.Module, model_type: str) -> Sites:
     first = views[0]
     return Sites(model_type=model_type, layers=tuple(layers), down_name=paths[0], up_name="", up_fused=False,
                  transposed=first.transposed, intermediate_size=first.intermediate_size, hidden_size=first.hidden,
-                 layers_path=layers_path, experts=first.num_experts)
+                 layers_path=layers_path, experts=first.num_experts,
+                 layer_ids=ids if len(ids) < len(found[1]) else ())
 
 
 def resolve(model: nn.Module) -> Sites:

@@ -136,7 +136,7 @@ def scores_under_intervention_are_unintervened(guard: Guard, action: str, prompt
     generator = torch.Generator().manual_seed(3)
     neuron = torch.randperm(guard.sites.intermediate_size, generator=generator)[:count]
     weight = torch.randn(count, generator=generator).abs() + 0.1
-    layer = torch.full((count,), guard.sites.num_layers - 2)
+    layer = torch.full((count,), max(guard.sites.num_layers - 2, 0))  # (a mixed MoE's one expert layer: 0)
     guard = Guard(model, guard.tokenizer, Probe.from_weights(model, layer, neuron, weight, 0.0))
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, action=action, threshold=0.0, alpha=0.0)
     plain = guard.generate(prompts, action="off", max_new_tokens=max_new_tokens, do_sample=False)

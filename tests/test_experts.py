@@ -130,3 +130,22 @@ def test_an_experts_probe_is_format_version_2(tmp_path):
     dense = Probe.random(build_model("llama"), 10).save(tmp_path / "dense.safetensors")
     with safe_open(str(dense), framework="pt") as handle:
         assert handle.metadata()["version"] == "1"  # dense probes keep the format older hguard reads
+
+
+def test_static_cache_and_bf16(tmp_path):
+    """A static cache (compilation off while hooked: the compiled tap is for dense MLPs) gives the dynamic
+    cache's tokens and scores; in bf16 the streamed scores stay within test_precision.py's 5e-3 of teacher
+    forcing."""
+    directory = save_tiny(tmp_path, "mixtral", initializer_range=0.2)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompts = ["Where was the author born?", "Numbers like"]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        guard = Guard(model, tokenizer, Probe.random(model, 20, seed=2))
+        dynamic = guard.generate(prompts, max_new_tokens=6, do_sample=False)
+        static = guard.generate(prompts, max_new_tokens=6, do_sample=False, cache_implementation="static")
+        for a, b, prompt in zip(dynamic, static, prompts):
+            assert a.token_ids == b.token_ids
+            assert b.token_probs == pytest.approx(a.token_probs, abs=1e-6)
+            forced = guard.score(prompt, a.token_ids)
+            assert a.token_probs == pytest.approx(forced.token_probs, abs=1e-4 if dtype == torch.float32 else 5e-3)

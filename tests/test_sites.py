@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hguard import SITE_TABLE, UnsupportedModelError, resolve
+from hguard import SITE_TABLE, Probe, UnsupportedModelError, resolve
 from hguard.tiny import ARCHITECTURES
 
 from conftest import load
@@ -44,10 +44,12 @@ def test_mixture_of_experts_resolves_to_its_routed_experts():
     assert sites.down_name == "mlp.experts" and sites.experts == 4 and sites.intermediate_size == 4 * 64
     with pytest.raises(UnsupportedModelError, match="'mixtral'.*dense MLPs only"):
         sites.up_weight(0)
-    # a model whose first layer is a dense MLP (DeepSeek's first_k_dense_replace, qwen2_moe's mlp_only_layers)
-    mixed = build_model("qwen3_moe", mlp_only_layers=[0])
-    with pytest.raises(UnsupportedModelError, match="'qwen3_moe'.*mix dense MLPs and routed experts"):
-        resolve(mixed)
+    # a model whose first layers are dense MLPs (DeepSeek's first_k_dense_replace, qwen's mlp_only_layers): its
+    # expert layers are read, and a probe's layer l is the model's layer expert_layers[l]
+    mixed = build_model("qwen3_moe", mlp_only_layers=[0], num_hidden_layers=3)
+    sites = resolve(mixed)
+    assert sites.layer_ids == (1, 2) and sites.num_layers == 2 and sites.layers[0] is mixed.model.layers[1]
+    assert Probe.random(mixed, 5).fingerprint["expert_layers"] == [1, 2]
 
 
 class _Config:
