@@ -84,8 +84,10 @@ OVERRIDES: dict[str, dict] = {
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=16),
     "gemma4_assistant": dict(hidden_size_per_layer_input=0),
     "beam": _MIXED, **dict.fromkeys(("axk1", "axk2", "sarvam_mla", "glm4_moe_lite"), _MLA),
+    # (index_topk at least the checks' lengths: the sparse indexer keeps every key; with 4, transformers 5.16's
+    # cached indexer kept other keys than a full pass, which the matrix saw as streamed != teacher-forced)
     **dict.fromkeys(("deepseek_v32", "glm_moe_dsa", "hy_v4", "dots3_note_text"),
-                    dict(_MLA, **_MIXED, index_head_dim=8, index_topk=4, head_dim=8, sliding_window=16,
+                    dict(_MLA, **_MIXED, index_head_dim=8, index_topk=64, head_dim=8, sliding_window=16,
                          shared_experts_intermediate_size=16)),
     **dict.fromkeys(("bailing_hybrid", "kimi_linear"),
                     dict(_MLA, **_MIXED, layer_types=["linear_attention", "full_attention"], linear_head_dim=8)),
