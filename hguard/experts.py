@@ -25,6 +25,7 @@ only sees flattened.
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,7 +79,9 @@ class ExpertsDown:
         self._shape: tuple[int, ...] | None = None  # the block's [B, S] of the current forward
         self._routed: torch.Tensor | None = None  # h as the experts computed it, [B, S, H]
         self._z_live: torch.Tensor | None = None  # Z of the live neurons before any hook scaled them
-        self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self._z: torch.Tensor | None = None  # the Z handed to the hooks, and its version then
+        self._z_version = 0
+        self._rows: dict[tuple, tuple] = {}  # one entry: the live neurons' gathered weights (`_selection`)
 
     @classmethod
     def of(cls, experts: nn.Module, block: nn.Module) -> "ExpertsDown":
@@ -110,37 +113,31 @@ class ExpertsDown:
         down = self.experts.down_proj.float()
         return torch.linalg.vector_norm(down, dim=2 if self.transposed else 1).flatten()
 
-    def _gate_up_rows(self, expert: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """[k, 2, H] each neuron's gate and up rows."""
-        weight, width = self.experts.gate_up_proj, self.width
-        if self.concatenated:
-            positions = torch.stack((index, index + width), 1)
-        else:  # interleaved: gate of neuron i at 2i, its up at 2i + 1
-            positions = torch.stack((2 * index, 2 * index + 1), 1)
-        expert = expert[:, None].expand_as(positions)
-        return weight[expert, :, positions] if self.transposed else weight[expert, positions]
+    def _positions(self, index: torch.Tensor) -> torch.Tensor:
+        """[k, 2] where each neuron's gate and up outputs sit in its expert's gate_up output."""
+        if self.concatenated:  # [gates..., ups...]
+            return torch.stack((index, index + self.width), 1)
+        return torch.stack((2 * index, 2 * index + 1), 1)  # interleaved: [gate0, up0, gate1, up1, ...]
 
-    def _selection(self, live: torch.Tensor):
-        """(rows [2k, H] in the layout `_apply_gate` reads, bias [2k] or None, expert [k]), cached per live set
-        and version of the weights (an in-place change of them gathers again)."""
+    def _selection(self, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(gate/up rows [2k, H] in the layout `_apply_gate` reads, their bias [2k] or None, each neuron's
+        expert [k], down-projection columns [H, k]) of the live neurons, cached per live set and version of
+        the weights (an in-place change of them gathers again)."""
         weight = self.experts.gate_up_proj
-        key = (live.data_ptr(), live.numel(), weight.data_ptr(), weight._version)
+        key = (live.data_ptr(), live.numel(), weight.data_ptr(), weight._version, self.experts.down_proj._version)
         if key not in self._rows:
-            live = live.to(self.experts.gate_up_proj.device)
+            live = live.to(weight.device)
             expert, index = live // self.width, live % self.width
-            rows = self._gate_up_rows(expert, index)  # [k, 2, H]
+            positions = self._positions(index)
+            experts = expert[:, None].expand_as(positions)
+            rows = weight[experts, :, positions] if self.transposed else weight[experts, positions]  # [k, 2, H]
             bias = getattr(self.experts, "gate_up_proj_bias", None)
-            if bias is not None:
-                positions = torch.stack((index, index + self.width), 1) if self.concatenated else \
-                    torch.stack((2 * index, 2 * index + 1), 1)
-                bias = bias[expert[:, None].expand_as(positions), positions]  # [k, 2]
-            if self.concatenated:  # [gates..., ups...]
-                rows = rows.transpose(0, 1).reshape(-1, rows.shape[-1])
-                bias = bias.t().reshape(-1) if bias is not None else None
-            else:  # [gate0, up0, gate1, up1, ...]
-                rows = rows.reshape(-1, rows.shape[-1])
-                bias = bias.reshape(-1) if bias is not None else None
-            self._rows = {key: (rows.detach(), None if bias is None else bias.detach(), expert)}
+            bias = None if bias is None else bias[experts, positions]  # [k, 2]
+            order = (1, 0) if self.concatenated else (0, 1)  # gates then ups, or pairs
+            rows = rows.permute(*order, 2).reshape(-1, rows.shape[-1])
+            bias = None if bias is None else bias.permute(*order).reshape(-1)
+            self._rows = {key: (rows.detach(), None if bias is None else bias.detach(), expert,
+                                self.columns(live).detach())}
         return self._rows[key]
 
     # ---- the routed neurons -------------------------------------------------------------------
@@ -170,7 +167,7 @@ class ExpertsDown:
                 z[:, e * self.width:(e + 1) * self.width] = self._gate(gate_up) * routing[:, e:e + 1]
             self._z_live = None
             return z
-        rows, bias, expert = self._selection(self.live)
+        rows, bias, expert, _ = self._selection(self.live)
         gate_up = x @ rows.t().to(x.dtype)
         if bias is not None:
             gate_up = gate_up + bias.to(x.dtype)
@@ -179,11 +176,12 @@ class ExpertsDown:
         return z
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """h [B, S, H]: the routed output, plus what a hook's change to the live neurons of Z adds."""
-        if self._z_live is None:
+        """h [B, S, H]: the routed output, plus what a hook's change to the live neurons of Z adds (a hook
+        that scaled them in place or passed another Z; all neurons' Z, identification's, is read only)."""
+        if self._z_live is None or (z is self._z and z._version == self._z_version):
             return self._routed
         changed = z.reshape(-1, z.shape[-1])[:, self.live] - self._z_live
-        columns = self.columns(self.live).to(changed.dtype)
+        columns = self._selection(self.live)[3].to(changed.dtype)
         return self._routed + (changed @ columns.t()).view_as(self._routed)
 
     # ---- attaching ----------------------------------------------------------------------------
@@ -201,10 +199,11 @@ class ExpertsDown:
 
         def experts_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             routed = experts_forward.hguard_inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-            shape = view._shape if view._shape is not None and _count(view._shape) == hidden_states.shape[0] \
+            shape = view._shape if view._shape is not None and math.prod(view._shape) == hidden_states.shape[0] \
                 else (1, hidden_states.shape[0])
-            view._routed = routed.view(*shape, routed.shape[-1])
+            view._routed = routed.reshape(*shape, routed.shape[-1])
             z = view.routed_neurons(hidden_states, top_k_index, top_k_weights).view(*shape, -1)
+            view._z, view._z_version = z, z._version  # (a hook that scales Z in place moves its version)
             return view.forward(z).reshape(routed.shape)  # through the hooks on `view.forward`
 
         self.live = None if live is None else live.to(experts.down_proj.device)
@@ -216,12 +215,6 @@ class ExpertsDown:
         finally:
             for module, wrapper in ((experts, experts_forward), (block, block_forward)):
                 unwrap(module, wrapper)
-            self.live, self._routed, self._z_live, self._shape = None, None, None, None
+            self.live, self._routed, self._z_live, self._shape, self._z = None, None, None, None, None
             self.attached = False
 
-
-def _count(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -97,11 +97,9 @@ class Sites:
     def down(self, layer: int) -> nn.Module | ExpertsDown:
         """The module whose input is layer `layer`'s neuron vector z and whose output is h (hooks go here);
         for experts, their virtual down projection."""
-        module = self.layers[layer].get_submodule(self.down_name)
         if self.experts:
-            parent = self.down_name.rpartition(".")[0]
-            return ExpertsDown.of(module, self.layers[layer].get_submodule(parent) if parent else self.layers[layer])
-        return module
+            return _experts_view(self.layers[layer], self.down_name)
+        return self.layers[layer].get_submodule(self.down_name)
 
     def down_weight(self, layer: int) -> torch.Tensor:
         """W_down as [hidden, intermediate]: column j writes neuron j into the residual stream (dense MLPs)."""
@@ -241,6 +239,12 @@ def refuse_moe(model_type: str, reason: str) -> None:
                                 f"{reason}")
 
 
+def _experts_view(layer: nn.Module, path: str) -> ExpertsDown:
+    """The virtual down projection of the experts module at `path` in `layer` (its parent: the MoE block)."""
+    parent = path.rpartition(".")[0]
+    return ExpertsDown.of(layer.get_submodule(path), layer.get_submodule(parent) if parent else layer)
+
+
 def _experts_sites(model: nn.Module, model_type: str) -> Sites:
     """Sites of a mixture-of-experts model: every decoder layer's routed experts module (experts.py)."""
     found = _find_layers(model)
@@ -255,7 +259,7 @@ def _experts_sites(model: nn.Module, model_type: str) -> Sites:
         refuse_moe(model_type, f"its experts modules sit at different paths ({sorted({paths[i] for i in ids})})")
     layers = [layers[i] for i in ids]  # a layer with a dense MLP instead (DeepSeek's first ones) is not read
     paths = [paths[i] for i in ids]
-    views = [ExpertsDown(layer.get_submodule(paths[0]), layer) for layer in layers]
+    views = [_experts_view(layer, paths[0]) for layer in layers]
     if len({(v.num_experts, v.width, v.hidden, v.transposed) for v in views}) > 1:
         refuse_moe(model_type, "its layers' experts differ in number or width")
     problem = check_layout(views[0].experts)
