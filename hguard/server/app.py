@@ -116,7 +116,9 @@ def model_path(settings: ServerSettings) -> str:
 
 
 def make_engine(guard: Guard, settings: ServerSettings, metrics: Metrics | None):
-    """The engine the settings ask for, started (a proxy's is never started: it would only idle)."""
+    """The engine the settings ask for, started; None in proxy mode (the upstream generates)."""
+    if settings.upstream:
+        return None
     if settings.engine == "vllm":
         from ..vllm.engine import VllmEngine
 
@@ -127,8 +129,7 @@ def make_engine(guard: Guard, settings: ServerSettings, metrics: Metrics | None)
                             enforce_eager=settings.enforce_eager, engine_args=args)
     else:
         engine = Engine(guard, settings.max_batch_size, settings.max_queue, metrics)
-    if not settings.upstream:
-        engine.start()
+    engine.start()
     return engine
 
 
@@ -235,7 +236,8 @@ def _lifespan(settings: ServerSettings, guard: Guard | None):
             if app.state.proxy is not None:
                 await app.state.proxy.close()
                 app.state.proxy = None
-            engine.stop()
+            if engine is not None:
+                engine.stop()
 
     return lifespan
 
