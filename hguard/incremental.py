@@ -163,17 +163,26 @@ def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
         raise
     logits = monitor.full_logits.double().cpu()
     for i, ((scorer, target), p, n) in enumerate(zip(work, past, new)):
-        own = DynamicCache()  # plain dynamic layers, made as they fill (a config would be read at every step)
-        for index, layer in enumerate(cache.layers):
-            if layer.keys is not None and layer.keys.numel():
-                # views of the batch's cache (no copy): the next batch copies them into its own anyway
-                own.update(layer.keys[i: i + 1, :, width - p: width + len(n)],
-                           layer.values[i: i + 1, :, width - p: width + len(n)], index)
-        scorer._cache = own
+        scorer._cache = _rows_view(cache, i, slice(width - p, width + len(n)))
         first_response = max(0, len(scorer.prompt_ids) - p)  # prompt positions are not scored
         scorer._logits += logits[i, first_response: len(n)].tolist()
         scorer.forwarded += len(n)
         scorer._fed = target
+
+
+def _rows_view(cache: DynamicCache, row: int, positions: slice) -> DynamicCache:
+    """A cache of row `row`'s `positions` of `cache`, as views (no copy: the next batch copies them into its
+    own anyway, and `DynamicCache.update` would copy each one onto an empty tensor)."""
+    own = DynamicCache()  # plain dynamic layers (a config would be read at every step)
+    for layer in cache.layers:
+        if layer.keys is None or not layer.keys.numel():  # past the last hooked layer: never run
+            break
+        keys, values = layer.keys[row: row + 1, :, positions], layer.values[row: row + 1, :, positions]
+        view = DynamicLayer()
+        view.lazy_initialization(keys, values)
+        view.keys, view.values = keys, values
+        own.layers.append(view)
+    return own
 
 
 def _padded(caches: list[DynamicCache], past: list[int], width: int, config) -> DynamicCache:

@@ -145,6 +145,24 @@ class Sweep:
         return round(float((values[self.y_test == label] >= threshold).mean()), 4) if self.two else None
 
 
+def _check_sides(counts: dict) -> None:
+    for name in ("train", "val"):
+        if min(counts[name].values()) == 0:
+            raise ValueError(f"the {name} side needs faithful and hallucinated questions; got {counts[name]} "
+                             "(more questions, or questions the model answers both right and wrong)")
+
+
+def _set_watch_threshold(probe, peaks: dict, data, sweep, false_flag_rate: float, summary: dict) -> None:
+    """The running mean's threshold (abstain, dampen) from the validation side's peaks, and its test rates.
+    The peak is at least the final mean, so it is at least the flag threshold (the max only absorbs
+    rounding between the features' means and the guard's per-token scores)."""
+    probe.watch_threshold = max(probe.threshold, threshold_for(peaks["val"], data.y[sweep.val], false_flag_rate))
+    summary["watch_threshold"] = probe.watch_threshold
+    if sweep.two:
+        summary["test"]["abstain_rate_faithful"] = sweep.rate(peaks["test"], 0, probe.watch_threshold)
+        summary["test"]["abstain_rate_hallucinated"] = sweep.rate(peaks["test"], 1, probe.watch_threshold)
+
+
 def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
@@ -173,10 +191,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
                      batch=batch, progress=progress, seed=seed)
     counts = data.counts()
     echo(f"split by question id: {counts}")
-    for name in ("train", "val"):
-        if min(counts[name].values()) == 0:
-            raise ValueError(f"the {name} side needs faithful and hallucinated questions; got {counts[name]} "
-                             "(more questions, or questions the model answers both right and wrong)")
+    _check_sides(counts)
     train = np.flatnonzero(data.side == "train")
     if balance == "subsample":
         train = train[balanced(data.y[train], seed, [data.keys[i] for i in train])]
@@ -199,14 +214,8 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     }
     probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, calibration=calibration,
                      threshold=threshold, training=summary)
-    peaks = running_peaks(model, tokenizer, probe, examples, data.keys, data.side)
-    # the peak is at least the final mean, so the watch threshold is at least the flag threshold (the
-    # max only absorbs rounding between the features' means and the guard's per-token scores)
-    probe.watch_threshold = max(threshold, threshold_for(peaks["val"], data.y[sweep.val], false_flag_rate))
-    summary["watch_threshold"] = probe.watch_threshold
-    if sweep.two:
-        summary["test"]["abstain_rate_faithful"] = sweep.rate(peaks["test"], 0, probe.watch_threshold)
-        summary["test"]["abstain_rate_hallucinated"] = sweep.rate(peaks["test"], 1, probe.watch_threshold)
+    _set_watch_threshold(probe, running_peaks(model, tokenizer, probe, examples, data.keys, data.side), data, sweep,
+                         false_flag_rate, summary)
     probe.save(out)
     echo(f"probe: {chosen.kept} neurons ({summary['per_mille']} per mille) at C={chosen.C}; test {test}")
     (work / "report.json").write_text(json.dumps(summary, indent=1))
