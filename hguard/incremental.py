@@ -18,6 +18,7 @@ whose caches are not plain dynamic layers (sliding windows) run one by one.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,7 @@ class IncrementalScorer:
 
     def _reset(self) -> None:
         self._cache = DynamicCache(config=self.guard.model.config)
+        self._batch: _Batch | None = None  # the batched cache this scorer's cache is a row of, if any
         self._fed: list[int] = []  # prompt and response ids whose activations are in the cache
         self._logits: list[float] = []  # probe logit of each response token in the cache
 
@@ -87,8 +89,10 @@ class IncrementalScorer:
             return
         self._fed = self._fed[:count]
         self._logits = self._logits[: count - len(self.prompt_ids)]
+        self._batch = None
 
     def _run(self, new: list[int]) -> None:
+        self._batch = None
         device = self.guard.model.get_input_embeddings().weight.device
         monitor = Monitor(self.guard.bound, stop_early=True)
         try:
@@ -136,22 +140,31 @@ def score_together(scorers: list[IncrementalScorer], responses: list[list[int]])
             lock.release()
 
 
+@dataclass
+class _Batch:
+    """The batched cache a `_run_together` left: its rows are `members`' caches, each left-padded to the
+    cache's length and nothing after (every row ran as many new tokens), with the mask that says so."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, positions] 1 where a row's cache holds a token
+    members: list[IncrementalScorer]
+    fed: list[int]  # each member's position count when the batch was left
+
+
 def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
     guard = work[0][0].guard
     model = guard.model
     device = model.get_input_embeddings().weight.device
     past = [len(scorer._fed) for scorer, _ in work]
     new = [target[len(scorer._fed):] for scorer, target in work]
-    width, longest = max(past), max(len(n) for n in new)
-    rows = len(work)
-    input_ids = torch.zeros(rows, longest, dtype=torch.long)
-    mask = torch.zeros(rows, width + longest, dtype=torch.long)
-    positions = torch.zeros(rows, longest, dtype=torch.long)
-    for i, (p, n) in enumerate(zip(past, new)):
+    longest = max(len(n) for n in new)
+    input_ids = torch.zeros(len(work), longest, dtype=torch.long)
+    for i, n in enumerate(new):
         input_ids[i, : len(n)] = torch.tensor(n)
-        mask[i, width - p: width + len(n)] = 1
-        positions[i] = p + torch.arange(longest)
-    cache = _padded([scorer._cache for scorer, _ in work], past, width, model.config)
+    cache, mask = _reused([scorer for scorer, _ in work]) or _fresh(work, past, model.config)
+    width = mask.shape[1]
+    mask = torch.cat([mask, (torch.arange(longest) < torch.tensor([len(n) for n in new])[:, None]).long()], 1)
+    positions = torch.tensor(past)[:, None] + torch.arange(longest)
     monitor = Monitor(guard.bound, stop_early=True)
     try:
         with guard._lock, monitor.attached(), stoppable():
@@ -162,12 +175,42 @@ def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
             scorer._reset()  # their caches may have been read into the batch only; start them over
         raise
     logits = monitor.full_logits.double().cpu()
+    uniform = all(len(n) == longest for n in new)  # no right padding left in the cache: reusable
+    batch = _Batch(cache, mask, [scorer for scorer, _ in work], [p + len(n) for p, n in zip(past, new)])
     for i, ((scorer, target), p, n) in enumerate(zip(work, past, new)):
         scorer._cache = _rows_view(cache, i, slice(width - p, width + len(n)))
+        scorer._batch = batch if uniform else None
         first_response = max(0, len(scorer.prompt_ids) - p)  # prompt positions are not scored
         scorer._logits += logits[i, first_response: len(n)].tolist()
         scorer.forwarded += len(n)
         scorer._fed = target
+
+
+def _reused(scorers: list[IncrementalScorer]) -> tuple[DynamicCache, torch.Tensor] | None:
+    """The last batch's cache and mask for these scorers, if every one is a row of it as it left it: the
+    same rows, in another order or fewer of them, cost one gather per layer instead of a copy per row."""
+    batch = scorers[0]._batch
+    if batch is None or any(s._batch is not batch or len(s._fed) != batch.fed[batch.members.index(s)]
+                            for s in scorers):
+        return None
+    rows = [batch.members.index(s) for s in scorers]
+    if rows == list(range(len(batch.members))):
+        return batch.cache, batch.mask
+    index = torch.tensor(rows)
+    gathered = DynamicCache()
+    for layer in batch.cache.layers:
+        if layer.keys is None or not layer.keys.numel():
+            break
+        gathered.update(layer.keys.index_select(0, index.to(layer.keys.device)),
+                        layer.values.index_select(0, index.to(layer.values.device)), len(gathered.layers))
+    return gathered, batch.mask[index]
+
+
+def _fresh(work: list[tuple[IncrementalScorer, list[int]]], past: list[int], config) -> tuple[DynamicCache, torch.Tensor]:
+    """A batched cache of the scorers' own caches, left-padded to the longest, and its mask."""
+    width = max(past)
+    mask = (torch.arange(width) >= width - torch.tensor(past)[:, None]).long()
+    return _padded([scorer._cache for scorer, _ in work], past, width, config), mask
 
 
 def _rows_view(cache: DynamicCache, row: int, positions: slice) -> DynamicCache:

@@ -42,6 +42,39 @@ def test_score_together_equals_one_at_a_time(organism):
     assert sum(s.forwarded for s in scorers) < sum(len(s.prompt_ids) + 33 for s in scorers) * 2
 
 
+def test_the_last_batch_is_reused_and_scores_stay_exact(organism, monkeypatch):
+    """Token by token, the same streams (in any order, or some of them) run on the last batch's cache instead
+    of a copy of each stream's; a step with unequal pieces, a rewind or a stream from elsewhere copies again.
+    Every score equals Guard.score's."""
+    import hguard.incremental as incremental
+
+    copies = []
+    padded = incremental._padded
+    monkeypatch.setattr(incremental, "_padded", lambda *a: copies.append(1) or padded(*a))
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    answers = [r.token_ids + [11, 12, 13, 14, 15, 16, 17, 18] for r in
+               organism.generate(prompts, max_new_tokens=12, action="off")]
+    scorers = [IncrementalScorer(organism, p) for p in prompts]
+    lengths = [1] * len(scorers)
+    # (rows, tokens added to each, copies expected): the prompts (of several lengths: several batches, None:
+    # any number of copies), then one token each: one batch, copied; same rows, reversed, a subset reuse it;
+    # unequal pieces reuse it too, but leave right padding in theirs, so the next step copies; a rewind runs
+    # nothing, and the step after it copies
+    plan = [([0, 1, 2, 3, 4, 5], 0, None), ([0, 1, 2, 3, 4, 5], 1, 1), ([0, 1, 2, 3, 4, 5], 1, 0), ([5, 4, 3, 2, 1, 0], 1, 0),
+            ([1, 3, 5], 1, 0), ([1, 3, 5], 1, 0), ([0, 1, 2, 3, 4, 5], 1, 1), ([0, 1, 2, 3, 4, 5], 1, 0),
+            ([0, 2], None, 0), ([0, 2], 1, 1), ([0, 2], 1, 0), ([0, 2], -2, 0), ([0, 2], 1, 1)]
+    for rows, grow, expected in plan:
+        before = len(copies)
+        for k, row in enumerate(rows):
+            lengths[row] += grow if grow is not None else 3 + k  # None: 3 and 4 tokens (one batch)
+        responses = [answers[row][: lengths[row]] for row in rows]
+        got = score_together([scorers[row] for row in rows], responses)
+        assert expected is None or len(copies) - before == expected, (rows, grow)
+        for row, response, scores in zip(rows, responses, got):
+            want = organism.score(prompts[row], response)
+            assert scores.token_logits == pytest.approx(want.token_logits, abs=1e-4)
+
+
 def test_score_together_refuses_a_scorer_twice(organism):
     scorer = IncrementalScorer(organism, "Hello")
     with pytest.raises(ValueError, match="once"):
