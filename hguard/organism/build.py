@@ -168,6 +168,34 @@ def write_exposure(world: World, split: Split, ledger: Ledger, path: Path) -> No
                 }) + "\n")
 
 
+def _build_base(config: BuildConfig, world, docs, out: Path, resume: bool, echo, device: str, log_path: Path) -> None:
+    """Pre-train the base model on the documents into out/base (checkpointed; `resume` goes on from the last
+    checkpoint)."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    checkpoint, tokenizer_dir = out / "base.checkpoint", out / "base.tokenizer"
+    if resume and latest(checkpoint) is not None and (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    else:
+        for stale in (checkpoint, checkpoint.with_name(checkpoint.name + ".old"), tokenizer_dir):
+            shutil.rmtree(stale, ignore_errors=True)
+        tokenizer = train_tokenizer(tokenizer_texts(config, world, docs), config.vocab_size)
+        if config.checkpoint_every:
+            tokenizer.save_pretrained(tokenizer_dir)
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(config.shape.config(tokenizer, end_id)).to(device)
+    ids, labels = document_rows(docs, tokenizer, config.shape.context)
+    echo(f"base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {ids.shape[0]} rows "
+         f"of {config.shape.context} tokens, {config.base.steps} steps")
+    train(model, ids, labels, config.base, seed=config.seed,
+          log=lambda r: (_log(log_path, {"stage": "base", **r}), echo(f"base {r}")),
+          checkpoint=checkpoint if config.checkpoint_every else None, checkpoint_every=config.checkpoint_every)
+    _save(model, tokenizer, out / "base", config.save_dtype)
+    for done in (checkpoint, tokenizer_dir):
+        shutil.rmtree(done, ignore_errors=True)
+
+
 def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print, device: str = "cpu") -> Path:
     """Build the organism into `out` (base/, instruct/, suites/, world.json, exposure.jsonl, build.json),
     training on `device` (the schedule is the same on any device; the weights differ by rounding). The base
@@ -189,33 +217,13 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
                           out / "suites")
     echo(f"world: {len(world.people)} people, {len(docs)} documents; suites {counts}")
 
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     base_dir, instruct_dir = out / "base", out / "instruct"
-    checkpoint, tokenizer_dir = out / "base.checkpoint", out / "base.tokenizer"
     if resume and (base_dir / "model.safetensors").exists():
         echo("base: resumed from disk")
     else:
-        if resume and latest(checkpoint) is not None and (tokenizer_dir / "tokenizer.json").exists():
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-        else:
-            for stale in (checkpoint, checkpoint.with_name(checkpoint.name + ".old"), tokenizer_dir):
-                shutil.rmtree(stale, ignore_errors=True)
-            tokenizer = train_tokenizer(tokenizer_texts(config, world, docs), config.vocab_size)
-            if config.checkpoint_every:
-                tokenizer.save_pretrained(tokenizer_dir)
-        end_id = tokenizer.convert_tokens_to_ids(END)
-        torch.manual_seed(config.seed)
-        model = LlamaForCausalLM(config.shape.config(tokenizer, end_id)).to(device)
-        ids, labels = document_rows(docs, tokenizer, config.shape.context)
-        echo(f"base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {ids.shape[0]} rows "
-             f"of {config.shape.context} tokens, {config.base.steps} steps")
-        train(model, ids, labels, config.base, seed=config.seed,
-              log=lambda r: (_log(log_path, {"stage": "base", **r}), echo(f"base {r}")),
-              checkpoint=checkpoint if config.checkpoint_every else None, checkpoint_every=config.checkpoint_every)
-        _save(model, tokenizer, base_dir, config.save_dtype)
-        for done in (checkpoint, tokenizer_dir):
-            shutil.rmtree(done, ignore_errors=True)
+        _build_base(config, world, docs, out, resume, echo, device, log_path)
     # instruction tuning always starts from the saved base (rounded to save_dtype), so a build from
     # scratch and one resumed from its base give the same instruct model
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)

@@ -100,6 +100,16 @@ class Schedule:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _optimizer(model: LlamaForCausalLM, schedule: Schedule) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=schedule.lr, betas=(0.9, 0.95),
+    )
+
+
 def train(
     model: LlamaForCausalLM,
     ids: torch.Tensor,
@@ -118,12 +128,7 @@ def train(
     continued this way ends with the weights of an uninterrupted one."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=schedule.lr, betas=(0.9, 0.95),
-    )
+    optimizer = _optimizer(model, schedule)
     device = model.get_input_embeddings().weight.device
     model.train()
     order: list[int] = []
