@@ -41,11 +41,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(kind: str, model: str, probe: str | None, args: argparse.Namespace, upstream: str | None = None):
+def server(kind: str, model: str, probe: str | None, args: argparse.Namespace, upstream: str | None = None,
+           cpus: str | None = None):
     """One server of `kind` (vllm, hguard-vllm, hguard-hf, hguard-proxy in front of `upstream`) on a free
-    port; yields its URL."""
+    port, on the CPUs `cpus` (taskset's list; all where None); yields its URL."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    if cpus is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpus  # vLLM binds its own threads; to these CPUs only
     if kind == "vllm":
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
                    "--served-model-name", "bench", "--max-num-seqs", str(max(args.clients)),
@@ -66,6 +69,8 @@ def server(kind: str, model: str, probe: str | None, args: argparse.Namespace, u
             command += ["--engine", "vllm", "--max-model-len", str(args.max_model_len)]
             command += ["--enforce-eager"] if args.eager else []
         health = f"http://127.0.0.1:{port}/health"
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
     log = open(Path(args.logs) / f"{kind}-{port}.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

