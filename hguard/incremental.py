@@ -201,8 +201,8 @@ def _reused(scorers: list[IncrementalScorer]) -> tuple[DynamicCache, torch.Tenso
     for layer in batch.cache.layers:
         if layer.keys is None or not layer.keys.numel():
             break
-        gathered.update(layer.keys.index_select(0, index.to(layer.keys.device)),
-                        layer.values.index_select(0, index.to(layer.values.device)), len(gathered.layers))
+        gathered.layers.append(_GrowingLayer(layer.keys.index_select(0, index.to(layer.keys.device)),
+                                             layer.values.index_select(0, index.to(layer.values.device))))
     return gathered, batch.mask[index]
 
 
@@ -220,17 +220,56 @@ def _rows_view(cache: DynamicCache, row: int, positions: slice) -> DynamicCache:
     for layer in cache.layers:
         if layer.keys is None or not layer.keys.numel():  # past the last hooked layer: never run
             break
-        keys, values = layer.keys[row: row + 1, :, positions], layer.values[row: row + 1, :, positions]
-        view = DynamicLayer()
-        view.lazy_initialization(keys, values)
-        view.keys, view.values = keys, values
-        own.layers.append(view)
+        own.layers.append(_view_layer(layer.keys[row: row + 1, :, positions], layer.values[row: row + 1, :, positions]))
     return own
 
 
+def _view_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
+    """A dynamic layer holding `keys` and `values` as they are (what its first `update` would set up)."""
+    layer = DynamicLayer()
+    layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+    layer.keys, layer.values = keys, values
+    return layer
+
+
+class _GrowingLayer(DynamicLayer):
+    """A batch's dynamic layer that writes new positions into spare room (doubling when full) instead of
+    concatenating: the batch's cache grows by a position per step, and a copy of all of it per step was a
+    quarter of the step. `keys` and `values` are views of the room, as long as the positions held."""
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if keys is not None:
+            self._hold(keys, values)
+
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._room = (keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:  # the first positions of an empty batch
+            self._hold(key_states[..., :0, :], value_states[..., :0, :])
+        held, new = self.keys.shape[-2], key_states.shape[-2]
+        if held + new > self._room[0].shape[-2]:
+            capacity = max(2 * held, held + new, 16)
+            rooms = []
+            for old in (self.keys, self.values):
+                room = old.new_empty(*old.shape[:-2], capacity, old.shape[-1])
+                room[..., :held, :] = old
+                rooms.append(room)
+            self._room = tuple(rooms)
+        self._room[0][..., held: held + new, :] = key_states
+        self._room[1][..., held: held + new, :] = value_states
+        self.keys, self.values = self._room[0][..., : held + new, :], self._room[1][..., : held + new, :]
+        return self.keys, self.values
+
+
 def _padded(caches: list[DynamicCache], past: list[int], width: int, config) -> DynamicCache:
-    """One cache holding `caches` as rows, each left-padded with zeros to `width` positions."""
+    """One cache holding `caches` as rows, each left-padded with zeros to `width` positions, in layers that
+    grow in place."""
     batched = DynamicCache(config=config)
+    batched.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in batched.layers]
     if width == 0:
         return batched
     template = next(c for c, p in zip(caches, past) if p == width)
@@ -243,7 +282,7 @@ def _padded(caches: list[DynamicCache], past: list[int], width: int, config) -> 
             if p:
                 keys[row, :, width - p:] = cache.layers[index].keys[0]
                 values[row, :, width - p:] = cache.layers[index].values[0]
-        batched.update(keys, values, index)
+        batched.layers[index] = _GrowingLayer(keys, values)
     return batched
 
 
