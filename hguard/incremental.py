@@ -107,6 +107,9 @@ class IncrementalScorer:
         self._logits += monitor.full_logits[0, first_response:].double().cpu().tolist()
 
 
+SMALL = 4  # pieces of up to this many new tokens share one forward
+
+
 @torch.no_grad()
 def score_together(scorers: list[IncrementalScorer], responses: list[list[int]]) -> list[Scores]:
     """`scorer.score_ids(response)` for every pair, the new tokens of all of them in one forward (each
@@ -122,10 +125,13 @@ def score_together(scorers: list[IncrementalScorer], responses: list[list[int]])
             target = scorer._target(response)
             if len(target) > len(scorer._fed):
                 work.append((scorer, target))
-        groups: dict[int, list] = {}  # rows of like length run together: padding stays under 2x
+        # rows of like length run together, so padding stays under 2x; pieces of a few tokens (a stream's
+        # next chunk, or a few when scoring lags) all run in one forward: a forward per piece size cost more
+        # than the padding
+        groups: dict[int, list] = {}
         for scorer, target in work:
             new = len(target) - len(scorer._fed)
-            key = (1 << (new - 1).bit_length()) if scorer._plain() else -id(scorer)
+            key = max(SMALL, 1 << (new - 1).bit_length()) if scorer._plain() else -id(scorer)
             groups.setdefault(key, []).append((scorer, target))
         for group in groups.values():
             if len(group) > 1:
