@@ -17,7 +17,9 @@ from hguard.cli import main
 from hguard.identify.sample import sample
 from hguard.hooks import HookSpec, hook_count, hooked
 from hguard.probe import cett
-from hguard.tiny import build_model, build_tokenizer, save_tiny
+from hguard.tiny import build_model, save_tiny
+
+from guard_checks import streamed_equals_teacher_forced
 
 TYPES = ("mixtral", "qwen3_moe")
 
@@ -149,3 +151,19 @@ def test_static_cache_and_bf16(tmp_path):
             assert b.token_probs == pytest.approx(a.token_probs, abs=1e-6)
             forced = guard.score(prompt, a.token_ids)
             assert a.token_probs == pytest.approx(forced.token_probs, abs=1e-4 if dtype == torch.float32 else 5e-3)
+
+
+def test_the_multi_device_path(tmp_path):
+    """test_precision.py's forced multi-device path (each layer's share summed where it runs) on experts:
+    streamed == teacher-forced, and dampen acts as on one device."""
+    directory = save_tiny(tmp_path, "qwen3_moe", initializer_range=0.2)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    probe = Probe.random(model, 30, seed=4)
+    apart, together = Guard(model, tokenizer, probe), Guard(model, tokenizer, probe)
+    apart.bound.single_device, apart.bound.layer_weight = False, None
+    prompts = ["Where was the author born?", "Numbers like 1024"]
+    streamed_equals_teacher_forced(apart, prompts, max_new_tokens=6)
+    kw = dict(max_new_tokens=6, do_sample=False, action="dampen", threshold=0.0, alpha=0.3)
+    for a, b in zip(apart.generate(prompts, **kw), together.generate(prompts, **kw)):
+        assert a.token_ids == b.token_ids and a.token_probs == pytest.approx(b.token_probs, abs=1e-5)
