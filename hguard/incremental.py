@@ -153,7 +153,7 @@ class _Batch:
 
     cache: DynamicCache
     mask: torch.Tensor  # [rows, positions] 1 where a row's cache holds a token
-    members: list[IncrementalScorer]
+    members: list[int]  # id() of each row's scorer (not the scorer: a scorer holds its batch, no cycle)
     fed: list[int]  # each member's position count when the batch was left
 
 
@@ -182,7 +182,7 @@ def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
         raise
     logits = monitor.full_logits.double().cpu()
     uniform = all(len(n) == longest for n in new)  # no right padding left in the cache: reusable
-    batch = _Batch(cache, mask, [scorer for scorer, _ in work], [p + len(n) for p, n in zip(past, new)])
+    batch = _Batch(cache, mask, [id(scorer) for scorer, _ in work], [p + len(n) for p, n in zip(past, new)])
     for i, ((scorer, target), p, n) in enumerate(zip(work, past, new)):
         scorer._cache = _rows_view(cache, i, slice(width - p, width + len(n)))
         scorer._batch = batch if uniform else None
@@ -196,10 +196,11 @@ def _reused(scorers: list[IncrementalScorer]) -> tuple[DynamicCache, torch.Tenso
     """The last batch's cache and mask for these scorers, if every one is a row of it as it left it: the
     same rows, in another order or fewer of them, cost one gather per layer instead of a copy per row."""
     batch = scorers[0]._batch
-    if batch is None or any(s._batch is not batch or len(s._fed) != batch.fed[batch.members.index(s)]
-                            for s in scorers):
+    if batch is None or any(s._batch is not batch for s in scorers):
         return None
-    rows = [batch.members.index(s) for s in scorers]
+    rows = [batch.members.index(id(s)) for s in scorers]  # (a scorer whose _batch this is was a member)
+    if any(len(s._fed) != batch.fed[row] for s, row in zip(scorers, rows)):
+        return None
     if rows == list(range(len(batch.members))):
         return batch.cache, batch.mask
     index = torch.tensor(rows)
