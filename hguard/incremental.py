@@ -11,8 +11,11 @@ serves one response; calls are serialised by its own lock.
 
 `score_together` scores several responses' new tokens in one forward (proxy mode's open streams): each
 scorer's cache is left-padded to the longest, the new tokens right-padded to the most, masks and
-positions say which is which, and each scorer gets back its own cache with its new positions. Scorers
-whose caches are not plain dynamic layers (sliding windows) run one by one.
+positions say which is which, and each scorer gets back its own cache with its new positions, as views
+of the batch's. When the same scorers come back (in any order, or some of them) and the last batch
+left no right padding, their next forward runs on that batch's cache itself, which grows in place
+(`_GrowingLayer`), so a step of decoding-sized pieces copies no cache. Scorers whose caches are not
+plain dynamic layers (sliding windows) run one by one.
 """
 
 from __future__ import annotations
