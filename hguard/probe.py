@@ -8,10 +8,11 @@ token costs one gather, an abs, a dot and one norm per layer that has selected n
 
 File layout: tensors `layer`, `neuron` (int64), `weight`, `column_norm` (fp32), `bias` (fp32, [1]);
 string metadata `format`, `version` ("1"; "2" for a mixture-of-experts model, whose fingerprint names
-its `experts` per layer and whose neuron index is expert * expert_width + neuron), `fingerprint` (JSON), `calibration` (JSON), `threshold`, optionally
+its `experts` per layer, and `expert_layers` where some layers are dense, and whose neuron index is
+expert * expert_width + neuron), `fingerprint` (JSON), `calibration` (JSON), `threshold`, optionally
 `watch_threshold` (for the running mean; see policy.py), `training` (JSON) and `checksum` (sha256 of
-the tensors). Loading onto the wrong model is a
-`ProbeMismatchError` naming the field that differs; a damaged file is a `ProbeFormatError`.
+the tensors). Loading onto the wrong model is a `ProbeMismatchError` naming the field that differs; a
+damaged file is a `ProbeFormatError`.
 """
 
 from __future__ import annotations
