@@ -216,7 +216,8 @@ def _reused(scorers: list[IncrementalScorer]) -> tuple[DynamicCache, torch.Tenso
     return gathered, batch.mask[index]
 
 
-def _fresh(work: list[tuple[IncrementalScorer, list[int]]], past: list[int], config) -> tuple[DynamicCache, torch.Tensor]:
+def _fresh(work: list[tuple[IncrementalScorer, list[int]]], past: list[int],
+           config) -> tuple[DynamicCache, torch.Tensor]:
     """A batched cache of the scorers' own caches, left-padded to the longest, and its mask."""
     width = max(past)
     mask = (torch.arange(width) >= width - torch.tensor(past)[:, None]).long()
