@@ -19,23 +19,19 @@ kernels as usual, then computes Z for the neurons the hooks read (a probe's: one
 gathered gate/up rows; identification's: all of them, expert by expert), passes Z [B, S, E*I] through
 `ExpertsDown.forward`, where the hooks see it, and returns h plus whatever the hooks' scaling of Z
 changed. The experts' parent block is wrapped too, to learn the batch shape that the experts module
-only sees flattened.
+only sees flattened (flat.py's `TokenView`).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .hooks import unwrap
-
-_DOWNS: "weakref.WeakKeyDictionary[nn.Module, ExpertsDown]" = weakref.WeakKeyDictionary()
+from .flat import TokenView
 
 
 class UnsupportedExpertsError(ValueError):
@@ -63,10 +59,11 @@ def check_layout(module: nn.Module) -> str | None:
     return None
 
 
-class ExpertsDown:
+class ExpertsDown(TokenView):
     """The virtual down projection of one experts module: input Z [B, S, E*I], output h [B, S, H]."""
 
     def __init__(self, experts: nn.Module, block: nn.Module) -> None:
+        super().__init__(experts, block)
         self.experts, self.block = experts, block
         self.transposed = bool(getattr(experts, "is_transposed", False))
         self.concatenated = bool(getattr(experts, "is_concatenated", True))
@@ -76,19 +73,11 @@ class ExpertsDown:
         self.hidden = down.shape[2] if self.transposed else down.shape[1]
         self.live: torch.Tensor | None = None  # the neurons the hooks read; None: all
         self.attached = False
-        self._shape: tuple[int, ...] | None = None  # the block's [B, S] of the current forward
         self._routed: torch.Tensor | None = None  # h as the experts computed it, [B, S, H]
         self._z_live: torch.Tensor | None = None  # Z of the live neurons before any hook scaled them
         self._z: torch.Tensor | None = None  # the Z handed to the hooks, and its version then
         self._z_version = 0
         self._rows: dict[tuple, tuple] = {}  # one entry: the live neurons' gathered weights (`_selection`)
-
-    @classmethod
-    def of(cls, experts: nn.Module, block: nn.Module) -> "ExpertsDown":
-        down = _DOWNS.get(experts)
-        if down is None:
-            down = _DOWNS[experts] = cls(experts, block)
-        return down
 
     @property
     def weight(self) -> torch.Tensor:
@@ -185,36 +174,26 @@ class ExpertsDown:
         return self._routed + (changed @ columns.t()).view_as(self._routed)
 
     # ---- attaching ----------------------------------------------------------------------------
+    def _through(self, inner, hidden_states, top_k_index, top_k_weights, *args, **kwargs) -> torch.Tensor:
+        """The experts' forward while attached: theirs, then Z through the hooks on `forward`."""
+        routed = inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        shape = self.batch_shape(hidden_states.shape[0])
+        self._routed = routed.reshape(*shape, routed.shape[-1])
+        z = self.routed_neurons(hidden_states, top_k_index, top_k_weights).view(*shape, -1)
+        self._z, self._z_version = z, z._version  # (a hook that scales Z in place moves its version)
+        return self.forward(z).reshape(routed.shape)
+
     @contextmanager
     def hguard_attached(self, live: torch.Tensor | None) -> Iterator[None]:
         """Route the experts module through this view for the block, computing Z for the `live` neurons
         (None: all), so that hooks on `forward` see Z and h. `hooks.hooked` enters it."""
         if self.attached:
             raise RuntimeError("this experts module is already being read by another hook block")
-        experts, block, view = self.experts, self.block, self
-
-        def block_forward(hidden_states, *args, **kwargs):
-            view._shape = tuple(hidden_states.shape[:-1])
-            return block_forward.hguard_inner(hidden_states, *args, **kwargs)
-
-        def experts_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-            routed = experts_forward.hguard_inner(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-            shape = view._shape if view._shape is not None and math.prod(view._shape) == hidden_states.shape[0] \
-                else (1, hidden_states.shape[0])
-            view._routed = routed.reshape(*shape, routed.shape[-1])
-            z = view.routed_neurons(hidden_states, top_k_index, top_k_weights).view(*shape, -1)
-            view._z, view._z_version = z, z._version  # (a hook that scales Z in place moves its version)
-            return view.forward(z).reshape(routed.shape)  # through the hooks on `view.forward`
-
-        self.live = None if live is None else live.to(experts.down_proj.device)
-        block_forward.hguard_inner, experts_forward.hguard_inner = block.forward, experts.forward
-        block.forward, experts.forward = block_forward, experts_forward
+        self.live = None if live is None else live.to(self.experts.down_proj.device)
         self.attached = True
         try:
-            yield
+            with self.routed(self._through):
+                yield
         finally:
-            for module, wrapper in ((experts, experts_forward), (block, block_forward)):
-                unwrap(module, wrapper)
-            self.live, self._routed, self._z_live, self._shape, self._z = None, None, None, None, None
+            self.live, self._routed, self._z_live, self._z = None, None, None, None
             self.attached = False
-

@@ -87,10 +87,10 @@ class GraphMonitor(Monitor):
 
     @staticmethod
     def usable(bound: BoundProbe) -> bool:
-        """Whether this binding can be tapped so: its layers on one device, dense MLPs (an experts module's
-        routing is data-dependent), no other forward wrapper."""
-        return bound.single_device and not bound.sites.experts and not any(
-            "forward" in bound.sites.down(term.layer).__dict__ for term in bound.terms)
+        """Whether this binding can be tapped so: its layers on one device, down projections the model calls
+        as they are (not experts.py's or flat.py's views), no other forward wrapper."""
+        downs = [bound.sites.down(term.layer) for term in bound.terms]
+        return bound.single_device and all(isinstance(d, torch.nn.Module) and "forward" not in d.__dict__ for d in downs)
 
     @contextmanager
     def attached(self) -> Iterator["GraphMonitor"]:

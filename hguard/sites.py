@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .experts import ExpertsDown, check_layout, is_experts
+from .flat import FlatDown
 
 
 class UnsupportedModelError(ValueError):
@@ -30,6 +31,7 @@ class SiteSpec:
     down: str  # inside a block: the down projection, whose input is the neuron vector z
     up: str  # inside a block: the up projection (rows = neurons); used by the drift analysis
     up_fused: bool = False  # up rows are the second half of a fused gate_up projection (phi3)
+    flat: bool = False  # the layer runs its MLP on [tokens, features] (opt): hooks see it through flat.py
 
 
 _GATED = SiteSpec(layers="model.layers", down="mlp.down_proj", up="mlp.up_proj")
@@ -45,6 +47,7 @@ SITE_TABLE: dict[str, SiteSpec] = {
     "olmo2": _GATED,
     "phi3": SiteSpec(layers="model.layers", down="mlp.down_proj", up="mlp.gate_up_proj", up_fused=True),
     "gpt2": SiteSpec(layers="transformer.h", down="mlp.c_proj", up="mlp.c_fc"),
+    "opt": SiteSpec(layers="model.decoder.layers", down="fc2", up="fc1", flat=True),
 }
 
 # Last path component of a down projection in architectures outside the table.
@@ -59,8 +62,6 @@ _MOE_TYPES = {
 # Types that resolve but fail the conformance matrix (tests/test_conformance_matrix.py): refused, with what
 # the matrix saw, until fixed.
 _BROKEN: dict[str, str] = {
-    "opt": "its decoder layers flatten tokens to [tokens, features] before the MLP, and the hooks read "
-           "[batch, positions, features] (IndexError in the monitor)",
     "openai-gpt": "it has no KV cache and its left-padded batched generation fails inside transformers",
     **dict.fromkeys(
         ("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
@@ -88,17 +89,20 @@ class Sites:
     hidden_size: int
     layers_path: str = ""  # module path of the layers' ModuleList, from the causal-LM wrapper
     experts: int = 0  # routed experts per layer (mixture of experts; `down_name` is then the experts module)
+    flat: bool = False  # the MLP runs on flattened tokens (SiteSpec.flat)
     layer_ids: tuple[int, ...] = ()  # the model's indices of `layers` where they are not all its layers
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def down(self, layer: int) -> nn.Module | ExpertsDown:
+    def down(self, layer: int) -> nn.Module | ExpertsDown | FlatDown:
         """The module whose input is layer `layer`'s neuron vector z and whose output is h (hooks go here);
-        for experts, their virtual down projection."""
+        for experts, their virtual down projection; for a flattened MLP, the view that unflattens it."""
         if self.experts:
             return _experts_view(self.layers[layer], self.down_name)
+        if self.flat:
+            return FlatDown.of(self.layers[layer].get_submodule(self.down_name), self.layers[layer])
         return self.layers[layer].get_submodule(self.down_name)
 
     def down_weight(self, layer: int) -> torch.Tensor:
@@ -297,4 +301,5 @@ def resolve(model: nn.Module) -> Sites:
         intermediate_size=intermediate,
         hidden_size=hidden,
         layers_path=spec.layers,
+        flat=spec.flat,
     )

@@ -67,3 +67,26 @@ class _Weird(nn.Module):
 def test_unknown_architecture_names_the_type():
     with pytest.raises(UnsupportedModelError, match="'weirdnet'"):
         resolve(_Weird())
+
+
+def test_a_flattened_mlp_is_read_in_the_batch_shape():
+    """OPT runs its MLP on [tokens, features]; hooks see z and h as [batch, positions, ...] (flat.py), and
+    nothing stays wrapped after."""
+    from hguard.flat import FlatDown
+    from hguard.hooks import HookSpec, hook_count, hooked
+    from hguard.conformance import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("opt")).eval()
+    sites = resolve(model)
+    view = sites.down(0)
+    assert isinstance(view, FlatDown) and view.weight is view.module.weight
+    seen = {}
+    ids = torch.randint(3, 300, (2, 5))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with hooked([HookSpec(view, post=lambda m, args, out: seen.update(z=args[0], h=out))]):
+            assert torch.equal(model(ids).logits, plain)
+    assert seen["z"].shape == (2, 5, sites.intermediate_size) and seen["h"].shape == (2, 5, sites.hidden_size)
+    assert hook_count(model) == 0 and "forward" not in view.module.__dict__ and "forward" not in sites.layers[0].__dict__
