@@ -131,13 +131,14 @@ class Row:
 
 def tiny_config(model_type: str, vocab_size: int = 400):
     """A tiny config of `model_type` (2 layers, hidden 32 where the architecture allows)."""
-    kw = {**_COMMON, "vocab_size": vocab_size, **OVERRIDES.get(model_type, {})}
-    config = AutoConfig.for_model(model_type, **{k: v for k, v in kw.items() if v is not None})
+    def build(moe: dict):
+        kw = {**_COMMON, "vocab_size": vocab_size, **moe, **OVERRIDES.get(model_type, {})}
+        return AutoConfig.for_model(model_type, **{k: v for k, v in kw.items() if v is not None})
+
+    config = build({})
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if any(isinstance(getattr(text, key, None), int) and getattr(text, key) > 1 for key in _MOE_COUNTS):
-        moe = {key: value for key, value in _MOE.items() if hasattr(text, key)}
-        kw = {**_COMMON, "vocab_size": vocab_size, **moe, **OVERRIDES.get(model_type, {})}
-        config = AutoConfig.for_model(model_type, **{k: v for k, v in kw.items() if v is not None})
+        config = build({key: value for key, value in _MOE.items() if hasattr(text, key)})
     return config
 
 
