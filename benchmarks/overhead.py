@@ -48,6 +48,9 @@ PRESETS = {
     "host": dict(hidden=64, layers=32, intermediate=224, num_attention_heads=4, num_key_value_heads=4),
     # Llama-3-8B's shape (the vocabulary is the tiny tokenizer's; 7.0B parameters in the blocks)
     "8b": dict(hidden=4096, layers=32, intermediate=14336, num_attention_heads=32, num_key_value_heads=8),
+    # a Qwen3-MoE of 8 layers, each with 32 routed experts of 128 neurons, 4 per token (hguard/experts.py)
+    "moe": dict(model_type="qwen3_moe", hidden=256, layers=8, intermediate=512, num_attention_heads=4,
+                num_key_value_heads=2, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=128),
 }
 
 
@@ -60,8 +63,10 @@ def build(preset: str, dtype: torch.dtype, device: str, neurons: int, seed: int)
         model = AutoModelForCausalLM.from_pretrained(organism.path(), dtype=dtype).to(device).eval()
         return model, AutoTokenizer.from_pretrained(organism.path()), find_probe(model)
     if preset != "8b":
+        shape = dict(PRESETS[preset])
+        model_type = shape.pop("model_type", "llama")
         with tempfile.TemporaryDirectory(prefix="hguard-bench-") as directory:  # gone once loaded
-            save_tiny(directory, "llama", seed=seed, **PRESETS[preset])
+            save_tiny(directory, model_type, seed=seed, **shape)
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
             tokenizer = AutoTokenizer.from_pretrained(directory)
     else:
@@ -80,7 +85,10 @@ def default_neurons(preset: str) -> int:
     """A random probe's size for a preset: 1 per mille of its neurons (0 for the organism, whose
     shipped probe is used)."""
     shape = PRESETS.get(preset)
-    return max(1, shape["layers"] * shape["intermediate"] // 1000) if shape else 0
+    if shape is None:
+        return 0
+    per_layer = shape.get("num_experts", 0) * shape.get("moe_intermediate_size", 0) or shape["intermediate"]
+    return max(1, shape["layers"] * per_layer // 1000)
 
 
 def prompts_for(batch: int) -> list[str]:
@@ -213,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     for new_tokens in args.new_tokens:
         for batch in args.batches:
             row = measure(model, tokenizer, probe, batch, new_tokens, args.repeats, args.device, args.stream, args.static)
-            row = {"model": f"llama-{args.preset} ({params / 1e6:.0f}M params, {args.dtype}, {args.device})",
+            kind = PRESETS.get(args.preset, {}).get("model_type", "llama")
+            row = {"model": f"{kind}-{args.preset} ({params / 1e6:.0f}M params, {args.dtype}, {args.device})",
                    "probe_neurons": probe.count, "hooked_layers": hooked, **row}
             rows.append(row)
             print(f"batch {batch}, {new_tokens} tokens: plain {row['plain_tokens_per_s']} tok/s, guarded "

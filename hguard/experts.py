@@ -14,11 +14,11 @@ neuron's contribution to the output. Shared experts (qwen2_moe's `shared_expert`
 MLPs beside the routed ones: they are not read, and their output is not part of h.
 
 `ExpertsDown` is that virtual down projection, one per experts module. It is never part of the model:
-while a hook is on it (`hooks.hooked` enters `attached`), the experts module runs its own sparse
-kernels as usual, then computes Z for the neurons the hooks read (a probe's: one product with their
-gathered gate/up rows; identification's: all of them, expert by expert), passes Z [B, S, E*I] through
-`ExpertsDown.forward`, where the hooks see it, and returns h plus whatever the hooks' scaling of Z
-changed. The experts' parent block is wrapped too, to learn the batch shape that the experts module
+while a hook is on it (`hooks.hooked` enters `hguard_attached`), the experts module runs its own sparse
+kernels as usual, then computes Z for the neurons the hooks read and passes it through
+`ExpertsDown.forward`, where the hooks see it: a probe's neurons only, [B, S, k] in the probe's order
+(one product with their gathered gate/up rows; `probe.BoundProbe` indexes them so), or identification's
+all of them, [B, S, E*I] (expert by expert). It returns h plus whatever the hooks' scaling of Z changed. The experts' parent block is wrapped too, to learn the batch shape that the experts module
 only sees flattened (flat.py's `TokenView`).
 """
 
@@ -60,7 +60,8 @@ def check_layout(module: nn.Module) -> str | None:
 
 
 class ExpertsDown(TokenView):
-    """The virtual down projection of one experts module: input Z [B, S, E*I], output h [B, S, H]."""
+    """The virtual down projection of one experts module: input Z [B, S, k live neurons or E*I], output h
+    [B, S, H]."""
 
     def __init__(self, experts: nn.Module, block: nn.Module) -> None:
         super().__init__(experts, block)
@@ -144,10 +145,11 @@ class ExpertsDown(TokenView):
         return weights[:, : self.num_experts]
 
     def routed_neurons(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Z [T, E*I] for tokens x [T, H]: the live neurons' values (or all), zero elsewhere."""
-        routing = self._routing(top_k_index, top_k_weights, x.dtype)
-        z = x.new_zeros(x.shape[0], self.intermediate_size)
+        """Z for tokens x [T, H]: of the live neurons only, in their order ([T, live]; a probe's terms index
+        it so, probe.py), or of every neuron ([T, E*I]) where none are named."""
         if self.live is None:  # every neuron: one expert at a time
+            routing = self._routing(top_k_index, top_k_weights, x.dtype)
+            z = x.new_zeros(x.shape[0], self.intermediate_size)
             weight, bias = self.experts.gate_up_proj, getattr(self.experts, "gate_up_proj_bias", None)
             for e in range(self.num_experts):
                 gate_up = x @ (weight[e] if self.transposed else weight[e].t())
@@ -160,16 +162,17 @@ class ExpertsDown(TokenView):
         gate_up = x @ rows.t().to(x.dtype)
         if bias is not None:
             gate_up = gate_up + bias.to(x.dtype)
-        self._z_live = self._gate(gate_up) * routing[:, expert]
-        z[:, self.live] = self._z_live
-        return z
+        # [T, live]: the routing weight of each live neuron's expert (zero where the token went elsewhere)
+        weights = (top_k_weights[:, :, None].to(x.dtype) * (top_k_index[:, :, None] == expert)).sum(1)
+        self._z_live = self._gate(gate_up) * weights
+        return self._z_live.clone()  # the hooks may scale it in place; the unscaled values stay here
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """h [B, S, H]: the routed output, plus what a hook's change to the live neurons of Z adds (a hook
         that scaled them in place or passed another Z; all neurons' Z, identification's, is read only)."""
         if self._z_live is None or (z is self._z and z._version == self._z_version):
             return self._routed
-        changed = z.reshape(-1, z.shape[-1])[:, self.live] - self._z_live
+        changed = z.reshape(-1, z.shape[-1]) - self._z_live
         columns = self._selection(self.live)[3].to(changed.dtype)
         return self._routed + (changed @ columns.t()).view_as(self._routed)
 

@@ -72,7 +72,7 @@ class Monitor:
                 module=self.bound.sites.down(term.layer),
                 pre=self._pre_hook(term) if self.policy is not None and self.policy.scales else None,
                 post=self._post_hook(term, first=i == 0, last=i == len(terms) - 1),
-                neurons=term.index,
+                neurons=term.neurons,
             )
             for i, term in enumerate(terms)
         ]

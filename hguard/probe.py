@@ -291,9 +291,11 @@ class LayerTerm:
     """One hooked layer's share of the fused score, on the layer's device."""
 
     layer: int
-    index: torch.Tensor  # [k_l] neuron indices
+    index: torch.Tensor  # [k_l] where the selected neurons sit in the z the hooks see
     weight: torch.Tensor  # [k_l] probe weight * column norm (fp32)
-    h_index: torch.Tensor  # [m_l] the H-Neurons among them (the ones dampen/scale touch)
+    h_index: torch.Tensor  # [m_l] where the H-Neurons among them sit (the ones dampen/scale touch)
+    neurons: torch.Tensor  # [k_l] the selected neurons' own indices (= index, but for experts.py's compact z)
+    h_neurons: torch.Tensor  # [m_l] the H-Neurons' own indices
 
     def logit(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """sum_j w_j |z_j| ||W_j|| / ||h||, per position: z [B, T, I], h [B, T, H] -> [B, T] fp32."""
@@ -322,12 +324,17 @@ class BoundProbe:
             rows = (probe.layer == l).nonzero().squeeze(1)
             device = sites.down(l).weight.device
             neurons = probe.neuron[rows]
+            h = probe.weight[rows] > 0
+            # an experts layer hands the hooks only the neurons they read, in this order (experts.py)
+            index = torch.arange(neurons.numel()) if sites.experts else neurons
             self.terms.append(
                 LayerTerm(
                     layer=l,
-                    index=neurons.to(device),
+                    index=index.to(device),
                     weight=(probe.weight[rows] * probe.column_norm[rows]).to(device),
-                    h_index=neurons[probe.weight[rows] > 0].to(device),
+                    h_index=index[h].to(device),
+                    neurons=neurons.to(device),
+                    h_neurons=neurons[h].to(device),
                 )
             )
         # The decoding fast path gathers every layer's selected z and ||h|| and combines them once per
@@ -346,7 +353,7 @@ class BoundProbe:
         """[m_l, hidden] the down projection's columns of `term`'s H-Neurons (cached): what one unit of each
         adds to the layer's output h."""
         if term.layer not in self._h_columns:
-            self._h_columns[term.layer] = self.sites.columns(term.layer, term.h_index).detach().t()
+            self._h_columns[term.layer] = self.sites.columns(term.layer, term.h_neurons).detach().t()
         return self._h_columns[term.layer]
 
     def flat_index(self, widths: tuple[int, ...]) -> torch.Tensor:

@@ -54,14 +54,15 @@ def test_the_routed_neurons_are_the_models(model_type):
             assert torch.equal(model(ids).logits, plain)  # reading changes nothing
         x, top_k_index, top_k_weights, routed = seen["routed"]
         z, h = seen["read"]
-        assert z.shape == (2, 7, sites.intermediate_size) and h.shape == (2, 7, sites.hidden_size)
+        width = sites.intermediate_size if neurons is None else len(live)  # a probe's: its neurons only
+        assert z.shape == (2, 7, width) and h.shape == (2, 7, sites.hidden_size)
         assert torch.allclose(h.reshape(-1, sites.hidden_size), routed, atol=1e-6)
         expected = _reference(experts, x, top_k_index, top_k_weights)
         # h is exactly the wide down projection of Z: the decomposition every CETT rests on
         wide = torch.cat(list(experts.down_proj), dim=1)  # [H, E*I]
         assert torch.allclose(expected @ wide.t(), routed, atol=1e-5)
-        if neurons is not None:  # only the live neurons are computed
-            expected = torch.zeros_like(expected).index_copy_(1, live, expected[:, live])
+        if neurons is not None:  # only the live neurons are computed, in their order
+            expected = expected[:, live]
         assert torch.allclose(z.reshape(expected.shape), expected, atol=1e-6)
         assert torch.allclose(sites.all_column_norms(1), wide.norm(dim=0), atol=1e-6)
     handle.remove()
