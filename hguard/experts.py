@@ -65,7 +65,6 @@ class ExpertsDown(TokenView):
 
     def __init__(self, experts: nn.Module, block: nn.Module) -> None:
         super().__init__(experts, block)
-        self.experts, self.block = experts, block
         self.transposed = bool(getattr(experts, "is_transposed", False))
         self.concatenated = bool(getattr(experts, "is_concatenated", True))
         down = experts.down_proj  # [E, H, I], or [E, I, H] transposed
@@ -79,6 +78,10 @@ class ExpertsDown(TokenView):
         self._z: torch.Tensor | None = None  # the Z handed to the hooks, and its version then
         self._z_version = 0
         self._rows: dict[tuple, tuple] = {}  # one entry: the live neurons' gathered weights (`_selection`)
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.module
 
     @property
     def weight(self) -> torch.Tensor:
