@@ -34,10 +34,6 @@ from torch import nn
 from .flat import TokenView
 
 
-class UnsupportedExpertsError(ValueError):
-    """An experts module whose layout the routed-neuron view cannot read."""
-
-
 def is_experts(module: nn.Module) -> bool:
     """Whether `module` holds routed experts as 3-D `gate_up_proj` and `down_proj` parameters."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
