@@ -47,6 +47,18 @@ class IncrementalScorer:
         self._lock = threading.Lock()
         self._reset()
 
+    @property
+    def _cache(self) -> DynamicCache:
+        """This scorer's KV cache; after a batch, made from the batch's row only when read (a batch that is
+        reused next step never needs it)."""
+        if self._row is not None:
+            self._own, self._row = _rows_view(*self._row), None
+        return self._own
+
+    @_cache.setter
+    def _cache(self, cache: DynamicCache) -> None:
+        self._own, self._row = cache, None
+
     def _reset(self) -> None:
         self._cache = DynamicCache(config=self.guard.model.config)
         self._batch: _Batch | None = None  # the batched cache this scorer's cache is a row of, if any
@@ -75,6 +87,8 @@ class IncrementalScorer:
 
     def _plain(self) -> bool:
         """Whether the cache is plain dynamic layers, which can be padded and batched with others."""
+        if self._row is not None:  # a row of a batch: views as plain dynamic layers
+            return True
         return all(type(layer) is DynamicLayer for layer in getattr(self._cache, "layers", [None]))
 
     def _keep(self, count: int) -> None:
@@ -187,7 +201,7 @@ def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
     uniform = all(len(n) == longest for n in new)  # no right padding left in the cache: reusable
     batch = _Batch(cache, mask, [id(scorer) for scorer, _ in work], [p + len(n) for p, n in zip(past, new)])
     for i, ((scorer, target), p, n) in enumerate(zip(work, past, new)):
-        scorer._cache = _rows_view(cache, i, slice(width - p, width + len(n)))
+        scorer._row = (cache, i, slice(width - p, width + len(n)))  # its own cache, when one is needed
         scorer._batch = batch if uniform else None
         first_response = max(0, len(scorer.prompt_ids) - p)  # prompt positions are not scored
         scorer._logits += logits[i, first_response: len(n)].tolist()
