@@ -88,9 +88,10 @@ class GraphMonitor(Monitor):
     @staticmethod
     def usable(bound: BoundProbe) -> bool:
         """Whether this binding can be tapped so: its layers on one device, down projections the model calls
-        as they are (not experts.py's or flat.py's views), no other forward wrapper."""
+        as they are (not experts.py's or flat.py's views), no other forward wrapper, and no token inputs
+        (token_inputs.py reads the logits in Python)."""
         downs = [bound.sites.down(term.layer) for term in bound.terms]
-        return bound.single_device and all(isinstance(d, torch.nn.Module) and "forward" not in d.__dict__ for d in downs)
+        return bound.single_device and bound.token_weight is None and all(isinstance(d, torch.nn.Module) and "forward" not in d.__dict__ for d in downs)
 
     @contextmanager
     def attached(self) -> Iterator["GraphMonitor"]:

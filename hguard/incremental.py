@@ -64,6 +64,9 @@ class IncrementalScorer:
         self._batch: _Batch | None = None  # the batched cache this scorer's cache is a row of, if any
         self._fed: list[int] = []  # prompt and response ids whose activations are in the cache
         self._logits: list[float] = []  # probe logit of each response token in the cache
+        # a probe with token inputs: the model's logits at the last few positions fed (the last: _fed[-1]'s),
+        # where the next token's term comes from, and a crop of up to RECENT - 1 tokens finds it again
+        self._recent: list[torch.Tensor] = []
 
     def score(self, text: str) -> Scores | None:
         """Scores of every token of `text` (None for an empty text); only tokens new since the last call
@@ -99,11 +102,15 @@ class IncrementalScorer:
         if count < len(self.prompt_ids):
             self._reset()
             return
+        if self.guard.bound.token_weight is not None and len(self._recent) <= drop:
+            self._reset()  # the logits before the first token to run again are gone
+            return
         try:
             self._cache.crop(-drop)
         except (RuntimeError, ValueError):  # e.g. a sliding-window layer past its window
             self._reset()
             return
+        self._recent = self._recent[: len(self._recent) - drop]
         self._fed = self._fed[:count]
         self._logits = self._logits[: count - len(self.prompt_ids)]
         self._batch = None
@@ -111,7 +118,7 @@ class IncrementalScorer:
     def _run(self, new: list[int]) -> None:
         self._batch = None
         device = self.guard.model.get_input_embeddings().weight.device
-        monitor = Monitor(self.guard.bound, stop_early=True)
+        monitor = _monitor(self.guard, [self])
         try:
             with self.guard._lock, monitor.attached(), stoppable():
                 self.guard.model(input_ids=torch.tensor([new], device=device), use_cache=True,
@@ -119,12 +126,35 @@ class IncrementalScorer:
         except BaseException:
             self._reset()  # some layers may hold the new positions already
             raise
+        _keep_recent(monitor, [self], [len(new)])
         self.forwarded += len(new)
         first_response = max(0, len(self.prompt_ids) - len(self._fed))  # prompt positions are not scored
         self._logits += monitor.full_logits[0, first_response:].double().cpu().tolist()
 
 
 SMALL = 4  # pieces of up to this many new tokens share one forward
+RECENT = 4  # positions whose logits a scorer keeps for a probe's token inputs
+
+
+def _monitor(guard: "Guard", scorers: list[IncrementalScorer]) -> Monitor:
+    """A teacher-forcing monitor for one forward of `scorers`' new tokens (one row each). With token
+    inputs, each row's first new token takes its term from the logits of the scorer's last position
+    (zeros for a scorer with none yet: its first position is a prompt's, never scored)."""
+    monitor = Monitor(guard.bound, stop_early=True)
+    if monitor.tokens is not None and any(s._recent for s in scorers):
+        vocab = next(s._recent[-1] for s in scorers if s._recent).shape[-1]
+        device = guard.model.get_input_embeddings().weight.device
+        monitor.tokens.last = torch.stack([s._recent[-1] if s._recent else torch.zeros(vocab) for s in scorers]).to(device)
+    return monitor
+
+
+def _keep_recent(monitor: Monitor, scorers: list[IncrementalScorer], counts: list[int]) -> None:
+    """After a forward with token inputs: each scorer keeps the logits of its last RECENT positions."""
+    if monitor.tokens is None:
+        return
+    logits = monitor.tokens.logits
+    for row, (scorer, count) in enumerate(zip(scorers, counts)):
+        scorer._recent = (scorer._recent + list(logits[row, max(0, count - RECENT):count].float().cpu()))[-RECENT:]
 
 
 @torch.no_grad()
@@ -188,7 +218,7 @@ def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
     width = mask.shape[1]
     mask = torch.cat([mask, (torch.arange(longest) < torch.tensor([len(n) for n in new])[:, None]).long()], 1)
     positions = torch.tensor(past)[:, None] + torch.arange(longest)
-    monitor = Monitor(guard.bound, stop_early=True)
+    monitor = _monitor(guard, [scorer for scorer, _ in work])
     try:
         with guard._lock, monitor.attached(), stoppable():
             model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
@@ -197,6 +227,7 @@ def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
         for scorer, _ in work:
             scorer._reset()  # their caches may have been read into the batch only; start them over
         raise
+    _keep_recent(monitor, [scorer for scorer, _ in work], [len(n) for n in new])
     logits = monitor.full_logits.double().cpu()
     uniform = all(len(n) == longest for n in new)  # no right padding left in the cache: reusable
     batch = _Batch(cache, mask, [id(scorer) for scorer, _ in work], [p + len(n) for p, n in zip(past, new)])

@@ -28,6 +28,7 @@ from .compat import cache_kwargs
 from .hooks import HookSpec, StopForward, hooked, stoppable
 from .policy import Policy
 from .probe import EPS, BoundProbe, LayerTerm
+from .token_inputs import TokenTerm
 
 
 class Monitor:
@@ -38,12 +39,16 @@ class Monitor:
         self.bound = bound
         self.policy = policy
         self.calibration = bound.probe.calibration
-        self.stop_early = stop_early  # end each forward after the last hooked layer (no logits needed)
+        # the probe's token inputs (token_inputs.py): a teacher-forced pass adds them once its logits exist
+        self.tokens = None if bound.token_weight is None else TokenTerm(bound.token_weight, bound.model,
+                                                                          self._add_tokens if policy is None else None)
+        # end each forward after the last hooked layer (no logits needed; but for token inputs when teacher forcing)
+        self.stop_early = stop_early and (self.tokens is None or policy is not None)
         self.whole = False  # the next forward feeds whole sequences to score their last position only
         self.forwards = 0  # completed forward passes; 0 until the prefill has run
         self._logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
-        # flag's unfinished steps: ([batch, k] selected z, [hooked layers, batch] ||h||) each
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # flag's unfinished steps: ([batch, k] selected z, [hooked layers, batch] ||h||, token term) each
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]] = []  # + token inputs' term
         self.full_logits: torch.Tensor | None = None  # teacher forcing: [batch, positions]
         self._acc: torch.Tensor | None = None
         self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, its z [batch, 1, I]
@@ -76,7 +81,7 @@ class Monitor:
             )
             for i, term in enumerate(terms)
         ]
-        with hooked(specs):
+        with hooked(specs + (self.tokens.specs() if self.tokens is not None else [])):
             yield self
 
     def _pre_hook(self, term: LayerTerm):
@@ -142,16 +147,27 @@ class Monitor:
         return post
 
     # ---- per-forward bookkeeping ----------------------------------------------------------------
+    def _add_tokens(self, terms: torch.Tensor) -> None:
+        """Teacher forcing: the token inputs' terms of every position, once the forward's logits exist."""
+        if self.full_logits is not None:
+            self.full_logits = self.full_logits + terms.to(self.full_logits.device)
+
+    def _step_tokens(self, device: torch.device) -> torch.Tensor | float:
+        """Decoding: this step's token's token-input term ([batch]), or 0 for a probe without them."""
+        return 0.0 if self.tokens is None else self.tokens.step().to(device)
+
     def _end_forward(self) -> None:
         if self.policy is None:
             self.full_logits = self._acc + self.bound.bias
         elif self.forwards > 0:  # the prompt's positions are never scored
             if not self._fast:
-                self._logits.append(self._acc[:, -1] + self.bound.bias)
+                self._logits.append(self._acc[:, -1] + self.bound.bias + self._step_tokens(self._acc.device))
             elif self.policy.watches:
-                self._logits.append(self._combine(*self._reduce()))
+                z, norms = self._reduce()
+                self._logits.append(self._combine(z, norms) + self._step_tokens(z.device))
             else:  # nothing acts on the score during decoding: finish it when it is read
-                self._pending.append(self._reduce())
+                z, norms = self._reduce()
+                self._pending.append((z, norms, self._step_tokens(z.device)))
             if self.policy.watches:
                 self._watch(self._logits[-1], token=self.forwards - 1)
         self._acc = None
@@ -182,10 +198,14 @@ class Monitor:
     def _settle(self) -> None:
         """Finish the pending steps' logits, all in one batch of kernels."""
         if len(self._pending) == 1:  # a streamed generation reads every step as it comes
-            self._logits.append(self._combine(*self._pending[0]))
+            z, norms, tokens = self._pending[0]
+            self._logits.append(self._combine(z, norms) + tokens)
         elif self._pending:
-            z, norms = (torch.stack(parts) for parts in zip(*self._pending))
-            self._logits.extend(self._combine(z, norms).unbind(0))
+            z, norms = (torch.stack(parts) for parts in list(zip(*self._pending))[:2])
+            logits = self._combine(z, norms)
+            if self.tokens is not None:
+                logits = logits + torch.stack([tokens for _, _, tokens in self._pending])
+            self._logits.extend(logits.unbind(0))
         self._pending.clear()
 
     def _watch(self, logit: torch.Tensor, token: int) -> None:

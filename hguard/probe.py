@@ -1,15 +1,19 @@
 """Probe: the H-Neuron classifier as one safetensors file, and its fused per-token score.
 
 The classifier is the paper's: logit = b + sum_j w_j * CETT_j, with CETT_j = |z_j| * ||W_down[:, j]|| /
-||h||. It is linear in CETT, so the per-token logit averaged over answer tokens is the response logit.
+||h||. A probe may also read the token's own log-probability and the entropy of the distribution it was
+drawn from (`token_weight`, issue 20: logit = ... + u_0 * log p(token) + u_1 * entropy; token_inputs.py).
+It is linear in its inputs, so the per-token logit averaged over answer tokens is the response logit.
 `Probe.bind(model)` groups the neurons by layer and folds the column norms into the weights once, so a
 token costs one gather, an abs, a dot and one norm per layer that has selected neurons. The H-Neurons
 (what `dampen`/`scale` act on) are the neurons with positive weight.
 
 File layout: tensors `layer`, `neuron` (int64), `weight`, `column_norm` (fp32), `bias` (fp32, [1]);
+optionally `token_weight` (fp32, [2]: the weights of the token's log-probability and entropy);
 string metadata `format`, `version` ("1"; "2" for a mixture-of-experts model, whose fingerprint names
 its `experts` per layer, and `expert_layers` where some layers are dense, and whose neuron index is
-expert * expert_width + neuron), `fingerprint` (JSON), `calibration` (JSON), `threshold`, optionally
+expert * expert_width + neuron; "3" for a probe with `token_weight`, which older readers must refuse),
+`fingerprint` (JSON), `calibration` (JSON), `threshold`, optionally
 `watch_threshold` (for the running mean; see policy.py), `training` (JSON) and `checksum` (sha256 of
 the tensors). Loading onto the wrong model is a `ProbeMismatchError` naming the field that differs; a
 damaged file is a `ProbeFormatError`.
@@ -35,7 +39,9 @@ from .sites import Sites, resolve
 FORMAT = "hguard.probe"
 VERSION = "1"  # dense models' probes
 EXPERTS_VERSION = "2"  # mixture-of-experts models' probes (also read: "1")
-_VERSIONS = (VERSION, EXPERTS_VERSION)
+TOKEN_INPUTS_VERSION = "3"  # a probe that also reads the token's log-probability and entropy (any model)
+_VERSIONS = (VERSION, EXPERTS_VERSION, TOKEN_INPUTS_VERSION)
+TOKEN_INPUTS = ("log_probability", "entropy")  # what `token_weight` weighs, in its order
 EPS = 1e-6  # added to ||h|| in every CETT denominator (guard, scorer and feature extraction alike)
 
 
@@ -76,7 +82,9 @@ def fingerprint(sites: Sites) -> dict[str, object]:
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name in _TENSORS:
+    for name in (*_TENSORS, "token_weight"):
+        if name not in tensors:  # token_weight is optional
+            continue
         digest.update(name.encode())
         digest.update(tensors[name].contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -97,6 +105,7 @@ class Probe:
     training: dict[str, object] = field(default_factory=dict)
     watch_threshold: float | None = None  # for abstain/dampen's running mean; None: `threshold`
     source: str | None = field(default=None, compare=False)  # the file it was loaded from, if any
+    token_weight: torch.Tensor | None = None  # [2] weights of the token's log-probability and entropy
 
     def __post_init__(self) -> None:
         k = self.layer.numel()
@@ -108,6 +117,11 @@ class Probe:
             raise ProbeFormatError("probe weights and column norms must be finite")
         if not math.isfinite(self.bias):
             raise ProbeFormatError("probe bias must be finite")
+        if self.token_weight is not None:
+            self.token_weight = self.token_weight.float().reshape(-1)
+            if self.token_weight.numel() != len(TOKEN_INPUTS) or not torch.isfinite(self.token_weight).all():
+                raise ProbeFormatError(f"probe token_weight must hold {len(TOKEN_INPUTS)} finite values "
+                                       f"({', '.join(TOKEN_INPUTS)})")
         for name in ("threshold", "watch_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -175,13 +189,23 @@ class Probe:
 
     # ---- file I/O -----------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        tensors = {
             "layer": self.layer.long().contiguous(),
             "neuron": self.neuron.long().contiguous(),
             "weight": self.weight.float().contiguous(),
             "column_norm": self.column_norm.float().contiguous(),
             "bias": torch.tensor([self.bias], dtype=torch.float32),
         }
+        if self.token_weight is not None:
+            tensors["token_weight"] = self.token_weight.float().contiguous()
+        return tensors
+
+    @property
+    def version(self) -> str:
+        """The format version this probe is written as (the module docstring)."""
+        if self.token_weight is not None:
+            return TOKEN_INPUTS_VERSION
+        return EXPERTS_VERSION if "experts" in self.fingerprint else VERSION
 
     @property
     def checksum(self) -> str:
@@ -194,7 +218,7 @@ class Probe:
         tensors = self._tensors()
         metadata = {
             "format": FORMAT,
-            "version": EXPERTS_VERSION if "experts" in self.fingerprint else VERSION,
+            "version": self.version,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "calibration": self.calibration.to_json(),
             "threshold": repr(float(self.threshold)),
@@ -218,7 +242,7 @@ class Probe:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 names = set(handle.keys())
-                tensors = {name: handle.get_tensor(name) for name in names & set(_TENSORS)}
+                tensors = {name: handle.get_tensor(name) for name in names & {*_TENSORS, "token_weight"}}
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ProbeFormatError(f"{path}: not a readable safetensors probe file ({error})") from error
         if metadata.get("format") != FORMAT:
@@ -243,6 +267,7 @@ class Probe:
                 training=json.loads(metadata.get("training", "{}")),
                 watch_threshold=float(metadata["watch_threshold"]) if "watch_threshold" in metadata else None,
                 source=str(path),
+                token_weight=tensors.get("token_weight"),
             )
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, ProbeFormatError):
@@ -283,7 +308,7 @@ class Probe:
             raise ProbeMismatchError(f"probe does not match this model: {problem}")
 
     def bind(self, model: nn.Module) -> "BoundProbe":
-        return BoundProbe(self, resolve(model))
+        return BoundProbe(self, resolve(model), model)
 
 
 @dataclass
@@ -315,10 +340,12 @@ class LayerTerm:
 class BoundProbe:
     """A probe's tensors placed on the devices of one model's layers, grouped by layer."""
 
-    def __init__(self, probe: Probe, sites: Sites) -> None:
+    def __init__(self, probe: Probe, sites: Sites, model: nn.Module | None = None) -> None:
         self.probe = probe
         self.sites = sites
+        self.model = model  # the causal LM (its logits feed a probe's token inputs)
         self.bias = probe.bias
+        self.token_weight = probe.token_weight  # None: the probe reads neurons only
         self.terms: list[LayerTerm] = []
         for l in probe.layer.unique().tolist():
             rows = (probe.layer == l).nonzero().squeeze(1)

@@ -98,6 +98,7 @@ class Fitted:
         return x @ self.weight + self.bias
 
 
+FREE_SCALE = 1000.0  # fit_l1's `free` columns: their penalty per unit of effect, divided by this
 BALANCING = ("weight", "subsample", "none")
 
 
@@ -127,17 +128,24 @@ def row_weights(target: str, weights: np.ndarray | None, other: np.ndarray) -> n
     return np.concatenate([weights, weights[other.any(axis=1)]])
 
 
-def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0, weights: np.ndarray | None = None) -> Fitted:
-    """Standardised L1 logistic regression (liblinear), `weights` per row; weights and bias in raw units."""
+def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0, weights: np.ndarray | None = None,
+           free: np.ndarray | None = None) -> Fitted:
+    """Standardised L1 logistic regression (liblinear), `weights` per row; weights and bias in raw units.
+    The columns in `free` (a boolean mask) are all but exempt from the penalty: standardised, they are
+    also multiplied by FREE_SCALE, so a unit of their effect costs 1/FREE_SCALE of a neuron's. `kept`
+    counts the other columns only."""
     from sklearn.linear_model import LogisticRegression
 
     mean, std = x.mean(0), x.std(0)
     std[std == 0] = 1.0
+    if free is not None:
+        std = np.where(free, std / FREE_SCALE, std)
     model = LogisticRegression(solver="liblinear", C=C, max_iter=2000, random_state=seed, **_l1_arguments())
     model.fit((x - mean) / std, y, sample_weight=weights)
     w = model.coef_[0] / std
     b = float(model.intercept_[0] - (model.coef_[0] * mean / std).sum())
-    return Fitted(w, b, C, int((model.coef_[0] != 0).sum()))
+    counted = model.coef_[0] if free is None else model.coef_[0][~free]
+    return Fitted(w, b, C, int((counted != 0).sum()))
 
 
 def sweep(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],

@@ -1,0 +1,84 @@
+"""A probe's token inputs (issue 20): the token's own log-probability and the entropy of the distribution
+it was drawn from, read from the model's own logits at the position before it.
+
+A probe with `token_weight` (u) adds u_0 * log p(x_t) + u_1 * H(p_(t-1)) to token t's logit, p_(t-1)
+being the model's next-token distribution at position t - 1: the softmax of the logits the model
+returns (after any final soft-capping), before any sampling processor, in fp32. Natural logs.
+
+`TokenTerm` follows the forwards of one batch. The input embeddings' pre-hook sees each forward's token
+ids; the model's own forward hook sees its logits. The term of a forward's first position comes from the
+previous forward's last logits (`last`), so a decoding step knows its token's term before its layers
+run, and abstain and dampen can act on it within the step; the terms of the later positions of a
+multi-position forward (a prompt, teacher forcing, a proxied piece) come from the same forward's logits,
+once they exist (`full`). A row's very first position has no distribution before it: term 0 (a prompt's
+first token, never scored). Generation computes the logits of the last position only, so a prompt's
+other positions get 0 as well, and a forward that stops after the last hooked layer (the final token's)
+needs none.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hooks import HookSpec
+
+
+def log_probability_and_entropy(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(ids) and the entropy (nats) of softmax(logits), per position: logits [..., V], ids [...] -> two
+    [...] fp32 tensors."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, ids.unsqueeze(-1).to(logp.device)).squeeze(-1), entropy
+
+
+class TokenTerm:
+    """u_0 * log p(token) + u_1 * entropy for the tokens of one batch's forwards (module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, model: nn.Module, on_full=None) -> None:
+        self.weight = weight.float()  # [2]
+        self.model = model
+        self.on_full = on_full  # called with `full` after each forward that returned logits
+        self.logits: torch.Tensor | None = None  # the last forward's logits, as the model returned them
+        self.ids: torch.Tensor | None = None  # [batch, positions] this forward's token ids
+        self.last: torch.Tensor | None = None  # [batch, V] the previous forward's last logits (fp32)
+        self.full: torch.Tensor | None = None  # [batch, positions] this forward's terms, once its logits came
+
+    def specs(self) -> list[HookSpec]:
+        return [HookSpec(self.model.get_input_embeddings(), pre=self._see_ids),
+                HookSpec(self.model, post=self._see_logits)]
+
+    def _see_ids(self, module: nn.Module, args: tuple) -> None:
+        self.ids, self.full = args[0], None
+
+    def _see_logits(self, module: nn.Module, args: tuple, output) -> None:
+        logits = getattr(output, "logits", None)
+        if logits is None or self.ids is None:
+            return
+        positions = self.ids.shape[1]
+        terms = torch.zeros(self.ids.shape, dtype=torch.float32, device=logits.device)
+        if self.last is not None:
+            terms[:, 0] = self.of(self.last, self.ids[:, 0])
+        # logits at position j predict the token at j + 1; only the last `kept` positions' logits exist
+        kept = min(logits.shape[1], positions)
+        if kept > 1:
+            for row in range(logits.shape[0]):  # one row's [positions, V] at a time
+                terms[row, positions - kept + 1:] = self.of(logits[row, -kept:-1], self.ids[row, positions - kept + 1:])
+        self.full, self.logits = terms, logits
+        self.last = logits[:, -1].float()
+        if self.on_full is not None:
+            self.on_full(terms)
+
+    def of(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The term of tokens `ids` drawn from `logits` ([..., V], [...] -> [...] fp32)."""
+        weight = self.weight.to(logits.device)
+        log_p, entropy = log_probability_and_entropy(logits, ids)
+        return weight[0] * log_p + weight[1] * entropy
+
+    def step(self) -> torch.Tensor:
+        """[batch] the term of this forward's last token, from the previous forward's logits: a decoding
+        step's (whose single position follows the last one's), or a whole sequence's run again without a
+        cache (generation kept the logits before its last token)."""
+        if self.last is None or self.ids is None:
+            raise RuntimeError("a token term needs the logits of the forward before")
+        return self.of(self.last, self.ids[:, -1])

@@ -1,0 +1,102 @@
+"""A probe's token inputs (issue 20): the token's log-probability and entropy inside the fused score."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hguard import Guard, Probe
+from hguard.probe import ProbeFormatError
+from hguard.token_inputs import log_probability_and_entropy
+
+from conftest import PROMPTS, load
+from guard_checks import TOL, abstain_extremes, dampen_acts_from_the_step_after_the_flag, streamed_equals_teacher_forced
+
+WEIGHT = torch.tensor([-0.7, 0.9])
+
+
+def token_guard(tiny_dirs, model_type: str = "llama", count: int = 12, weight: torch.Tensor = WEIGHT) -> Guard:
+    model, tokenizer = load(tiny_dirs(model_type))
+    return Guard(model, tokenizer, Probe.random(model, count, seed=1, token_weight=weight))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])  # gemma2: final logit soft-capping
+@pytest.mark.parametrize("batch", [1, 4])
+def test_streamed_scores_equal_teacher_forced(tiny_dirs, arch, batch):
+    streamed_equals_teacher_forced(token_guard(tiny_dirs, arch), PROMPTS[:batch])
+
+
+def test_the_term_is_the_models_own_log_probability_and_entropy(tiny_dirs):
+    """score(with token inputs) - score(neurons alone) == u0 log p(token) + u1 H, from a plain forward."""
+    guard = token_guard(tiny_dirs)
+    plain = Guard(guard.model, guard.tokenizer, Probe.random(guard.model, 12, seed=1))
+    prompt, response = PROMPTS[0], guard.generate([PROMPTS[0]], max_new_tokens=8, do_sample=False)[0].token_ids
+    assert response
+    with_tokens, alone = guard.score(prompt, response), plain.score(prompt, response)
+    ids = torch.tensor([guard.encode(prompt) + response])
+    with torch.no_grad():
+        logits = guard.model(input_ids=ids).logits[0]
+    start = ids.shape[1] - len(response)
+    log_p, entropy = log_probability_and_entropy(logits[start - 1:-1], ids[0, start:])
+    expected = WEIGHT[0] * log_p + WEIGHT[1] * entropy
+    difference = torch.tensor(with_tokens.token_logits, dtype=torch.float64) - torch.tensor(alone.token_logits, dtype=torch.float64)
+    assert torch.allclose(difference, expected.double(), atol=TOL)
+    assert expected.abs().max() > 0.1  # the term is not negligible here
+
+
+@pytest.mark.parametrize("action", ["abstain", "dampen"])
+def test_actions_keep_their_invariants(tiny_dirs, action):
+    guard = token_guard(tiny_dirs, count=40)
+    if action == "abstain":
+        abstain_extremes(guard, PROMPTS)
+    else:
+        dampen_acts_from_the_step_after_the_flag(guard, PROMPTS)
+
+
+def test_the_probe_file_round_trips_as_version_3(tiny_dirs, tmp_path):
+    from safetensors import safe_open
+
+    guard = token_guard(tiny_dirs)
+    path = guard.probe.save(tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["version"] == "3"
+    again = Probe.load(path, guard.model)
+    assert torch.equal(again.token_weight, WEIGHT)
+    assert Probe.load(Probe.random(guard.model, 4).save(tmp_path / "q.safetensors")).token_weight is None
+    with pytest.raises(ProbeFormatError, match="token_weight"):
+        Probe.random(guard.model, 4, token_weight=torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ProbeFormatError, match="token_weight"):
+        Probe.random(guard.model, 4, token_weight=torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_proxy_scorers_equal_teacher_forced_piece_by_piece_and_together(tiny_dirs):
+    """Proxy mode's incremental scorers: each piece's first token takes its term from the logits the
+    scorer kept; a rewind of a token or two keeps them, a deeper one starts again; always Guard.score's."""
+    from hguard.incremental import IncrementalScorer, score_together
+
+    guard = token_guard(tiny_dirs)
+    answers = [r.token_ids + [11, 12, 13, 14, 15, 16] for r in guard.generate(PROMPTS, max_new_tokens=10, do_sample=False)]
+    scorers = [IncrementalScorer(guard, p) for p in PROMPTS]
+    for steps in ([1, 1, 3, 0], [2, 5, 3, 4], [3, 6, 4, 5], [9, 6, 3, 8], [8, 6, 2, 8], [30, 30, 30, 30], [2, 4, 2, 4]):
+        responses = [a[:max(1, s)] for a, s in zip(answers, steps)]
+        for prompt, response, got in zip(PROMPTS, responses, score_together(scorers, responses)):
+            assert got.token_logits == pytest.approx(guard.score(prompt, response).token_logits, abs=TOL)
+    scorer = IncrementalScorer(guard, PROMPTS[1])
+    ids = answers[1]
+    for response in (ids[:5], ids[:4] + [7], ids[:4] + [8, 9], ids[:2] + [3, 4, 5], ids):
+        before = scorer.forwarded
+        assert scorer.score_ids(response).token_logits == pytest.approx(guard.score(PROMPTS[1], response).token_logits,
+                                                                        abs=TOL)
+    assert scorer.forwarded - before == len(ids) - 2  # the last rewind: two tokens stood, their logits kept
+
+
+def test_the_vllm_engine_refuses_a_probe_with_token_inputs_by_name(tiny_dirs, tmp_path):
+    from hguard.vllm.engine import front
+    from hguard.vllm.tap import UnsupportedEngineModel
+
+    directory = tiny_dirs("llama")
+    model, _ = load(directory)
+    path = Probe.random(model, 4, token_weight=WEIGHT).save(tmp_path / "p.safetensors")
+    with pytest.raises(UnsupportedEngineModel, match="token_weight.*--engine hf"):
+        front(directory, str(path))
+    assert front(directory, str(Probe.random(model, 4).save(tmp_path / "q.safetensors"))).probe.token_weight is None
