@@ -210,7 +210,8 @@ def _identify(args: argparse.Namespace) -> int:
 
     model, tokenizer = _model_and_tokenizer(args.model)
     report = identify(model, tokenizer, items, work, args.out, samples=args.samples, seed=args.seed,
-                      resume=args.resume, target=args.target, balance=args.balance, echo=_say)
+                      resume=args.resume, target=args.target, balance=args.balance, token_inputs=args.token_inputs,
+                      echo=_say)
     print(json.dumps(report, indent=1))
     _say(f"wrote the probe to {args.out}; work directory {work}")
     return 0
@@ -378,6 +379,10 @@ def _add_identify(commands) -> None:
     ident.add_argument("--target", choices=("response", "answer"), default="response",
                        help="fit on the mean over every response token (what the guard scores) or on answer "
                             "tokens with the paper's '3 vs 1' labels")
+    ident.add_argument("--token-inputs", action="store_true",
+                       help="the probe also reads each token's log-probability and the entropy of the distribution "
+                            "it was drawn from (two inputs outside the L1 penalty and the neuron budget; the vLLM "
+                            "engine refuses such a probe)")
     ident.set_defaults(run=_identify)
 
 

@@ -100,3 +100,61 @@ def test_the_vllm_engine_refuses_a_probe_with_token_inputs_by_name(tiny_dirs, tm
     with pytest.raises(UnsupportedEngineModel, match="token_weight.*--engine hf"):
         front(directory, str(path))
     assert front(directory, str(Probe.random(model, 4).save(tmp_path / "q.safetensors"))).probe.token_weight is None
+
+
+def test_identify_fits_token_inputs_and_the_features_mean_is_the_guards_score(tiny_organism, tmp_path, both_classes):
+    """`identify(token_inputs=True)` writes a probe with token_weight and neurons within the budget; the
+    features it was fitted on give, through the probe, the mean of Guard.score's per-token logits."""
+    import numpy as np
+
+    from hguard.identify.features import Example, cett_means
+    from hguard.identify.fit import whole_response
+    from hguard.identify.pipeline import identify
+    from hguard.organism.suites import read_suite
+
+    directory, model, tokenizer = tiny_organism
+    items = both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain")[:48])
+    out = tmp_path / "probe.safetensors"
+    report = identify(model, tokenizer, items, tmp_path / "work", out, samples=1, max_new_tokens=6,
+                      Cs=(0.1, 1.0, 10.0), max_kept_ratio=1.0, progress=False, token_inputs=True,
+                      compare_targets=False)
+    probe = Probe.load(out, model)
+    assert probe.token_weight is not None and report["token_inputs"] and probe.count == report["neurons_kept"] > 0
+    guard = Guard(model, tokenizer, probe)
+    prompt = [{"role": "user", "content": items[0]["question"]}]
+    response = guard.generate([prompt], max_new_tokens=6, do_sample=False, action="off")[0].token_ids
+    assert len(response) >= 2
+    example = Example("x", guard.encode(prompt), response, [0])
+    answer, other = (t.numpy() for t in cett_means(model, [example], tokenizer.pad_token_id, tokens=True))
+    whole = whole_response(answer, other, np.array([1]), np.array([len(response) - 1]))[0]
+    width = model.config.intermediate_size
+    flat = (probe.layer * width + probe.neuron).numpy()
+    expected = probe.bias + whole[flat] @ probe.weight.numpy() + whole[-2:] @ probe.token_weight.numpy()
+    assert np.mean(guard.score(prompt, response).token_logits) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_eval_scores_a_probe_with_token_inputs_as_the_guard_does(tiny_organism, both_classes):
+    """`hguard eval`'s h_neurons on a suite's rows is the mean of Guard.score's per-token logits, and
+    h_neurons_alone is that less the token inputs' mean term."""
+    import numpy as np
+
+    from hguard.identify.collected import collect
+    from hguard.identify.evaluate import probe_scorer
+    from hguard.identify.pipeline import examples_for
+    from hguard.organism.suites import read_suite
+
+    directory, model, tokenizer = tiny_organism
+    items = both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain")[:12])
+    data = collect(model, tokenizer, items, samples=1, max_new_tokens=6)
+    probe = Probe.random(model, 12, seed=3, token_weight=WEIGHT)
+    probe.training["target"] = "response"
+    guard = Guard(model, tokenizer, probe)
+    full, alone = probe_scorer(probe, model.config.intermediate_size)(data), \
+        probe_scorer(probe, model.config.intermediate_size, alone=True)(data)
+    examples, _ = examples_for(tokenizer, data.records)
+    assert len(examples) == len(data.keys) >= 4
+    for row, example in enumerate(examples):
+        logits = guard.score(example.prompt_ids, example.response_ids).token_logits
+        assert full[row] == pytest.approx(np.mean(logits), abs=1e-4)
+        term = WEIGHT[0].item() * data.log_likelihoods[row].mean() + WEIGHT[1].item() * data.entropies[row].mean()
+        assert alone[row] == pytest.approx(full[row] - term, abs=1e-4)

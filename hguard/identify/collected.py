@@ -75,6 +75,15 @@ class Collected:
             return self.cett
         return whole_response(self.cett, self.other, self.tokens[:, 0], self.tokens[:, 1])
 
+    def token_means(self, target: str) -> np.ndarray:
+        """[n, 2] each row's mean log-probability and entropy over the answer tokens ('answer') or every
+        response token ('response'): a probe's token inputs, as its CETT means are (`view`)."""
+        def means(values: np.ndarray, answer: np.ndarray) -> np.ndarray:
+            return (values[answer] if target == "answer" else values).mean() if len(values) else np.nan
+
+        return np.array([[means(ll, a), means(en, a)] for ll, en, a in
+                         zip(self.log_likelihoods, self.entropies, self.answer_tokens)]).reshape(-1, 2)
+
     def training_set(self, target: str, columns: np.ndarray | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
         from .fit import training_set
 

@@ -5,6 +5,9 @@ Methods (higher score = more likely hallucinated):
   h_neurons       the probe under evaluation, exactly as the guard applies it, on the CETT means of its
                   training target (fit.py: the whole response, or the answer tokens)
   h_neurons_answer  the same probe on the answer tokens' CETT means only (the paper's reading)
+  h_neurons_alone   for a probe with token inputs (token_inputs.py): its neuron part alone, without the
+                  token's log-probability and entropy (what the H-Neurons add is h_neurons beside it and
+                  beside the logit scores)
   random_neurons  as many random neurons, a standardised L2 logistic fit for the same target, mean of
                   `draws` draws
   all_neurons     a standardised L1 fit over every neuron for the same target, C by validation AUROC
@@ -92,10 +95,15 @@ def bootstrap(labels: np.ndarray, scores: Sequence[np.ndarray], thresholds: Sequ
 
 
 # ---- methods ------------------------------------------------------------------------------------
-def probe_logits(probe: Probe, intermediate: int, cett: np.ndarray) -> np.ndarray:
-    """The probe's classifier on mean CETT rows [n, layers * intermediate], exactly as the guard applies it."""
+def probe_logits(probe: Probe, intermediate: int, cett: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
+    """The probe's classifier on mean CETT rows [n, layers * intermediate], exactly as the guard applies it;
+    `tokens` [n, 2], the same tokens' mean log-probability and entropy, for a probe with token inputs (None:
+    its neuron part alone)."""
     flat = (probe.layer * intermediate + probe.neuron).numpy()
-    return cett[:, flat] @ probe.weight.numpy().astype(np.float64) + probe.bias
+    logits = cett[:, flat] @ probe.weight.numpy().astype(np.float64) + probe.bias
+    if tokens is not None and probe.token_weight is not None:
+        logits = logits + tokens @ probe.token_weight.numpy().astype(np.float64)
+    return logits
 
 
 def probe_target(probe: Probe) -> str:
@@ -103,9 +111,12 @@ def probe_target(probe: Probe) -> str:
     return str(probe.training.get("target", "answer"))
 
 
-def probe_scorer(probe: Probe, intermediate: int) -> Scorer:
-    target = probe_target(probe)
-    return lambda data: probe_logits(probe, intermediate, data.view(target))
+def probe_scorer(probe: Probe, intermediate: int, target: str | None = None, alone: bool = False) -> Scorer:
+    """The probe on each row's means over `target`'s tokens (default: its training target); `alone`: its
+    neuron part only."""
+    target = target or probe_target(probe)
+    return lambda data: probe_logits(probe, intermediate, data.view(target),
+                                     None if alone else data.token_means(target))
 
 
 def probe_balance(probe: Probe) -> str:
@@ -219,7 +230,9 @@ def fitted_methods(probe: Probe, intermediate: int, train: Collected, val: Colle
     residual, residual_info = residual_scorer(train, val, seed, balance)
     methods: Methods = {
         "h_neurons": ([probe_scorer(probe, intermediate)], {}),
-        "h_neurons_answer": ([lambda data: probe_logits(probe, intermediate, data.cett)], {}),
+        "h_neurons_answer": ([probe_scorer(probe, intermediate, "answer")], {}),
+        **({"h_neurons_alone": ([probe_scorer(probe, intermediate, alone=True)], {})}
+           if probe.token_weight is not None else {}),
         "random_neurons": (random_scorers(train, probe.count, draws, seed, target, balance), {"draws": draws}),
         "all_neurons": ([all_neurons], all_info),
         "residual": ([residual], residual_info),

@@ -22,6 +22,7 @@ from ..batching import left_pad
 from ..hooks import HookSpec, hooked
 from ..probe import cett
 from ..sites import resolve
+from ..token_inputs import log_probability_and_entropy
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,12 @@ POOLS = ("answer", "other", "last_prompt")
 
 @torch.no_grad()
 def cett_pools(model: nn.Module, examples: Sequence[Example], pad_id: int,
-               pools: Sequence[str] = ("answer", "other")) -> tuple[torch.Tensor, ...]:
+               pools: Sequence[str] = ("answer", "other"), tokens: bool = False) -> tuple[torch.Tensor, ...]:
     """Per pool, [len(examples), layers * intermediate] mean CETT over its tokens, from one forward pass:
     `answer` and `other` the answer and the other response tokens, `last_prompt` the last prompt token
-    (whose activations predict the response's first token: what the probe reads before any answer)."""
+    (whose activations predict the response's first token: what the probe reads before any answer).
+    With `tokens`, two more columns: the mean over the same tokens of each token's log-probability and of
+    the entropy of the distribution it was drawn from (a probe's token inputs, token_inputs.py)."""
     unknown = [p for p in pools if p not in POOLS]
     if unknown:
         raise ValueError(f"pools must be among {POOLS}; got {unknown}")
@@ -76,18 +79,27 @@ def cett_pools(model: nn.Module, examples: Sequence[Example], pad_id: int,
 
     specs = [HookSpec(sites.down(l), post=hook(l)) for l in range(sites.num_layers)]
     with hooked(specs):
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return tuple(out.flatten(2))
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    if not tokens:
+        return tuple(out.flatten(2))
+    inputs = torch.zeros(len(rows), width, 2, device=device)  # [b, T, (log p, entropy)]; position 0: none
+    for i in range(len(rows)):  # one row's [T, V] at a time
+        inputs[i, 1:] = torch.stack(log_probability_and_entropy(logits[i, :-1], ids[i, 1:]), -1)
+    pooled = torch.einsum("pbt,btc->pbc", weights, inputs).cpu()
+    return tuple(torch.cat([out.flatten(2), pooled], dim=2))
 
 
-def cett_means(model: nn.Module, examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(answer, other): [len(examples), layers * intermediate] mean CETT over answer / other response tokens."""
-    return cett_pools(model, examples, pad_id, ("answer", "other"))
+def cett_means(model: nn.Module, examples: Sequence[Example], pad_id: int,
+               tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(answer, other): [len(examples), layers * intermediate (+ 2 with `tokens`)] mean CETT over answer /
+    other response tokens (`cett_pools`)."""
+    return cett_pools(model, examples, pad_id, ("answer", "other"), tokens)
 
 
 def extract(model: nn.Module, examples: Sequence[Example], pad_id: int, out: str | Path, batch: int = 16,
-            chunk: int = 1024, progress: bool = True) -> list[Path]:
-    """Featurise `examples` in batches, writing chunks of at most `chunk` rows to `out`."""
+            chunk: int = 1024, progress: bool = True, tokens: bool = False) -> list[Path]:
+    """Featurise `examples` in batches, writing chunks of at most `chunk` rows to `out` (`tokens`: with the
+    token inputs' two columns last, `cett_pools`)."""
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -109,7 +121,7 @@ def extract(model: nn.Module, examples: Sequence[Example], pad_id: int, out: str
     bar = tqdm(total=len(examples), desc="features", disable=not progress, unit="resp")
     for start in range(0, len(examples), batch):
         part = examples[start: start + batch]
-        answer, other = cett_means(model, part, pad_id)
+        answer, other = cett_means(model, part, pad_id, tokens)
         answers.append(answer), others.append(other), keys.extend(e.key for e in part)
         bar.update(len(part))
         if len(keys) >= chunk:

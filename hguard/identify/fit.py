@@ -149,23 +149,26 @@ def fit_l1(x: np.ndarray, y: np.ndarray, C: float, seed: int = 0, weights: np.nd
 
 
 def sweep(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float],
-          weights: np.ndarray | None = None):
-    """Fit for each C; report kept neurons and held-out accuracy / AUROC (response level)."""
+          weights: np.ndarray | None = None, free: np.ndarray | None = None):
+    """Fit for each C; report kept neurons and held-out accuracy / AUROC (response level). `free`: fit_l1's
+    (a probe's token inputs)."""
     from sklearn.metrics import roc_auc_score
 
     rows, fits = [], []
     for C in Cs:
-        fitted = fit_l1(x, y, C, weights=weights)
+        fitted = fit_l1(x, y, C, weights=weights, free=free)
         logits = fitted.logits(x_val)
         auroc = float(roc_auc_score(y_val, logits)) if len(set(y_val)) == 2 else float("nan")
-        rows.append({"C": C, "kept": fitted.kept, "positive": int((fitted.weight > 0).sum()),
+        neurons = fitted.weight if free is None else fitted.weight[~free]
+        rows.append({"C": C, "kept": fitted.kept, "positive": int((neurons > 0).sum()),
                      "val_auroc": round(auroc, 4), "val_accuracy": round(float(((logits > 0) == y_val).mean()), 4)})
         fits.append(fitted)
     return rows, fits
 
 
 def fill_budget(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, rows: list, fits: list,
-                budget: int, steps: int = 4, weights: np.ndarray | None = None) -> tuple[list, list]:
+                budget: int, steps: int = 4, weights: np.ndarray | None = None,
+                free: np.ndarray | None = None) -> tuple[list, list]:
     """Bisect C (geometrically) between the largest swept C whose fit stays within `budget` neurons (or keeps
     none) and the next one, which exceeds it, so the sweep ends with a fit close to the budget from below: on
     a coarse grid the best allowed fit can use far fewer neurons than the budget grants. Returns rows and fits
@@ -180,19 +183,19 @@ def fill_budget(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarr
         middle = round(float(np.sqrt(low * high)), 6)
         if not low < middle < high:  # the interval is below the rounding: nothing new to fit
             break
-        new_rows, new_fits = sweep(x, y, x_val, y_val, [middle], weights)
+        new_rows, new_fits = sweep(x, y, x_val, y_val, [middle], weights, free)
         rows, fits = rows + new_rows, fits + new_fits
     order = sorted(range(len(fits)), key=lambda i: fits[i].C)
     return [rows[i] for i in order], [fits[i] for i in order]
 
 
 def select(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, Cs: Sequence[float], budget: int,
-           weights: np.ndarray | None = None) -> tuple[list, Fitted, dict]:
+           weights: np.ndarray | None = None, free: np.ndarray | None = None) -> tuple[list, Fitted, dict]:
     """The sweep over `Cs`, bisected up to `budget` neurons (`fill_budget`), and its best fit within the
     budget by validation AUROC, the smaller one on a tie (any fit that keeps a neuron if none is within).
     Returns every row of the sweep, the chosen fit and its row."""
-    rows, fits = sweep(x, y, x_val, y_val, Cs, weights)
-    rows, fits = fill_budget(x, y, x_val, y_val, rows, fits, budget, weights=weights)
+    rows, fits = sweep(x, y, x_val, y_val, Cs, weights, free)
+    rows, fits = fill_budget(x, y, x_val, y_val, rows, fits, budget, weights=weights, free=free)
     allowed = [i for i, f in enumerate(fits) if 0 < f.kept <= budget] or [i for i, f in enumerate(fits) if f.kept > 0]
     if not allowed:
         raise ValueError("no C in the sweep kept any neuron; widen the C grid")
@@ -221,13 +224,18 @@ def threshold_for(probabilities: np.ndarray, labels: np.ndarray, false_flag_rate
     return float(min(1.0, max(0.0, np.nextafter(faithful[max(0, index)], 2.0))))
 
 
-def to_probe(model, fitted: Fitted, layers: int, intermediate: int, **kwargs):
-    """A Probe over the neurons with non-zero weight (flat index = layer * intermediate + neuron)."""
+def to_probe(model, fitted: Fitted, layers: int, intermediate: int, token_inputs: bool = False, **kwargs):
+    """A Probe over the neurons with non-zero weight (flat index = layer * intermediate + neuron); with
+    `token_inputs`, the fit's last two weights are the probe's `token_weight` (token_inputs.py)."""
     from ..probe import Probe
 
-    selected = np.flatnonzero(fitted.weight)
+    weight = fitted.weight
+    if token_inputs:
+        kwargs["token_weight"] = torch.from_numpy(weight[-2:].copy()).float()
+        weight = weight[:-2]
+    selected = np.flatnonzero(weight)
     if selected.size == 0:
         raise ValueError(f"the L1 fit at C={fitted.C} kept no neuron; use a larger C")
     flat = torch.from_numpy(selected)
     return Probe.from_weights(model, flat // intermediate, flat % intermediate,
-                              torch.from_numpy(fitted.weight[selected]).float(), fitted.bias, **kwargs)
+                              torch.from_numpy(weight[selected]).float(), fitted.bias, **kwargs)

@@ -69,6 +69,16 @@ class Featurised:
     whole: np.ndarray  # ... over every response token (what the guard's running mean reads)
     y: np.ndarray  # 1: hallucinated
     side: np.ndarray  # "train" / "val" / "test", from a hash of the question id
+    token_inputs: bool = False  # the last two columns are the token inputs' means (features.cett_pools)
+
+    @property
+    def free(self) -> np.ndarray | None:
+        """fit_l1's unpenalised columns: the token inputs, if any."""
+        if not self.token_inputs:
+            return None
+        free = np.zeros(self.answer.shape[1], dtype=bool)
+        free[-2:] = True
+        return free
 
     def view(self, target: str) -> np.ndarray:
         return self.answer if target == "answer" else self.whole
@@ -79,9 +89,10 @@ class Featurised:
 
 
 def featurise(model, tokenizer, examples: Sequence[Example], labels: dict[str, int], work: Path, *, batch: int,
-              progress: bool, seed: int) -> Featurised:
-    """Extract (or read back) the features of `examples` into `work/features` and gather them."""
-    paths = extract(model, examples, pad_id(tokenizer), work / "features", batch=batch, progress=progress)
+              progress: bool, seed: int, token_inputs: bool = False) -> Featurised:
+    """Extract the features of `examples` into `work/features` and gather them."""
+    paths = extract(model, examples, pad_id(tokenizer), work / "features", batch=batch, progress=progress,
+                    tokens=token_inputs)
     keys, answer, other = [], [], []
     for chunk_keys, chunk_answer, chunk_other in read_chunks(paths):
         keys += chunk_keys
@@ -95,7 +106,7 @@ def featurise(model, tokenizer, examples: Sequence[Example], labels: dict[str, i
     whole_x = whole_response(answer_x, other_x, np.array([sizes[k][0] for k in keys]),
                              np.array([sizes[k][1] for k in keys]))
     return Featurised(keys, answer_x, other_x, whole_x, np.array([labels[k] for k in keys]),
-                      np.array([split_of(k, seed) for k in keys]))
+                      np.array([split_of(k, seed) for k in keys]), token_inputs)
 
 
 class Sweep:
@@ -112,7 +123,8 @@ class Sweep:
         d, train = self.data, self.train
         train_x, train_y = training_set(goal, d.answer[train], d.other[train], d.whole[train], d.y[train])
         weights = row_weights(goal, question_weights(d.y[train], self.balance), d.other[train])
-        rows, fitted, row = select(train_x, train_y, d.view(goal)[self.val], d.y[self.val], self.Cs, self.budget, weights)
+        rows, fitted, row = select(train_x, train_y, d.view(goal)[self.val], d.y[self.val], self.Cs, self.budget, weights,
+                                   d.free)
         return rows, fitted, row["val_auroc"]
 
     def test_auroc(self, fitted, view: np.ndarray) -> float | None:
@@ -167,14 +179,16 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
              balance: str = "weight", resume: bool = False, target: str = "response", compare_targets: bool = True,
-             echo=lambda message: None) -> dict:
+             token_inputs: bool = False, echo=lambda message: None) -> dict:
     """Run the whole pipeline; writes the probe to `out` and returns the report. The sampled answers are
     kept in `work/answers.jsonl`; with `resume`, answers found there for the same questions and sampling
     settings are reused (refitting with other settings then skips the sampling, the slow part). `target`:
     what the probe is fitted on (see fit.py); with `compare_targets` the report also gives the other
     target's best probe under the same neuron budget. `balance`: how the classes are balanced in the fit
     (the paper fits on equal numbers of each): "weight" keeps every training question and weights each
-    class inversely to its size, "subsample" cuts the larger class, "none" fits as sampled."""
+    class inversely to its size, "subsample" cuts the larger class, "none" fits as sampled.
+    `token_inputs`: the probe also reads each token's log-probability and entropy (token_inputs.py), two
+    inputs outside the L1 penalty and the neuron budget."""
     check_balance(balance)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
@@ -188,7 +202,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     dropped.update(more)
     echo(f"{len(items)} questions: {len(examples)} kept, dropped {dropped}")
     data = featurise(model, tokenizer, examples, {str(r["item"]["id"]): r["label"] for r in kept}, work,
-                     batch=batch, progress=progress, seed=seed)
+                     batch=batch, progress=progress, seed=seed, token_inputs=token_inputs)
     counts = data.counts()
     echo(f"split by question id: {counts}")
     _check_sides(counts)
@@ -205,14 +219,18 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     alternatives = sweep.alternatives(target) if compare_targets else {}
     summary = {
         "questions": len(items), "kept": len(examples), "dropped": dropped, "split": counts, "sweep": rows,
-        "C": chosen.C, "neurons_kept": chosen.kept, "h_neurons": int((chosen.weight > 0).sum()),
+        "C": chosen.C, "neurons_kept": chosen.kept,
+        "h_neurons": int((chosen.weight[:-2 if token_inputs else None] > 0).sum()),
         "per_mille": round(1000 * chosen.kept / total, 4), "false_flag_rate": false_flag_rate, "test": test,
         "target": target, "other_targets": alternatives,
         "samples_per_question": samples, "standardised": True, "balance": balance, "seed": seed,
         "calibrated_on": "mean probe logit over all response tokens (the guard's running mean)",
-        "train_questions": int(train.size),
+        "train_questions": int(train.size), "token_inputs": token_inputs,
     }
-    probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, calibration=calibration,
+    if token_inputs:
+        summary["token_weight"] = {"log_probability": round(float(chosen.weight[-2]), 6),
+                                   "entropy": round(float(chosen.weight[-1]), 6)}
+    probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, token_inputs, calibration=calibration,
                      threshold=threshold, training=summary)
     _set_watch_threshold(probe, running_peaks(model, tokenizer, probe, examples, data.keys, data.side), data, sweep,
                          false_flag_rate, summary)
