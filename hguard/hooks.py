@@ -94,6 +94,9 @@ def _wrapper(spec: HookSpec) -> Callable:
 
     # what it wraps: the class's bound method, or a wrapper already there (accelerate's, another of ours)
     forward.hguard_inner = module.forward
+    # inspect.signature follows __wrapped__: transformers reads a model's forward signature to decide what
+    # to pass (position_ids, logits_to_keep, ...), and a wrapped model must keep getting the same
+    forward.__wrapped__ = module.forward
     return forward
 
 

@@ -104,3 +104,14 @@ def test_decoding_hooks_hold_no_prompt_activations(make_guard):
     earlier = len(guard.bound.terms) - 1
     assert held[0] == [] and len(held) == 3
     assert all(len(step) == earlier and all(shape[:2] == (2, 1) for shape in step) for step in held[1:])
+
+
+def test_a_wrapped_forward_keeps_its_signature():
+    """transformers reads a model's forward signature (position_ids, logits_to_keep, ...) to decide what
+    to pass it; a hooked model must show the same (otherwise generation left-pads without position ids)."""
+    import inspect
+
+    layer = nn.Linear(4, 3)
+    before = inspect.signature(layer.forward)
+    with hooked([HookSpec(layer, post=lambda m, args, out: None)]), hooked([HookSpec(layer, pre=lambda m, a: None)]):
+        assert inspect.signature(layer.forward) == before

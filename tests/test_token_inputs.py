@@ -158,3 +158,27 @@ def test_eval_scores_a_probe_with_token_inputs_as_the_guard_does(tiny_organism, 
         assert full[row] == pytest.approx(np.mean(logits), abs=1e-4)
         term = WEIGHT[0].item() * data.log_likelihoods[row].mean() + WEIGHT[1].item() * data.entropies[row].mean()
         assert alone[row] == pytest.approx(full[row] - term, abs=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{"cache_implementation": "static"}, {"use_cache": False}])
+def test_static_cache_and_no_cache_score_as_teacher_forced(tiny_dirs, kwargs):
+    """A static cache (no compiled hooks for token inputs: the eager monitor) and generation without a cache
+    (each step runs the whole sequence; the final token's forward too) give Guard.score's numbers."""
+    import math
+    import statistics
+
+    from hguard.policy import Calibration
+
+    guard = token_guard(tiny_dirs)
+    logits = [v for p, r in zip(PROMPTS, guard.generate(PROMPTS, max_new_tokens=8, do_sample=False))
+              for v in guard.score(p, r.token_ids).token_logits if r.token_ids]
+    spread = statistics.pstdev(logits) or 1.0  # probabilities spread over (0, 1): they give back the logits
+    a, b = 1 / spread, -statistics.mean(logits) / spread
+    guard.probe.calibration = Calibration("platt", a=a, b=b)
+    unsaturated = 0
+    for prompt, result in zip(PROMPTS, guard.generate(PROMPTS, max_new_tokens=8, do_sample=False, **kwargs)):
+        if result.token_ids:
+            streamed = [(math.log(p / (1 - p)) - b) / a for p in result.token_probs]
+            assert streamed == pytest.approx(guard.score(prompt, result.token_ids).token_logits, abs=TOL)
+            unsaturated += sum(0.01 < p < 0.99 for p in result.token_probs)
+    assert unsaturated > 0
