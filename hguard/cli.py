@@ -381,8 +381,7 @@ def _add_identify(commands) -> None:
                             "tokens with the paper's '3 vs 1' labels")
     ident.add_argument("--token-inputs", action="store_true",
                        help="the probe also reads each token's log-probability and the entropy of the distribution "
-                            "it was drawn from (two inputs outside the L1 penalty and the neuron budget; the vLLM "
-                            "engine refuses such a probe)")
+                            "it was drawn from (two inputs outside the L1 penalty and the neuron budget)")
     ident.set_defaults(run=_identify)
 
 

@@ -90,18 +90,6 @@ def test_proxy_scorers_equal_teacher_forced_piece_by_piece_and_together(tiny_dir
     assert scorer.forwarded - before == len(ids) - 2  # the last rewind: two tokens stood, their logits kept
 
 
-def test_the_vllm_engine_refuses_a_probe_with_token_inputs_by_name(tiny_dirs, tmp_path):
-    from hguard.vllm.engine import front
-    from hguard.vllm.tap import UnsupportedEngineModel
-
-    directory = tiny_dirs("llama")
-    model, _ = load(directory)
-    path = Probe.random(model, 4, token_weight=WEIGHT).save(tmp_path / "p.safetensors")
-    with pytest.raises(UnsupportedEngineModel, match="token_weight.*--engine hf"):
-        front(directory, str(path))
-    assert front(directory, str(Probe.random(model, 4).save(tmp_path / "q.safetensors"))).probe.token_weight is None
-
-
 def test_identify_fits_token_inputs_and_the_features_mean_is_the_guards_score(tiny_organism, tmp_path, both_classes):
     """`identify(token_inputs=True)` writes a probe with token_weight and neurons within the budget; the
     features it was fitted on give, through the probe, the mean of Guard.score's per-token logits."""

@@ -199,6 +199,34 @@ def test_bf16_engine_within_stated_tolerance(hf, rows):
         assert (result.probability >= hf.threshold) == (forced.probability >= hf.threshold)
 
 
+def test_a_probe_with_token_inputs_scores_as_the_hf_guard(hf, rows, tmp_path):
+    """Token inputs (the token's log-probability and entropy, from vLLM's own logits of the step before)
+    give the HF guard's teacher-forced scores, and they move the scores well beyond the tolerance."""
+    import dataclasses
+
+    import torch
+
+    probe = dataclasses.replace(hf.probe, token_weight=torch.tensor([-0.4, 0.6]), source=None)
+    path_ = probe.save(tmp_path / "tokens.safetensors")
+    reference = Guard(hf.model, hf.tokenizer, probe)
+    engine = VllmEngine(front(path("instruct"), str(path_)), path("instruct"), dtype="float32", enforce_eager=True,
+                        max_batch_size=8, engine_args={"max_model_len": 256})
+    engine.start()
+    try:
+        for setting in (settings(), settings("abstain", threshold=0.9)):
+            _, results = run(engine, rows, setting)
+            moved = 0.0
+            for prompt, result in zip(rows, results):
+                forced = reference.score(prompt, result.token_ids)
+                assert max(abs(a - b) for a, b in zip(result.token_probs, forced.token_probs)) < TOL
+                plain = hf.score(prompt, result.token_ids)
+                moved = max(moved, *(abs(a - b) for a, b in zip(forced.token_probs, plain.token_probs)))
+            assert moved > 100 * TOL
+        assert engine.scores.untermed == 0
+    finally:
+        engine.stop()
+
+
 def test_refuses_a_probe_for_other_weights(tmp_path):
     probe = Probe.load(SHIPPED / "organism.safetensors")
     probe.column_norm = probe.column_norm * 2

@@ -30,7 +30,6 @@ from ..guard import Guard
 from ..metrics import Metrics
 from ..server.engine import DONE, Job, QueuedEngine, Settings, Timing
 from .rows import Row
-from .tap import refuse_token_inputs
 from .worker import Scaling
 
 _serial = itertools.count()
@@ -48,9 +47,7 @@ def front(model: str | Path, probe=None, threshold: float | None = None) -> Guar
         skeleton.generation_config = GenerationConfig.from_pretrained(str(model))
     except OSError:  # no generation_config.json: the config's own
         pass
-    guard = Guard(skeleton, AutoTokenizer.from_pretrained(str(model)), probe, threshold=threshold, check_weights=False)
-    refuse_token_inputs(guard.probe)
-    return guard
+    return Guard(skeleton, AutoTokenizer.from_pretrained(str(model)), probe, threshold=threshold, check_weights=False)
 
 
 class VllmEngine(QueuedEngine):

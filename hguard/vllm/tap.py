@@ -131,17 +131,8 @@ def checkpoint_columns(directory: str | Path) -> Columns:
     return columns
 
 
-def refuse_token_inputs(probe: Probe | None) -> None:
-    """The vLLM engine scores neurons inside vLLM's forward; a probe that also reads the token's own
-    log-probability and entropy (token_inputs.py) would need vLLM's logits of the step before: refused."""
-    if probe is not None and probe.token_weight is not None:
-        raise UnsupportedEngineModel("this probe reads the token's log-probability and entropy (token_weight), which "
-                                     "the vLLM engine does not compute yet: serve it with --engine hf, or in proxy mode")
-
-
 def check_model(model: nn.Module, probe: Probe, columns: Columns) -> None:
     """Raise UnsupportedEngineModel unless `probe` can run inside this vLLM `model` as loaded."""
-    refuse_token_inputs(probe)
     name = type(model).__name__
     if name not in SUPPORTED:
         raise UnsupportedEngineModel(f"the vLLM engine supports {', '.join(SUPPORTED)}; this model is {name}")

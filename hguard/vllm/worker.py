@@ -9,6 +9,14 @@ Before the forward it fills the per-token H-Neuron factors (from each request's 
 it files each token's probe logit under (request id, sequence position). A position computed twice
 (preemption and recomputation) keeps its first score.
 
+A probe with token inputs (token_inputs.py) also needs each token's log-probability and the entropy of
+the distribution it was drawn from. The runner's `compute_logits` (vLLM's raw logits of each request's
+last scheduled position, before any sampling processor) is wrapped to keep, per request, the
+log-probabilities of the position that comes next; when that position is fed, its token's term is
+added to the logit filed for it. A generated token always comes first in its request's step (the only
+one, in decoding), so every scored token finds its term; one that does not (recomputation after
+preemption, whose first score stands anyway) is filed without it and counted in `untermed`.
+
 The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one rank), so the engine driver reads
 `Scores` directly: `collective_rpc("hguard_scores")` returns the worker's own object. vLLM makes each
 request id unique by appending "-" and a suffix; the driver's ids contain no "-", and everything here is
@@ -45,6 +53,9 @@ class Scores:
     logits: dict[str, dict[int, float]] = field(default_factory=dict)  # request id -> position -> logit
     scaling: dict[str, Scaling] = field(default_factory=dict)
     rescored: int = 0  # positions computed again (preemption and recomputation), whose first score is kept
+    # token inputs: per request, (the position its last logits predict, their log-probabilities [V], entropy)
+    following: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    untermed: int = 0  # scored positions filed without their token-input term (none expected)
 
     def take(self, request_id: str) -> dict[int, float]:
         """The request's logits filed so far (the driver folds them into its rows)."""
@@ -53,6 +64,7 @@ class Scores:
     def forget(self, request_id: str) -> None:
         self.logits.pop(request_id, None)
         self.scaling.pop(request_id, None)
+        self.following.pop(request_id, None)
 
 
 def install(runner, probe_path: str) -> Scores:
@@ -66,8 +78,10 @@ def install(runner, probe_path: str) -> Scores:
         from huggingface_hub import snapshot_download
 
         weights = snapshot_download(weights, allow_patterns=["*.safetensors", "*.json"], local_files_only=True)
-    scores = Scores(ProbeTap(Probe.load(probe_path), model, max_tokens, checkpoint_columns(weights), device))
+    probe = Probe.load(probe_path)
+    scores = Scores(ProbeTap(probe, model, max_tokens, checkpoint_columns(weights), device))
     original = runner._model_forward
+    weight = None if probe.token_weight is None else probe.token_weight.to(device)
 
     def _model_forward(self, *args, **kwargs):
         batch = self.input_batch
@@ -79,14 +93,57 @@ def install(runner, probe_path: str) -> Scores:
         scaled = _factors(scores, ids, starts, computed)
         if scaled is not None:  # else the buffer holds ones already: nothing to write on the hot path
             scores.tap.set_factors(scaled)
+        terms = None
+        if weight is not None:
+            inputs = kwargs.get("input_ids", args[0] if args else None)
+            terms = _terms(scores, weight, ids, starts, computed, inputs)
+            self._hguard_step = (ids, starts + 0, computed + (starts[1:] - starts[:-1]))  # what compute_logits predicts
         output = original(*args, **kwargs)
-        _file(scores, ids, starts, computed, prompts)
+        _file(scores, ids, starts, computed, prompts, terms)
         if scaled is not None:
             scores.tap.set_factors(None)  # back to ones for the steps that scale nothing
         return output
 
     runner._model_forward = types.MethodType(_model_forward, runner)
+    if weight is not None:
+        compute_logits = runner.model.compute_logits
+
+        def keeping_logits(hidden_states, *args, **kwargs):
+            logits = compute_logits(hidden_states, *args, **kwargs)
+            _keep_following(scores, runner, logits)
+            return logits
+
+        runner.model.compute_logits = keeping_logits
     return scores
+
+
+def _keep_following(scores: Scores, runner, logits: torch.Tensor | None) -> None:
+    """After a step's logits: per request, the log-probabilities of the position they predict."""
+    step = getattr(runner, "_hguard_step", None)
+    runner._hguard_step = None
+    if step is None or logits is None:
+        return
+    ids, _, following = step
+    if logits.shape[0] != len(ids):  # speculative decoding: more than one row per request
+        return
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    for i, request in enumerate(ids):
+        scores.following[request] = (int(following[i]), logp[i], entropy[i])
+
+
+def _terms(scores: Scores, weight: torch.Tensor, ids: list[str], starts: np.ndarray, computed: np.ndarray,
+           inputs: torch.Tensor | None) -> dict[str, float]:
+    """Per request whose first token in this step is the one its last logits predicted: that token's term."""
+    rows = [(request, i) for i, request in enumerate(ids) if inputs is not None
+            and scores.following.get(request, (None,))[0] == int(computed[i])]
+    if not rows:
+        return {}
+    logp = torch.stack([scores.following[request][1] for request, _ in rows])
+    entropy = torch.stack([scores.following[request][2] for request, _ in rows])
+    tokens = inputs[torch.tensor([int(starts[i]) for _, i in rows], device=inputs.device)].to(logp.device)
+    values = weight[0] * logp.gather(1, tokens[:, None])[:, 0] + weight[1] * entropy
+    return dict(zip((request for request, _ in rows), values.tolist()))
 
 
 def _factors(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.ndarray) -> torch.Tensor | None:
@@ -104,8 +161,10 @@ def _factors(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.nd
     return torch.from_numpy(factors)
 
 
-def _file(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.ndarray, prompts: np.ndarray) -> None:
-    """File the generated tokens' logits (a prompt's positions are never scored) by request and position."""
+def _file(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.ndarray, prompts: np.ndarray,
+          terms: dict[str, float] | None = None) -> None:
+    """File the generated tokens' logits (a prompt's positions are never scored) by request and position;
+    with `terms` (a probe with token inputs), each request's first token gets its term added."""
     logits = scores.tap.logits(int(starts[-1]))
     for i, request in enumerate(ids):
         first, last = int(starts[i]), int(starts[i + 1])
@@ -117,8 +176,13 @@ def _file(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.ndarr
         for at, logit in enumerate(logits[first + skip: last], start=position + skip):
             if at in filed:
                 scores.rescored += 1
-            else:
-                filed[at] = logit
+                continue
+            if terms is not None:
+                if at == position and request in terms:
+                    logit += terms[request]
+                else:
+                    scores.untermed += 1
+            filed[at] = logit
 
 
 class GuardedWorker:
