@@ -42,7 +42,7 @@ def risk_at(coverage: np.ndarray, risk: np.ndarray, target: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__, limit=800).parse_args(argv)
-    model, tokenizer, probe, directory, _ = organism(args.tiny)
+    model, tokenizer, probe, directory, _ = organism(args.tiny, probe=args.probe)
     items = suite(directory, "in_domain", args.limit, args.seed, lambda i: fact_side(i, args.seed) == "test")
     guard = Guard(model, tokenizer, probe)
     threshold = probe.threshold

@@ -47,7 +47,7 @@ def measure(guard: Guard, sets: dict[str, list[dict]], alpha: float, batch: int)
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(__doc__, limit=200).parse_args(argv)
-    model, tokenizer, probe, directory, _ = organism(args.tiny)
+    model, tokenizer, probe, directory, _ = organism(args.tiny, probe=args.probe)
     sets = {name: suite(directory, name, args.limit, args.seed) for name in COMPLIANCE}
     sets["long_tail"] = suite(directory, "in_domain", args.limit, args.seed, lambda i: i["tier"] in ("tail", "unseen"))
     sets["known"] = suite(directory, "in_domain", args.limit, args.seed, lambda i: i["tier"] == "head")

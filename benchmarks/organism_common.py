@@ -31,13 +31,14 @@ def arguments(doc: str, limit: int) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON and PNG")
     parser.add_argument("--tiny", action="store_true", help="a tiny organism and random probe (smoke run)")
+    parser.add_argument("--probe", default=None, help="a probe file for the organism (default: the shipped probe)")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     return parser
 
 
-def organism(tiny: bool, stage: str = "instruct"):
-    """(model, tokenizer, probe, suites directory, root): the shipped organism and its probe, or with
-    `tiny` a seconds-long build and a random probe (the numbers then mean nothing)."""
+def organism(tiny: bool, stage: str = "instruct", probe: str | None = None):
+    """(model, tokenizer, probe, suites directory, root): the shipped organism and its probe (or the probe
+    file `probe`), or with `tiny` a seconds-long build and a random probe (the numbers then mean nothing)."""
     from hguard.organism import SHIPPED, load
     from hguard.registry import find_probe
 
@@ -51,7 +52,8 @@ def organism(tiny: bool, stage: str = "instruct"):
         model, tokenizer = load(stage, root)
         return model, tokenizer, Probe.random(load("instruct", root)[0], 6, seed=0), root / "suites", root
     model, tokenizer = load(stage)
-    probe = find_probe(load("instruct")[0] if stage != "instruct" else model)
+    instruct = load("instruct")[0] if stage != "instruct" else model
+    probe = Probe.load(probe, instruct) if probe is not None else find_probe(instruct)
     return model, tokenizer, probe, SHIPPED / "suites", SHIPPED
 
 

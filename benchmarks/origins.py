@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import mannwhitneyu, rankdata
 
     args = arguments(__doc__, limit=600).parse_args(argv)
-    instruct, tokenizer, probe, directory, root = organism(args.tiny)
+    instruct, tokenizer, probe, directory, root = organism(args.tiny, probe=args.probe)
     from hguard.organism import load
 
     base, _ = load("base", root)

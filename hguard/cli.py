@@ -135,6 +135,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _level(value: float) -> str:
+    """A probability threshold in three digits, or as many as it takes not to read as 0 or 1."""
+    short = f"{value:.3g}"
+    return short if float(short) not in (0.0, 1.0) or value in (0.0, 1.0) else f"{value:.6g}"
+
+
 def startup_line(guard, settings, args: argparse.Namespace) -> str:
     """What is being served: model, probe, engine, action, thresholds and address, in one line."""
     probe = guard.probe
@@ -142,9 +148,9 @@ def startup_line(guard, settings, args: argparse.Namespace) -> str:
     if args.threshold is not None:
         thresholds = f"threshold {args.threshold:g} (flags and running mean)"
     elif guard.watch_threshold is None:  # a probe without its own watch threshold uses one for both
-        thresholds = f"threshold {guard.threshold:.3g} (flags and running mean)"
+        thresholds = f"threshold {_level(guard.threshold)} (flags and running mean)"
     else:
-        thresholds = f"threshold {guard.threshold:.3g}, watch threshold {guard.watch_threshold:.3g}"
+        thresholds = f"threshold {_level(guard.threshold)}, watch threshold {_level(guard.watch_threshold)}"
     engine = (f"proxy to {settings.upstream}" if settings.upstream else
               "vLLM (probe inside its forward)" if settings.engine == "vllm" else "hosted (transformers generate)")
     alpha = f", alpha {args.alpha:g}" if args.action in ("dampen", "scale") and args.alpha is not None else ""

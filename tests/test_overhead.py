@@ -49,4 +49,8 @@ def test_overhead_on_the_shipped_organism_uses_its_probe():
                 "--stream")
     assert row["model"].startswith("llama-organism") and row["batch"] == 2
     assert row["compared"] == "Guard.stream, guard on / off"
-    assert row["probe_neurons"] == 60 and row["hooked_layers"] == 5  # hguard/probes/organism.safetensors
+    from hguard import Probe
+    from hguard.registry import SHIPPED
+
+    shipped = Probe.load(SHIPPED / "organism.safetensors")
+    assert row["probe_neurons"] == shipped.count and row["hooked_layers"] == shipped.layer.unique().numel()
