@@ -65,7 +65,10 @@ def actions(data: dict) -> list[str]:
     for label, row in (("the watch threshold (default)", a), ("the flag threshold", data.get("abstain_at_flag_threshold"))):
         if row is None:
             continue
-        lines.append(f"| {label} {row.get('watch_threshold', row['threshold']):.3f} | {pct(row['withheld'])} "
+        level = row.get("watch_threshold", row["threshold"])  # five digits where three would read 1.000
+        lines.append(f"| {label} {level:.3f} | {pct(row['withheld'])} " if level < 0.9995 else
+                     f"| {label} {level:.5f} | {pct(row['withheld'])} ")
+        lines[-1] += (
                      f"({pct(row['withheld_among_refusals'])}) | {pct(row['coverage_of_answers'])} | "
                      f"{pct(row['hallucination_rate_answered'])} | {pct(row['hallucinations_withheld'])} | "
                      f"{pct(row['correct_lost'])} |")
@@ -82,7 +85,9 @@ def actions(data: dict) -> list[str]:
 def main() -> int:
     controls = sorted(RESULTS.glob("eval-controls-*.json"))  # the latest `hguard eval` with its controls
     studies = [("eval", evaluation), *((p.stem, evaluation) for p in controls[-1:]), ("intervention", intervention),
-               ("origins", origins), ("actions", actions)]
+               ("origins", origins), ("actions", actions),
+               # the shipped probe since 2026-12-01 (token inputs): RESULTS.md section 7
+               ("eval-token-inputs-2026-12-01", evaluation), ("actions-token-inputs", actions)]
     for name, render in studies:
         path = RESULTS / f"{name}.json"
         if not path.exists():
