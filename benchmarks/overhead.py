@@ -54,14 +54,15 @@ PRESETS = {
 }
 
 
-def build(preset: str, dtype: torch.dtype, device: str, neurons: int, seed: int):
+def build(preset: str, dtype: torch.dtype, device: str, neurons: int, seed: int, probe: str | None = None):
     """The model through the real loading path (save_pretrained, from_pretrained) where it is small; an
     8B-shaped model is initialised in place on its device instead (writing 32 GB of fp32 random weights
     to disk and reading them back would take longer than the benchmark). `organism` is the shipped
-    organism with its shipped probe (what `hguard serve` runs by default)."""
+    organism with its shipped probe (what `hguard serve` runs by default), or the probe file `probe`."""
     if preset == "organism":
         model = AutoModelForCausalLM.from_pretrained(organism.path(), dtype=dtype).to(device).eval()
-        return model, AutoTokenizer.from_pretrained(organism.path()), find_probe(model)
+        return (model, AutoTokenizer.from_pretrained(organism.path()),
+                Probe.load(probe, model) if probe else find_probe(model))
     if preset != "8b":
         shape = dict(PRESETS[preset])
         model_type = shape.pop("model_type", "llama")
@@ -196,6 +197,7 @@ def agreement(guard: Guard, prompts: list[str], kw: dict, rows: int = 4) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=[*sorted(PRESETS), "organism"], default="100m")
+    parser.add_argument("--probe", default=None, help="with --preset organism: a probe file (default: the shipped one)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[64, 128],
                         help="one row per batch size and length (the extra forward is 1/(n+1) of the decoding)")
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     neurons = args.neurons or default_neurons(args.preset)
-    model, tokenizer, probe = build(args.preset, getattr(torch, args.dtype), args.device, neurons, args.seed)
+    model, tokenizer, probe = build(args.preset, getattr(torch, args.dtype), args.device, neurons, args.seed, args.probe)
     params = sum(p.numel() for p in model.parameters())
     hooked = int(probe.layer.unique().numel())
     rows = []

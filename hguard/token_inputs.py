@@ -53,21 +53,23 @@ class TokenTerm:
 
     def _see_logits(self, module: nn.Module, args: tuple, output) -> None:
         logits = getattr(output, "logits", None)
-        if logits is None or self.ids is None:
+        ids, self.ids = self.ids, None  # each forward's ids are its own (a forward fed embeddings has none)
+        if logits is None:
             return
-        positions = self.ids.shape[1]
-        terms = torch.zeros(self.ids.shape, dtype=torch.float32, device=logits.device)
-        if self.last is not None:
-            terms[:, 0] = self.of(self.last, self.ids[:, 0])
-        # logits at position j predict the token at j + 1; only the last `kept` positions' logits exist
-        kept = min(logits.shape[1], positions)
-        if kept > 1:
-            for row in range(logits.shape[0]):  # one row's [positions, V] at a time
-                terms[row, positions - kept + 1:] = self.of(logits[row, -kept:-1], self.ids[row, positions - kept + 1:])
-        self.full, self.logits = terms, logits
-        self.last = logits[:, -1].float()
-        if self.on_full is not None:
-            self.on_full(terms)
+        if ids is not None:
+            positions = ids.shape[1]
+            terms = torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
+            if self.last is not None:
+                terms[:, 0] = self.of(self.last, ids[:, 0])
+            # logits at position j predict the token at j + 1; only the last `kept` positions' logits exist
+            kept = min(logits.shape[1], positions)
+            if kept > 1:
+                for row in range(logits.shape[0]):  # one row's [positions, V] at a time
+                    terms[row, positions - kept + 1:] = self.of(logits[row, -kept:-1], ids[row, positions - kept + 1:])
+            self.full = terms
+            if self.on_full is not None:
+                self.on_full(terms)
+        self.logits, self.last = logits, logits[:, -1].float()
 
     def of(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The term of tokens `ids` drawn from `logits` ([..., V], [...] -> [...] fp32)."""
@@ -80,5 +82,6 @@ class TokenTerm:
         step's (whose single position follows the last one's), or a whole sequence's run again without a
         cache (generation kept the logits before its last token)."""
         if self.last is None or self.ids is None:
-            raise RuntimeError("a token term needs the logits of the forward before")
+            raise RuntimeError("a probe's token inputs need this forward's token ids and the logits of the "
+                               "forward before (a forward fed embeddings instead of ids has no token to score)")
         return self.of(self.last, self.ids[:, -1])
