@@ -20,7 +20,7 @@ def token_guard(tiny_dirs, model_type: str = "llama", count: int = 12, weight: t
     return Guard(model, tokenizer, Probe.random(model, count, seed=1, token_weight=weight))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])  # gemma2: final logit soft-capping
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "mixtral"])  # gemma2: final soft-capping; mixtral: experts
 @pytest.mark.parametrize("batch", [1, 4])
 def test_streamed_scores_equal_teacher_forced(tiny_dirs, arch, batch):
     streamed_equals_teacher_forced(token_guard(tiny_dirs, arch), PROMPTS[:batch])
