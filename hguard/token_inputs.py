@@ -38,11 +38,11 @@ class TokenTerm:
     def __init__(self, weight: torch.Tensor, model: nn.Module, on_full=None) -> None:
         self.weight = weight.float()  # [2]
         self.model = model
-        self.on_full = on_full  # called with `full` after each forward that returned logits
+        self.on_full = on_full  # teacher forcing: called with `full` after each forward that returned logits
         self.logits: torch.Tensor | None = None  # the last forward's logits, as the model returned them
         self.ids: torch.Tensor | None = None  # [batch, positions] this forward's token ids
         self.last: torch.Tensor | None = None  # [batch, V] the previous forward's last logits (fp32)
-        self.full: torch.Tensor | None = None  # [batch, positions] this forward's terms, once its logits came
+        self.full: torch.Tensor | None = None  # [batch, positions] this forward's terms (with `on_full` only)
 
     def specs(self) -> list[HookSpec]:
         return [HookSpec(self.model.get_input_embeddings(), pre=self._see_ids),
@@ -56,7 +56,7 @@ class TokenTerm:
         ids, self.ids = self.ids, None  # each forward's ids are its own (a forward fed embeddings has none)
         if logits is None:
             return
-        if ids is not None:
+        if ids is not None and self.on_full is not None:  # decoding needs `last` only (`step`)
             positions = ids.shape[1]
             terms = torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
             if self.last is not None:
