@@ -385,9 +385,10 @@ def _add_identify(commands) -> None:
     ident.add_argument("--target", choices=("response", "answer"), default="response",
                        help="fit on the mean over every response token (what the guard scores) or on answer "
                             "tokens with the paper's '3 vs 1' labels")
-    ident.add_argument("--token-inputs", action="store_true",
-                       help="the probe also reads each token's log-probability and the entropy of the distribution "
-                            "it was drawn from (two inputs outside the L1 penalty and the neuron budget)")
+    ident.add_argument("--token-inputs", choices=("auto", "on", "off"), default="auto",
+                       help="whether the probe also reads each token's log-probability and the entropy of the "
+                            "distribution it was drawn from (two inputs outside the L1 penalty and the neuron "
+                            "budget); auto fits both and keeps the better on validation")
     ident.set_defaults(run=_identify)
 
 

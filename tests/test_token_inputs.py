@@ -170,3 +170,27 @@ def test_static_cache_and_no_cache_score_as_teacher_forced(tiny_dirs, kwargs):
             assert streamed == pytest.approx(guard.score(prompt, result.token_ids).token_logits, abs=TOL)
             unsaturated += sum(0.01 < p < 0.99 for p in result.token_probs)
     assert unsaturated > 0
+
+
+def test_identify_by_default_keeps_what_wins_on_validation(tiny_organism, tmp_path, both_classes):
+    """token_inputs="auto" (the default) fits with and without the token inputs and keeps the better fit
+    on validation; the report gives both AUROCs; a bad mode is refused by name."""
+    from hguard.identify.pipeline import identify
+    from hguard.organism.suites import read_suite
+
+    directory, model, tokenizer = tiny_organism
+    items = both_classes(model, tokenizer, read_suite(directory / "suites", "in_domain")[:48])
+    kwargs = dict(samples=1, max_new_tokens=6, Cs=(0.1, 1.0, 10.0), max_kept_ratio=1.0, progress=False,
+                  compare_targets=False)
+    report = identify(model, tokenizer, items, tmp_path / "work", tmp_path / "auto.safetensors", **kwargs)
+    compared = report["token_inputs_compared"]
+    assert set(compared) == {"on", "off"}
+    winner = "on" if compared["on"] > compared["off"] else "off"
+    assert report["token_inputs"] == (winner == "on")
+    assert (Probe.load(tmp_path / "auto.safetensors").token_weight is not None) == (winner == "on")
+    off = identify(model, tokenizer, items, tmp_path / "work", tmp_path / "off.safetensors", resume=True,
+                   token_inputs=False, **kwargs)
+    assert off["token_inputs_compared"] == {"off": compared["off"]}
+    assert Probe.load(tmp_path / "off.safetensors").token_weight is None
+    with pytest.raises(ValueError, match="token_inputs"):
+        identify(model, tokenizer, items, tmp_path / "work", tmp_path / "x.safetensors", token_inputs="sometimes")

@@ -12,6 +12,7 @@ chosen probe's per-token scores of the validation responses, for the same false-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from .label import consistency_labels, token_span
 from .sample import prompt_ids, sample_cached
 
 DEFAULT_CS = (0.003, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.1, 0.3, 1.0)
+
+TOKEN_MODES = ("auto", "on", "off")  # identify's token_inputs: both fitted and the better kept, or one
 
 
 def examples_for(tokenizer, kept: list[dict]) -> tuple[list[Example], dict[str, int]]:
@@ -70,6 +73,13 @@ class Featurised:
     y: np.ndarray  # 1: hallucinated
     side: np.ndarray  # "train" / "val" / "test", from a hash of the question id
     token_inputs: bool = False  # the last two columns are the token inputs' means (features.cett_pools)
+
+    def without_tokens(self) -> "Featurised":
+        """The same rows without the token inputs' two columns."""
+        if not self.token_inputs:
+            return self
+        return dataclasses.replace(self, answer=self.answer[:, :-2], other=self.other[:, :-2],
+                                   whole=self.whole[:, :-2], token_inputs=False)
 
     @property
     def free(self) -> np.ndarray | None:
@@ -175,11 +185,42 @@ def _set_watch_threshold(probe, peaks: dict, data, sweep, false_flag_rate: float
         summary["test"]["abstain_rate_hallucinated"] = sweep.rate(peaks["test"], 1, probe.watch_threshold)
 
 
+def _token_mode(token_inputs: bool | str) -> str:
+    mode = {True: "on", False: "off"}.get(token_inputs, token_inputs)
+    if mode not in TOKEN_MODES:
+        raise ValueError(f"token_inputs must be True, False or 'auto'; got {token_inputs!r}")
+    return mode
+
+
+def _weights(chosen, token_inputs: bool, compared: dict) -> dict:
+    """The report's account of the fit's weights: H-Neurons, and the token inputs' weights if it has them."""
+    out = {"h_neurons": int((chosen.weight[:-2 if token_inputs else None] > 0).sum()), "token_inputs": token_inputs,
+           "token_inputs_compared": compared}
+    if token_inputs:
+        out["token_weight"] = {"log_probability": round(float(chosen.weight[-2]), 6),
+                               "entropy": round(float(chosen.weight[-1]), 6)}
+    return out
+
+
+def _fit(data: Featurised, train: np.ndarray, Cs: Sequence[float], budget: int, balance: str, target: str,
+         mode: str) -> tuple[Featurised, "Sweep", list, object, dict]:
+    """The C sweep and chosen fit with token inputs, without, or ("auto") both, keeping the better one on
+    validation: (the data it reads, its sweep, the sweep's rows, the fit, each variant's validation AUROC)."""
+    variants = {"on": data, "off": data.without_tokens()}
+    fits = {}
+    for name in (("on", "off") if mode == "auto" else (mode,)):
+        sweep = Sweep(variants[name], train, Cs, budget, balance)
+        fits[name] = (sweep, *sweep.choose(target))
+    best = max(fits, key=lambda name: (fits[name][3], name == "off"))  # a tie keeps the neurons alone
+    sweep, rows, chosen, _ = fits[best]
+    return variants[best], sweep, rows, chosen, {name: fit[3] for name, fit in fits.items()}
+
+
 def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str | Path, *, samples: int = 10,
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
              balance: str = "weight", resume: bool = False, target: str = "response", compare_targets: bool = True,
-             token_inputs: bool = False, echo=lambda message: None) -> dict:
+             token_inputs: bool | str = "auto", echo=lambda message: None) -> dict:
     """Run the whole pipeline; writes the probe to `out` and returns the report. The sampled answers are
     kept in `work/answers.jsonl`; with `resume`, answers found there for the same questions and sampling
     settings are reused (refitting with other settings then skips the sampling, the slow part). `target`:
@@ -187,8 +228,10 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     target's best probe under the same neuron budget. `balance`: how the classes are balanced in the fit
     (the paper fits on equal numbers of each): "weight" keeps every training question and weights each
     class inversely to its size, "subsample" cuts the larger class, "none" fits as sampled.
-    `token_inputs`: the probe also reads each token's log-probability and entropy (token_inputs.py), two
-    inputs outside the L1 penalty and the neuron budget."""
+    `token_inputs`: whether the probe also reads each token's log-probability and entropy (token_inputs.py),
+    two inputs outside the L1 penalty and the neuron budget: True, False, or "auto" (the default: both
+    are fitted, and the one with the better validation AUROC is kept)."""
+    mode = _token_mode(token_inputs)
     check_balance(balance)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
@@ -202,36 +245,31 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     dropped.update(more)
     echo(f"{len(items)} questions: {len(examples)} kept, dropped {dropped}")
     data = featurise(model, tokenizer, examples, {str(r["item"]["id"]): r["label"] for r in kept}, work,
-                     batch=batch, progress=progress, seed=seed, token_inputs=token_inputs)
+                     batch=batch, progress=progress, seed=seed, token_inputs=mode != "off")
     counts = data.counts()
     echo(f"split by question id: {counts}")
     _check_sides(counts)
     train = np.flatnonzero(data.side == "train")
     if balance == "subsample":
         train = train[balanced(data.y[train], seed, [data.keys[i] for i in train])]
-    sweep = Sweep(data, train, Cs, int(max_kept_ratio * total), balance)
-    rows, chosen, _ = sweep.choose(target)
+    data, sweep, rows, chosen, compared = _fit(data, train, Cs, int(max_kept_ratio * total), balance, target, mode)
     val_logits = chosen.logits(data.whole[sweep.val])
     calibration = calibrate(val_logits, data.y[sweep.val])
-    val_probs = np.array([calibration.prob(float(v)) for v in val_logits])
-    threshold = threshold_for(val_probs, data.y[sweep.val], false_flag_rate)
+    threshold = threshold_for(np.array([calibration.prob(float(v)) for v in val_logits]), data.y[sweep.val],
+                              false_flag_rate)
     test = sweep.test_report(chosen, calibration, threshold, target)
     alternatives = sweep.alternatives(target) if compare_targets else {}
     summary = {
         "questions": len(items), "kept": len(examples), "dropped": dropped, "split": counts, "sweep": rows,
-        "C": chosen.C, "neurons_kept": chosen.kept,
-        "h_neurons": int((chosen.weight[:-2 if token_inputs else None] > 0).sum()),
+        "C": chosen.C, "neurons_kept": chosen.kept, **_weights(chosen, data.token_inputs, compared),
         "per_mille": round(1000 * chosen.kept / total, 4), "false_flag_rate": false_flag_rate, "test": test,
         "target": target, "other_targets": alternatives,
         "samples_per_question": samples, "standardised": True, "balance": balance, "seed": seed,
         "calibrated_on": "mean probe logit over all response tokens (the guard's running mean)",
-        "train_questions": int(train.size), "token_inputs": token_inputs,
+        "train_questions": int(train.size),
     }
-    if token_inputs:
-        summary["token_weight"] = {"log_probability": round(float(chosen.weight[-2]), 6),
-                                   "entropy": round(float(chosen.weight[-1]), 6)}
-    probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, token_inputs, calibration=calibration,
-                     threshold=threshold, training=summary)
+    probe = to_probe(model, chosen, sites.num_layers, sites.intermediate_size, data.token_inputs,
+                     calibration=calibration, threshold=threshold, training=summary)
     _set_watch_threshold(probe, running_peaks(model, tokenizer, probe, examples, data.keys, data.side), data, sweep,
                          false_flag_rate, summary)
     probe.save(out)
