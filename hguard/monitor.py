@@ -48,7 +48,7 @@ class Monitor:
         self.forwards = 0  # completed forward passes; 0 until the prefill has run
         self._logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1
         # flag's unfinished steps: ([batch, k] selected z, [hooked layers, batch] ||h||, token term) each
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]] = []  # + token inputs' term
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.full_logits: torch.Tensor | None = None  # teacher forcing: [batch, positions]
         self._acc: torch.Tensor | None = None
         self._z: list[torch.Tensor] = []  # decoding fast path: per hooked layer, its z [batch, 1, I]
@@ -152,22 +152,24 @@ class Monitor:
         if self.full_logits is not None:
             self.full_logits = self.full_logits + terms.to(self.full_logits.device)
 
-    def _step_tokens(self, device: torch.device) -> torch.Tensor | float:
-        """Decoding: this step's token's token-input term ([batch]), or 0 for a probe without them."""
-        return 0.0 if self.tokens is None else self.tokens.step().to(device)
+    def _step_tokens(self) -> torch.Tensor | None:
+        """Decoding: this step's token's token-input term ([batch]; None for a probe without them)."""
+        return None if self.tokens is None else self.tokens.step()
+
+    @staticmethod
+    def _plus(logit: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        return logit if tokens is None else logit + tokens.to(logit.device)
 
     def _end_forward(self) -> None:
         if self.policy is None:
             self.full_logits = self._acc + self.bound.bias
         elif self.forwards > 0:  # the prompt's positions are never scored
             if not self._fast:
-                self._logits.append(self._acc[:, -1] + self.bound.bias + self._step_tokens(self._acc.device))
+                self._logits.append(self._plus(self._acc[:, -1] + self.bound.bias, self._step_tokens()))
             elif self.policy.watches:
-                z, norms = self._reduce()
-                self._logits.append(self._combine(z, norms) + self._step_tokens(z.device))
+                self._logits.append(self._plus(self._combine(*self._reduce()), self._step_tokens()))
             else:  # nothing acts on the score during decoding: finish it when it is read
-                z, norms = self._reduce()
-                self._pending.append((z, norms, self._step_tokens(z.device)))
+                self._pending.append((*self._reduce(), self._step_tokens()))
             if self.policy.watches:
                 self._watch(self._logits[-1], token=self.forwards - 1)
         self._acc = None
@@ -199,13 +201,11 @@ class Monitor:
         """Finish the pending steps' logits, all in one batch of kernels."""
         if len(self._pending) == 1:  # a streamed generation reads every step as it comes
             z, norms, tokens = self._pending[0]
-            self._logits.append(self._combine(z, norms) + tokens)
+            self._logits.append(self._plus(self._combine(z, norms), tokens))
         elif self._pending:
-            z, norms = (torch.stack(parts) for parts in list(zip(*self._pending))[:2])
-            logits = self._combine(z, norms)
-            if self.tokens is not None:
-                logits = logits + torch.stack([tokens for _, _, tokens in self._pending])
-            self._logits.extend(logits.unbind(0))
+            z, norms, tokens = zip(*self._pending)
+            logits = self._combine(torch.stack(z), torch.stack(norms))
+            self._logits.extend(self._plus(logits, None if self.tokens is None else torch.stack(tokens)).unbind(0))
         self._pending.clear()
 
     def _watch(self, logit: torch.Tensor, token: int) -> None:

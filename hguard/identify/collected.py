@@ -21,6 +21,7 @@ import torch
 
 from ..batching import left_pad, pad_id
 from ..sites import resolve
+from ..token_inputs import log_probability_and_entropy
 from .controls import forced_sets
 from .features import Example, cett_pools
 from .label import consistency_labels, is_refusal
@@ -122,7 +123,6 @@ def response_stats(model, examples: Sequence[Example], pad_id: int):
     ids, mask = left_pad(rows, pad_id, device)
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     states = torch.stack(out.hidden_states, 1).float()  # [b, layers + 1, T, hidden]
-    logp = torch.log_softmax(out.logits.float(), -1)
     residual, log_likelihoods, entropies = [], [], []
     width = ids.shape[1]
     for i, example in enumerate(examples):
@@ -130,10 +130,9 @@ def response_stats(model, examples: Sequence[Example], pad_id: int):
         answer = torch.tensor([start + t for t in example.answer_tokens], device=device)
         residual.append(states[i, :, answer].mean(1).cpu().numpy())
         positions = torch.arange(start - 1, width - 1, device=device)  # the logits that predicted each token
-        targets = ids[i, start:]
-        dist = logp[i, positions]
-        log_likelihoods.append(dist.gather(1, targets[:, None])[:, 0].cpu().numpy())
-        entropies.append(-(dist.exp() * dist).sum(-1).cpu().numpy())
+        log_p, entropy = log_probability_and_entropy(out.logits[i, positions], ids[i, start:])
+        log_likelihoods.append(log_p.cpu().numpy())
+        entropies.append(entropy.cpu().numpy())
     return np.stack(residual), log_likelihoods, entropies
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..probe import Probe
+from ..token_inputs import distribution, weighted
 from .tap import ProbeTap, checkpoint_columns
 
 
@@ -97,7 +98,7 @@ def install(runner, probe_path: str) -> Scores:
         if weight is not None:
             inputs = kwargs.get("input_ids", args[0] if args else None)
             terms = _terms(scores, weight, ids, starts, computed, inputs)
-            self._hguard_step = (ids, starts + 0, computed + (starts[1:] - starts[:-1]))  # what compute_logits predicts
+            self._hguard_step = (ids, computed + (starts[1:] - starts[:-1]))  # the positions compute_logits predicts
         output = original(*args, **kwargs)
         _file(scores, ids, starts, computed, prompts, terms)
         if scaled is not None:
@@ -123,11 +124,10 @@ def _keep_following(scores: Scores, runner, logits: torch.Tensor | None) -> None
     runner._hguard_step = None
     if step is None or logits is None:
         return
-    ids, _, following = step
+    ids, following = step
     if logits.shape[0] != len(ids):  # speculative decoding: more than one row per request
         return
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    logp, entropy = distribution(logits)
     for i, request in enumerate(ids):
         scores.following[request] = (int(following[i]), logp[i], entropy[i])
 
@@ -142,7 +142,7 @@ def _terms(scores: Scores, weight: torch.Tensor, ids: list[str], starts: np.ndar
     logp = torch.stack([scores.following[request][1] for request, _ in rows])
     entropy = torch.stack([scores.following[request][2] for request, _ in rows])
     tokens = inputs[torch.tensor([int(starts[i]) for _, i in rows], device=inputs.device)].to(logp.device)
-    values = weight[0] * logp.gather(1, tokens[:, None])[:, 0] + weight[1] * entropy
+    values = weighted(weight, logp.gather(1, tokens[:, None])[:, 0], entropy)
     return dict(zip((request for request, _ in rows), values.tolist()))
 
 
