@@ -165,6 +165,8 @@ def test_chunked_prefill_prefix_cache_and_preemption_keep_scores(hf, rows):
         batch = rows + rows[:2]
         _, results = run(engine, batch, settings(), max_new=40)
         assert engine.scores.rescored > 0  # positions computed twice were kept once
+        # the shipped probe reads token inputs: a token fed first inside a recomputation finds its term too
+        assert hf.probe.token_weight is not None and engine.scores.untermed == 0
     finally:
         engine.stop()
     for ours, theirs in zip(results, hf.generate(batch, max_new_tokens=40)):

@@ -11,11 +11,13 @@ it files each token's probe logit under (request id, sequence position). A posit
 
 A probe with token inputs (token_inputs.py) also needs each token's log-probability and the entropy of
 the distribution it was drawn from. The runner's `compute_logits` (vLLM's raw logits of each request's
-last scheduled position, before any sampling processor) is wrapped to keep, per request, the
-log-probabilities of the position that comes next; when that position is fed, its token's term is
-added to the logit filed for it. A generated token always comes first in its request's step (the only
-one, in decoding), so every scored token finds its term; one that does not (recomputation after
-preemption, whose first score stands anyway) is filed without it and counted in `untermed`.
+last scheduled position, before any sampling processor) is wrapped to keep, per request and by the
+position they predict, those log-probabilities; when that position is fed, its token's term is added
+to the logit filed for it, and the entry goes. In decoding that is each request's one token. After a
+preemption, vLLM recomputes a request's prompt and answer in one or more steps, and its last sampled
+token, never fed before, comes inside such a step: it finds its entry all the same (the recomputed
+steps' own entries predict positions that are filed already, or a prompt's, and are not kept). A
+scored position filed without its term would be counted in `untermed` (none is expected).
 
 The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one rank), so the engine driver reads
 `Scores` directly: `collective_rpc("hguard_scores")` returns the worker's own object. vLLM makes each
@@ -54,8 +56,8 @@ class Scores:
     logits: dict[str, dict[int, float]] = field(default_factory=dict)  # request id -> position -> logit
     scaling: dict[str, Scaling] = field(default_factory=dict)
     rescored: int = 0  # positions computed again (preemption and recomputation), whose first score is kept
-    # token inputs: per request, (the position its last logits predict, their log-probabilities [V], entropy)
-    following: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # token inputs: per request, by the position they predict, a step's log-probabilities [V] and entropy
+    following: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     untermed: int = 0  # scored positions filed without their token-input term (none expected)
 
     def take(self, request_id: str) -> dict[int, float]:
@@ -98,7 +100,8 @@ def install(runner, probe_path: str) -> Scores:
         if weight is not None:
             inputs = kwargs.get("input_ids", args[0] if args else None)
             terms = _terms(scores, weight, ids, starts, computed, inputs)
-            self._hguard_step = (ids, computed + (starts[1:] - starts[:-1]))  # the positions compute_logits predicts
+            # the positions compute_logits predicts, and the prompts' lengths
+            self._hguard_step = (ids, computed + (starts[1:] - starts[:-1]), prompts)
         output = original(*args, **kwargs)
         _file(scores, ids, starts, computed, prompts, terms)
         if scaled is not None:
@@ -119,31 +122,41 @@ def install(runner, probe_path: str) -> Scores:
 
 
 def _keep_following(scores: Scores, runner, logits: torch.Tensor | None) -> None:
-    """After a step's logits: per request, the log-probabilities of the position they predict."""
+    """After a step's logits: per request, the log-probabilities of the position they predict, unless it is
+    a prompt's or filed already (a recomputed one)."""
     step = getattr(runner, "_hguard_step", None)
     runner._hguard_step = None
     if step is None or logits is None:
         return
-    ids, following = step
+    ids, following, prompts = step
     if logits.shape[0] != len(ids):  # speculative decoding: more than one row per request
         return
     logp, entropy = distribution(logits)
     for i, request in enumerate(ids):
-        scores.following[request] = (int(following[i]), logp[i], entropy[i])
+        position = int(following[i])
+        if position >= int(prompts[i]) and position not in scores.logits.get(request, {}):
+            scores.following.setdefault(request, {})[position] = (logp[i], entropy[i])
 
 
 def _terms(scores: Scores, weight: torch.Tensor, ids: list[str], starts: np.ndarray, computed: np.ndarray,
-           inputs: torch.Tensor | None) -> dict[str, float]:
-    """Per request whose first token in this step is the one its last logits predicted: that token's term."""
-    rows = [(request, i) for i, request in enumerate(ids) if inputs is not None
-            and scores.following.get(request, (None,))[0] == int(computed[i])]
-    if not rows:
+           inputs: torch.Tensor | None) -> dict[tuple[str, int], float]:
+    """The terms of this step's tokens whose distribution a step before kept, by (request, position); their
+    entries go."""
+    found = []  # (request, position, flat index)
+    for i, request in enumerate(ids):
+        kept = scores.following.get(request)
+        if inputs is None or not kept:
+            continue
+        first, count = int(computed[i]), int(starts[i + 1] - starts[i])
+        found += [(request, position, int(starts[i]) + position - first) for position in kept
+                  if first <= position < first + count]
+    if not found:
         return {}
-    logp = torch.stack([scores.following[request][1] for request, _ in rows])
-    entropy = torch.stack([scores.following[request][2] for request, _ in rows])
-    tokens = inputs[torch.tensor([int(starts[i]) for _, i in rows], device=inputs.device)].to(logp.device)
+    entries = [scores.following[request].pop(position) for request, position, _ in found]
+    logp, entropy = torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries])
+    tokens = inputs[torch.tensor([flat for _, _, flat in found], device=inputs.device)].to(logp.device)
     values = weighted(weight, logp.gather(1, tokens[:, None])[:, 0], entropy)
-    return dict(zip((request for request, _ in rows), values.tolist()))
+    return dict(zip(((request, position) for request, position, _ in found), values.tolist()))
 
 
 def _factors(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.ndarray) -> torch.Tensor | None:
@@ -162,9 +175,9 @@ def _factors(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.nd
 
 
 def _file(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.ndarray, prompts: np.ndarray,
-          terms: dict[str, float] | None = None) -> None:
+          terms: dict[tuple[str, int], float] | None = None) -> None:
     """File the generated tokens' logits (a prompt's positions are never scored) by request and position;
-    with `terms` (a probe with token inputs), each request's first token gets its term added."""
+    with `terms` (a probe with token inputs), each gets its token's term added."""
     logits = scores.tap.logits(int(starts[-1]))
     for i, request in enumerate(ids):
         first, last = int(starts[i]), int(starts[i + 1])
@@ -178,8 +191,8 @@ def _file(scores: Scores, ids: list[str], starts: np.ndarray, computed: np.ndarr
                 scores.rescored += 1
                 continue
             if terms is not None:
-                if at == position and request in terms:
-                    logit += terms[request]
+                if (request, at) in terms:
+                    logit += terms[request, at]
                 else:
                     scores.untermed += 1
             filed[at] = logit
