@@ -91,7 +91,8 @@ class GraphMonitor(Monitor):
         as they are (not experts.py's or flat.py's views), no other forward wrapper, and no token inputs
         (token_inputs.py reads the logits in Python)."""
         downs = [bound.sites.down(term.layer) for term in bound.terms]
-        return bound.single_device and bound.token_weight is None and all(isinstance(d, torch.nn.Module) and "forward" not in d.__dict__ for d in downs)
+        plain = all(isinstance(d, torch.nn.Module) and "forward" not in d.__dict__ for d in downs)
+        return bound.single_device and bound.token_weight is None and plain
 
     @contextmanager
     def attached(self) -> Iterator["GraphMonitor"]:

@@ -55,6 +55,7 @@ def cett(z: torch.Tensor, h: torch.Tensor, column_norm: torch.Tensor | float = 1
 NORM_RTOL = 2e-2  # column norms must agree this closely (covers bf16/fp16 copies of the same weights)
 _ARCH_FIELDS = ("model_type", "num_layers", "hidden_size", "intermediate_size", "experts", "expert_layers")
 _TENSORS = ("layer", "neuron", "weight", "column_norm", "bias")
+_OPTIONAL = ("token_weight",)  # a version 3 probe's, and only its
 
 
 class ProbeFormatError(ValueError):
@@ -82,8 +83,8 @@ def fingerprint(sites: Sites) -> dict[str, object]:
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name in (*_TENSORS, "token_weight"):
-        if name not in tensors:  # token_weight is optional
+    for name in (*_TENSORS, *_OPTIONAL):
+        if name not in tensors:
             continue
         digest.update(name.encode())
         digest.update(tensors[name].contiguous().numpy().tobytes())
@@ -242,7 +243,7 @@ class Probe:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 names = set(handle.keys())
-                tensors = {name: handle.get_tensor(name) for name in names & {*_TENSORS, "token_weight"}}
+                tensors = {name: handle.get_tensor(name) for name in names & {*_TENSORS, *_OPTIONAL}}
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise ProbeFormatError(f"{path}: not a readable safetensors probe file ({error})") from error
         if metadata.get("format") != FORMAT:
@@ -252,6 +253,10 @@ class Probe:
         missing = set(_TENSORS) - names
         if missing:
             raise ProbeFormatError(f"{path}: missing tensors {sorted(missing)}")
+        if ("token_weight" in tensors) != (metadata["version"] == TOKEN_INPUTS_VERSION):
+            raise ProbeFormatError(f"{path}: a version {metadata['version']} probe "
+                                   f"{'with' if 'token_weight' in tensors else 'without'} a token_weight tensor "
+                                   f"(version {TOKEN_INPUTS_VERSION} probes, and only they, carry one)")
         if metadata.get("checksum") != _checksum(tensors):
             raise ProbeFormatError(f"{path}: checksum mismatch, the file was modified or damaged")
         try:

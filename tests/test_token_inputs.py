@@ -65,6 +65,18 @@ def test_the_probe_file_round_trips_as_version_3(tiny_dirs, tmp_path):
     assert Probe.load(Probe.random(guard.model, 4).save(tmp_path / "q.safetensors")).token_weight is None
     with pytest.raises(ProbeFormatError, match="token_weight"):
         Probe.random(guard.model, 4, token_weight=torch.tensor([1.0, float("nan")]))
+    # a file whose version says otherwise than its tensors (here: version 3 without token_weight)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    del tensors["token_weight"]
+    from hguard.probe import _checksum
+
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**metadata, "checksum": _checksum(tensors)})
+    with pytest.raises(ProbeFormatError, match="version 3 probe without a token_weight"):
+        Probe.load(tmp_path / "bad.safetensors")
     with pytest.raises(ProbeFormatError, match="token_weight"):
         Probe.random(guard.model, 4, token_weight=torch.tensor([1.0, 2.0, 3.0]))
 
