@@ -115,6 +115,13 @@ def suite(model, tokenizer, directory: Path, work: Path, name: str):
     return data
 
 
+def side(data, mask: np.ndarray):
+    """`data`'s rows in `mask`, their token features with them."""
+    kept = data.where(mask)
+    kept.tokens_x = [t for t, keep in zip(data.tokens_x, mask) if keep]
+    return kept
+
+
 def rows_of(data, mask: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """(token features, labels, per-token weights) of the rows in `mask`, ready for a per-token fit."""
     tokens = [t for t, keep in zip(data.tokens_x, mask) if keep]
@@ -154,8 +161,7 @@ def choose(data, columns: np.ndarray, budget: int, Cs=CS) -> tuple[TokenScore, l
     tokens, labels, weights = rows_of(data, data.side == "train")
     x = np.concatenate([t[:, columns] for t in tokens])
     y = np.concatenate([[label] * len(t) for label, t in zip(labels, tokens)])
-    val = data.where(data.side == "val")
-    val.tokens_x = [t for t, keep in zip(data.tokens_x, data.side == "val") if keep]
+    val = side(data, data.side == "val")
     sweep = []
     for C in Cs:
         width = data.tokens_x[0].shape[1]
@@ -169,8 +175,7 @@ def choose(data, columns: np.ndarray, budget: int, Cs=CS) -> tuple[TokenScore, l
 
 
 def report_suite(data, methods: dict) -> dict:
-    held = data.where(data.side == "test")
-    held.tokens_x = [t for t, keep in zip(data.tokens_x, data.side == "test") if keep]
+    held = side(data, data.side == "test")
     held.forced = data.forced
     scores = {m: [s(held)] for m, s in methods.items()}
     entry = {"n": len(held.keys), "hallucinated": int(held.labels.sum()),
@@ -214,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
               "fused_neurons": fused.neurons, "fused_logit_weights": [round(float(w), 4) for w in fused.weight[-2:]],
               "logit_weights": [round(float(w), 4) for w in logit_only.weight],
               "suites": {name: report_suite(data, methods) for name, data in suites.items()}}
-    val = home.where(home.side == "val")
-    val.tokens_x = [t for t, keep in zip(home.tokens_x, home.side == "val") if keep]
+    val = side(home, home.side == "val")
     report["val_auroc"] = {m: round(auroc(val.labels, s(val)), 4) for m, s in methods.items()}  # pools chosen here
     report["seconds"] = round(time.perf_counter() - began)
     print(json.dumps(report, indent=1) if args.json else report)
