@@ -6,15 +6,18 @@ import asyncio
 import copy
 import json
 import random
+import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from hguard import Guard
+from hguard import incremental
 from hguard.incremental import IncrementalScorer, score_together
 from hguard.server.app import ServerSettings, build_app
 from hguard.server.requests import GuardDefaults
+from hguard.server import scoring as scoring_module
 from hguard.server.scoring import Scoring
 
 from test_server import LiveServer
@@ -73,6 +76,73 @@ def test_the_last_batch_is_reused_and_scores_stay_exact(organism, monkeypatch):
         for row, response, scores in zip(rows, responses, got):
             want = organism.score(prompts[row], response)
             assert scores.token_logits == pytest.approx(want.token_logits, abs=1e-4)
+
+
+def test_rows_are_cut_into_forwards_at_least_cost():
+    """Rows of like length share a forward; the cut is the cheapest of all cuts (FORWARD_COST a forward
+    plus the padded positions), checked against every cut of small random sets."""
+    rng = random.Random(0)
+    cost = lambda runs: sum(incremental.FORWARD_COST + len(r) * max(r) for r in runs)
+    for _ in range(200):
+        lengths = sorted(rng.choice([1, 2, 3, 7, 8, 9, 40, 64, 200]) for _ in range(rng.randint(1, 7)))
+        runs = incremental._groups(lengths, lengths)
+        assert [x for r in runs for x in r] == lengths
+        every = []
+        for mask in range(1 << (len(lengths) - 1)):  # a cut after row i where bit i is set
+            cut, start = [], 0
+            for i in range(1, len(lengths)):
+                if mask >> (i - 1) & 1:
+                    cut.append(lengths[start:i])
+                    start = i
+            every.append(cut + [lengths[start:]])
+        assert cost(runs) == min(map(cost, every))
+    assert incremental._groups([1] * 30 + [64], [1] * 30 + [64]) == [[1] * 30, [64]]  # a long piece runs alone
+    assert len(incremental._groups([7] * 20 + [9] * 10, [7] * 20 + [9] * 10)) == 1  # near lengths pad together
+
+
+def test_answers_just_scored_join_the_next_batch(monkeypatch):
+    """The answers of one batch ask again a few event-loop turns after their scores come back; the next batch
+    waits for them, so that streams that started apart do not split into cohorts taking turns (each piece
+    would wait two forwards, each forward holding half the streams)."""
+    def fake(scorers, pieces):
+        time.sleep(0.02)  # a forward
+        return [None] * len(scorers)
+
+    monkeypatch.setattr(scoring_module, "score_together", fake)
+
+    async def streams(count: int, asks: int) -> list[int]:
+        scoring = Scoring(SimpleNamespace(tokenizer=None), 1 << 20)
+        sizes = []
+        original = scoring_module.score_together
+
+        def recording(scorers, pieces):
+            sizes.append(len(scorers))
+            return original(scorers, pieces)
+
+        monkeypatch.setattr(scoring_module, "score_together", recording)
+
+        async def stream(index: int) -> None:
+            await asyncio.sleep(0.005 * index)  # streams open apart, as requests do
+            for k in range(asks):
+                await scoring.run(object(), [k])
+                for _ in range(2):  # the relay sends the chunk and reads the next event
+                    await asyncio.sleep(0)
+
+        await asyncio.gather(*(stream(i) for i in range(count)))
+        monkeypatch.setattr(scoring_module, "score_together", original)
+        return sizes
+
+    monkeypatch.setattr(Scoring, "__init__", _bare_scoring_init)
+    joined = asyncio.run(streams(8, 10))
+    assert joined.count(8) >= len(joined) - 4, joined  # all but the first and the last few hold every stream
+    monkeypatch.setattr(scoring_module, "GATHER_TURNS", 0)  # without waiting: two cohorts take turns
+    apart = asyncio.run(streams(8, 10))
+    assert apart.count(8) < len(apart) // 2, apart
+
+
+def _bare_scoring_init(self, guard, context, piece=scoring_module.PIECE, rows=scoring_module.ROWS):
+    self.guard, self.context, self.piece, self.rows = guard, context, piece, rows
+    self._waiting, self._draining, self.batches, self.batched_rows = [], None, 0, 0
 
 
 def test_score_together_refuses_a_scorer_twice(organism):
