@@ -73,12 +73,18 @@ def server(kind: str, model: str, probe: str | None, args: argparse.Namespace, u
         command = ["taskset", "-c", cpus, *command]
     log = open(Path(args.logs) / f"{kind}-{port}.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(process, command, health, within=args.start_timeout)
-        yield f"http://127.0.0.1:{port}"
+        PROCESSES[url] = process
+        yield url
     finally:
+        PROCESSES.pop(url, None)
         end(process)
         log.close()
+
+
+PROCESSES: dict[str, subprocess.Popen] = {}  # each running server's process, by its URL
 
 
 # random-init Llamas: (config, neurons of the random probe); the 8B shape is Llama-3-8B's (GPU check)

