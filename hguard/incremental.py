@@ -229,7 +229,7 @@ def _run_together(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
     input_ids = torch.zeros(len(work), longest, dtype=torch.long)
     for i, n in enumerate(new):
         input_ids[i, : len(n)] = torch.tensor(n)
-    cache, mask = _reused([scorer for scorer, _ in work]) or _fresh(work, past, model.config)
+    cache, mask = _reused([scorer for scorer, _ in work]) or _fresh(work, past, model.config, longest)
     width = mask.shape[1]
     mask = torch.cat([mask, (torch.arange(longest) < torch.tensor([len(n) for n in new])[:, None]).long()], 1)
     positions = torch.tensor(past)[:, None] + torch.arange(longest)
@@ -276,12 +276,13 @@ def _reused(scorers: list[IncrementalScorer]) -> tuple[DynamicCache, torch.Tenso
     return gathered, batch.mask[index]
 
 
-def _fresh(work: list[tuple[IncrementalScorer, list[int]]], past: list[int],
-           config) -> tuple[DynamicCache, torch.Tensor]:
-    """A batched cache of the scorers' own caches, left-padded to the longest, and its mask."""
+def _fresh(work: list[tuple[IncrementalScorer, list[int]]], past: list[int], config,
+           spare: int) -> tuple[DynamicCache, torch.Tensor]:
+    """A batched cache of the scorers' own caches, left-padded to the longest, with room for `spare` more
+    positions, and its mask."""
     width = max(past)
     mask = (torch.arange(width) >= width - torch.tensor(past)[:, None]).long()
-    return _padded([scorer._cache for scorer, _ in work], past, width, config), mask
+    return _padded([scorer._cache for scorer, _ in work], past, width, config, spare), mask
 
 
 def _rows_view(cache: DynamicCache, row: int, positions: slice) -> DynamicCache:
@@ -308,22 +309,24 @@ class _GrowingLayer(DynamicLayer):
     concatenating: the batch's cache grows by a position per step, and a copy of all of it per step was a
     quarter of the step. `keys` and `values` are views of the room, as long as the positions held."""
 
-    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None, held: int | None = None) -> None:
         super().__init__()
         if keys is not None:
-            self._hold(keys, values)
+            self._hold(keys, values, held)
 
-    def _hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor, held: int | None = None) -> None:
+        """Hold the first `held` positions of `keys` and `values` (all of them where None); the rest is room."""
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self._room = (keys, values)
-        self.keys, self.values = keys, values
+        held = keys.shape[-2] if held is None else held
+        self.keys, self.values = keys[..., :held, :], values[..., :held, :]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:  # the first positions of an empty batch
             self._hold(key_states[..., :0, :], value_states[..., :0, :])
         held, new = self.keys.shape[-2], key_states.shape[-2]
         if held + new > self._room[0].shape[-2]:
-            capacity = max(2 * held, held + new, 16)
+            capacity = max(2 * (held + new), 16)  # room for as many positions again
             rooms = []
             for old in (self.keys, self.values):
                 room = old.new_empty(*old.shape[:-2], capacity, old.shape[-1])
@@ -336,9 +339,10 @@ class _GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _padded(caches: list[DynamicCache], past: list[int], width: int, config) -> DynamicCache:
+def _padded(caches: list[DynamicCache], past: list[int], width: int, config, spare: int = 0) -> DynamicCache:
     """One cache holding `caches` as rows, each left-padded with zeros to `width` positions, in layers that
-    grow in place."""
+    grow in place, with room for `spare` positions more (the forward about to run writes them without
+    copying the batch again)."""
     batched = DynamicCache(config=config)
     batched.layers = [_GrowingLayer() if type(layer) is DynamicLayer else layer for layer in batched.layers]
     if width == 0:
@@ -347,13 +351,13 @@ def _padded(caches: list[DynamicCache], past: list[int], width: int, config) -> 
     for index, layer in enumerate(template.layers):
         if layer.keys is None or not layer.keys.numel():  # a layer past the last hooked one: never run
             continue
-        shape = (len(caches), layer.keys.shape[1], width, layer.keys.shape[3])
+        shape = (len(caches), layer.keys.shape[1], width + spare, layer.keys.shape[3])
         keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
         for row, (cache, p) in enumerate(zip(caches, past)):
             if p:
-                keys[row, :, width - p:] = cache.layers[index].keys[0]
-                values[row, :, width - p:] = cache.layers[index].values[0]
-        batched.layers[index] = _GrowingLayer(keys, values)
+                keys[row, :, width - p: width] = cache.layers[index].keys[0]
+                values[row, :, width - p: width] = cache.layers[index].values[0]
+        batched.layers[index] = _GrowingLayer(keys, values, width)
     return batched
 
 
