@@ -7,6 +7,7 @@ client never believes an option took effect when it did not. The `guard` object 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -22,7 +23,14 @@ def unencodable(value: Any) -> str | None:
     """Why `value` (a string, or lists and dicts holding strings, keys included) is not valid Unicode
     text, or None when it is. JSON's \\u escapes can carry a lone UTF-16 surrogate (\\ud800), which
     Python keeps in a str but no tokenizer, log or response can encode. Iterative: nesting depth
-    costs no stack."""
+    costs no stack; JSON's own types are checked in one pass first, and walked only to say where."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    except (TypeError, ValueError, RecursionError):  # not JSON's types, or nested past the encoder: walk it
+        pass
     stack = [(value, "")]
     while stack:
         item, where = stack.pop()

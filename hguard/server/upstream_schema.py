@@ -133,12 +133,16 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)  # one for all (json.loads builds one per call)
+
+
 def parse_json(payload: bytes | str) -> object | None:
     """The JSON value of `payload` (None: not JSON, or too deeply nested to read; NaN and Infinity,
     which Python's reader would accept, are not JSON)."""
     try:
-        return json.loads(payload, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
+        text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
+        return _DECODER.decode(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
 
 
