@@ -258,3 +258,37 @@ def test_an_upstream_that_is_not_vllm_is_not_asked_for_ids(guard, upstream):  # 
             assert upstream.bodies[-1]["return_token_ids"] is True and reply["ids"] is not None
     finally:
         upstream.owner = "vllm"
+
+
+def test_vllms_nulls_where_openai_has_none_are_left_out():
+    """vLLM 0.32 sends null for fields OpenAI's schemas type as objects, arrays or strings (a real answer
+    and chunk of its, as the proxy received them); what the proxy relays validates against OpenAI's."""
+    from openai_schema import problems
+
+    from hguard.server.upstream_schema import chat_answer, chat_chunk, text_answer
+
+    answer = {"id": "chatcmpl-a", "object": "chat.completion", "created": 1796106958, "model": "organism",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "Born in Brog.", "refusal": None,
+                                                   "annotations": None, "audio": None, "function_call": None,
+                                                   "tool_calls": [], "reasoning": None},
+                           "logprobs": None, "finish_reason": "stop", "stop_reason": 5, "token_ids": [46, 5],
+                           "routed_experts": None}],
+              "service_tier": None, "system_fingerprint": "vllm-0.32.0", "prompt_logprobs": None,
+              "prompt_token_ids": [2, 3], "kv_transfer_params": None,
+              "usage": {"prompt_tokens": 13, "completion_tokens": 2, "total_tokens": 15,
+                        "prompt_tokens_details": None, "completion_tokens_details": None}}
+    body = chat_answer(answer, "chat.completion", 1)
+    assert problems("CreateChatCompletionResponse", body) == []
+    assert "annotations" not in body["choices"][0]["message"] and body["choices"][0]["token_ids"] == [46, 5]
+    chunk = {"id": "chatcmpl-a", "object": "chat.completion.chunk", "created": 1, "model": "organism",
+             "choices": [{"index": 0, "delta": {"role": None, "content": " Brog", "function_call": None,
+                                                "tool_calls": None, "reasoning": None},
+                          "logprobs": None, "finish_reason": None, "token_ids": [46]}],
+             "service_tier": None, "system_fingerprint": None, "usage": None}
+    assert problems("CreateChatCompletionStreamResponse", chat_chunk(chunk, "chat.completion.chunk", 1)) == []
+    text = {"id": "cmpl-a", "object": "text_completion", "created": 1, "model": "organism",
+            "choices": [{"index": 0, "text": " Brog", "logprobs": None, "finish_reason": "length",
+                         "stop_reason": None, "token_ids": [46], "prompt_logprobs": None, "prompt_token_ids": [2]}],
+            "service_tier": None, "system_fingerprint": None, "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                                                        "total_tokens": 2, "prompt_tokens_details": None}}
+    assert problems("CreateCompletionResponse", text_answer(text, "text_completion", 1)) == []

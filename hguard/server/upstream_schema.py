@@ -167,6 +167,30 @@ def _checked(model: type[_Body], data: object, n: int, what: str) -> dict:
     return body
 
 
+# fields OpenAI's schemas type as an object, an array or a string, never null, which vLLM (0.32) sends as
+# null when it has nothing for them: left out instead, as OpenAI leaves them out
+_NEVER_NULL = {"body": ("service_tier", "system_fingerprint", "metadata", "obfuscation"),
+               "message": ("tool_calls", "annotations", "function_call", "role"),
+               "usage": ("completion_tokens_details", "prompt_tokens_details")}
+
+
+def _drop_nulls(item: object, keys: tuple[str, ...]) -> None:
+    if isinstance(item, dict):
+        for key in keys:
+            if key in item and item[key] is None:
+                del item[key]
+
+
+def _without_nulls(body: dict, message: str) -> dict:
+    """`body` without the nulls OpenAI's schemas do not allow (`_NEVER_NULL`; `message`: the choices' key
+    that holds the message, "message" or "delta")."""
+    _drop_nulls(body, _NEVER_NULL["body"])
+    _drop_nulls(body.get("usage"), _NEVER_NULL["usage"])
+    for choice in body["choices"]:
+        _drop_nulls(choice.get(message), _NEVER_NULL["message"])
+    return body
+
+
 def _answer(model: type[_Body], data: object, kind: str, n: int) -> dict:
     """A non-streamed answer, validated, with the fields OpenAI's schema requires filled in (`kind`: its
     `object`)."""
@@ -174,6 +198,7 @@ def _answer(model: type[_Body], data: object, kind: str, n: int) -> dict:
     if len({choice["index"] for choice in body["choices"]}) != len(body["choices"]):
         raise ShapeError("the upstream's answer repeats a choice index")
     body.update(object=kind, id=body.get("id", ""), created=body.get("created", 0))
+    _drop_nulls(body, ("usage",))  # an answer's usage is never null (a stream chunk's may be)
     for choice in body["choices"]:
         choice.setdefault("logprobs", None)
     return body
@@ -194,7 +219,7 @@ def _chat_logprobs(choice: dict) -> None:
 
 def chat_answer(data: object, kind: str, n: int) -> dict:
     """A chat answer (`_answer`), each message with its role, content and refusal."""
-    body = _answer(ChatCompletion, data, kind, n)
+    body = _without_nulls(_answer(ChatCompletion, data, kind, n), "message")
     for choice in body["choices"]:
         choice["message"].setdefault("role", "assistant")
         choice["message"].setdefault("content", None)
@@ -204,15 +229,15 @@ def chat_answer(data: object, kind: str, n: int) -> dict:
 
 
 def text_answer(data: object, kind: str, n: int) -> dict:
-    return _answer(TextCompletion, data, kind, n)
+    return _without_nulls(_answer(TextCompletion, data, kind, n), "message")
 
 
 def chat_chunk(data: object, kind: str, n: int) -> dict:
-    body = _chunk(ChatChunk, data, kind, n)
+    body = _without_nulls(_chunk(ChatChunk, data, kind, n), "delta")
     for choice in body["choices"]:
         _chat_logprobs(choice)
     return body
 
 
 def text_chunk(data: object, kind: str, n: int) -> dict:
-    return _chunk(TextChunk, data, kind, n)
+    return _without_nulls(_chunk(TextChunk, data, kind, n), "message")
