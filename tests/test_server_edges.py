@@ -284,3 +284,32 @@ def test_a_queued_request_whose_client_left_holds_no_place(guard):  # noqa: F811
         assert engine.queue_depth == 1
     finally:
         loop.close()
+
+
+def test_an_engine_outlives_a_job_whose_event_loop_closed(guard):  # noqa: F811
+    """A job's events go to its event loop; once that loop has closed (its waiter gave up and went) the
+    engine's thread drops them and serves the next job, instead of dying of "Event loop is closed" (a
+    vLLM engine test hung on that race, the refused job's end arriving after its caller's loop closed)."""
+    from hguard.server.engine import DONE, Engine, Job, Settings
+
+    settings = Settings(temperature=0.0, top_p=1.0, stop=(), seed=None, action="flag", threshold=None, alpha=None)
+    closed = asyncio.new_event_loop()
+    closed.close()
+    gone = Job(rows=[[5, 6]], max_new_tokens=2, settings=settings, loop=closed)
+    gone.send("anything")  # no error: nobody is there to take it
+    engine = Engine(guard, max_batch_size=2, max_queue=2)
+    engine.start()
+    try:
+        engine.submit(gone)
+
+        async def served() -> list:
+            job = Job(rows=[[5, 6]], max_new_tokens=2, settings=settings, loop=asyncio.get_running_loop())
+            engine.submit(job)
+            items = []
+            while (item := await asyncio.wait_for(job.events.get(), 60)) is not DONE:
+                items.append(item)
+            return items
+
+        assert any(getattr(item, "token_ids", None) for item in asyncio.run(served()))
+    finally:
+        engine.stop()

@@ -82,7 +82,12 @@ class Job:
     started: float | None = None
 
     def send(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        """Hand `item` to the job's event loop; nothing when that loop has closed (whoever waited for the
+        job is gone), so that an engine's thread never dies of a client's ending."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed"
+            pass
 
 
 DONE = object()
