@@ -105,7 +105,7 @@ class Scoring:
         send the chunk and read the next upstream event, a few turns), at least GATHER_TURNS and then until
         a turn adds nothing (at most 4 x GATHER_TURNS). Without this the open streams split into two cohorts
         that take turns (one scored while the other waits), each forward holding half of them and each piece
-        waiting two forwards (32 streams: 14 answers per forward; with it, 26)."""
+        waiting two forwards (32 streams: 14 answers per forward; with it, 24 to 26)."""
         for turn in range(4 * GATHER_TURNS):
             before = len(self._waiting)
             await asyncio.sleep(0)

@@ -140,8 +140,9 @@ def parse_json(payload: bytes | str) -> object | None:
     """The JSON value of `payload` (None: not JSON, or too deeply nested to read; NaN and Infinity,
     which Python's reader would accept, are not JSON)."""
     try:
-        text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
-        return _DECODER.decode(text)
+        if isinstance(payload, (bytes, bytearray)):  # as json.loads reads bytes (a UTF-8 BOM, UTF-16 and -32 too)
+            payload = payload.decode(json.detect_encoding(payload), "surrogatepass")
+        return _DECODER.decode(payload)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
 
