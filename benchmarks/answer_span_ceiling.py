@@ -23,17 +23,15 @@ sampled: the answers are an `hguard eval --work` directory's (token_pooling.py r
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from token_pooling import ROUNDS, SUITES, side, suite  # noqa: E402
+from token_pooling import ROUNDS, organism_suites, side  # noqa: E402
 
 from hguard.identify.controls import strata_report  # noqa: E402
 from hguard.identify.evaluate import auroc, logit_scorers  # noqa: E402
@@ -83,18 +81,7 @@ def choose(home, columns: np.ndarray) -> tuple[Linear, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--organism", type=Path, required=True, help="an organism build's directory")
-    parser.add_argument("--work", type=Path, required=True, help="an `hguard eval --work` directory")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    began = time.perf_counter()
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(args.organism / "instruct", dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.organism / "instruct")
-    suites = {name: suite(model, tokenizer, args.organism, args.work, name) for name in SUITES}
+    args, suites, began = organism_suites(__doc__, argv)
     home = suites["in_domain"]
     width = home.tokens_x[0].shape[1]  # neurons + 2
     neurons, logits = np.arange(width - 2), np.arange(width - 2, width)

@@ -189,8 +189,10 @@ def report_suite(data, methods: dict) -> dict:
     return entry
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def organism_suites(doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, dict, float]:
+    """The command line this script and answer_span_ceiling.py share (--organism, --work, --json), and
+    every suite's data with its token features (`suite`); with the time it began."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--organism", type=Path, required=True, help="an organism build's directory")
     parser.add_argument("--work", type=Path, required=True, help="an `hguard eval --work` directory")
     parser.add_argument("--json", action="store_true")
@@ -201,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(args.organism / "instruct", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.organism / "instruct")
-    suites = {name: suite(model, tokenizer, args.organism, args.work, name) for name in SUITES}
+    return args, {name: suite(model, tokenizer, args.organism, args.work, name) for name in SUITES}, began
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, suites, began = organism_suites(__doc__, argv)
     home = suites["in_domain"]
     width = home.tokens_x[0].shape[1]
     neurons, logit = np.arange(width - 2), np.arange(width - 2, width)
