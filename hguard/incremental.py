@@ -134,9 +134,8 @@ class IncrementalScorer:
 
 
 FORWARD_COST = 128  # what one more forward costs, in padded token positions: rows padded into one forward run
-# at a larger matrix size, which a CPU runs several times faster per position (proxy mode's pieces on the
-# organism, one core: 0.50 ms a token cut this way, 0.52 in one forward, 0.54 at 48, 0.65 in power-of-two
-# groups; bfloat16 0.32, 0.33, 0.43 and 0.56)
+# at a larger matrix size, which a CPU runs several times faster per position (benchmarks/proxy_pieces.py,
+# organism, one core: 0.34 ms a token against 0.38 in power-of-two groups; bfloat16 0.21 against 0.30)
 RECENT = 4  # positions whose logits a scorer keeps for a probe's token inputs
 
 
