@@ -133,12 +133,18 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "firsts": firsts}
 
 
+def _pid_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc); OSError, ValueError or IndexError
+    where it cannot be read."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(process: subprocess.Popen) -> float | None:
     """User + system CPU seconds the server process has used so far (Linux /proc; None elsewhere)."""
     try:
-        with open(f"/proc/{process.pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _pid_seconds(process.pid)
     except (OSError, ValueError, IndexError):
         return None
 
@@ -149,9 +155,7 @@ def tree_cpu_seconds(pid: int) -> float | None:
     while pending:
         current = pending.pop()
         try:
-            with open(f"/proc/{current}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += _pid_seconds(current)
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as handle:
                     pending += [int(child) for child in handle.read().split()]

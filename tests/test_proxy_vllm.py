@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,16 +28,14 @@ from hguard.server.requests import GuardDefaults  # noqa: E402
 
 from test_server import LiveServer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from engine_load import free_port  # noqa: E402
+from server_load import end, wait_until_up  # noqa: E402
+
 QUESTIONS = ["Where was Alice Brown born?", "What did Vassor Fonis do for a living?", "Where was Kalo Venris born?",
              "What year was Tom Lee born?"]
 TOL = 1e-4
 START_S = 600  # vLLM's server on two shared cores
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def answer(guard: Guard, ids: list[int]) -> list[int]:
@@ -59,30 +56,17 @@ def vllm_url(tmp_path_factory):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path("instruct")),
                "--served-model-name", "organism", "--port", str(port), "--max-model-len", "256",
                "--max-num-seqs", "8", "--enforce-eager"]
+    url = f"http://127.0.0.1:{port}"
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + START_S
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"vLLM's server exited ({process.returncode}): {log.read_text()[-3000:]}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"vLLM's server did not start within {START_S} s: {log.read_text()[-3000:]}")
-                time.sleep(1)
+            try:
+                wait_until_up(process, command, f"{url}/health", within=START_S, poll=1.0)
+            except RuntimeError as error:
+                pytest.fail(f"{error}: {log.read_text()[-3000:]}")
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            end(process)
 
 
 @pytest.fixture(scope="module")
