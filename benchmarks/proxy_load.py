@@ -6,7 +6,9 @@ scoring (action flag: every token scored, nothing cut). Rounds interleave direct
 alternating), at 1 and 32 concurrent streaming clients, on the organism and on a random-init ~100M
 Llama (benchmarks/engine_load.py builds it). Each client streams a text completion of `--max-tokens`
 tokens at temperature 0; throughput counts the completion tokens of each stream's usage chunk, and
-time to first token is the time to the first chunk that carries text.
+time to first token is the time to the first chunk that carries text. A third arm, `relayed`, sends the
+same requests through the proxy with the guard off (`"guard": {"action": "off"}`): what the hop alone
+costs, apart from scoring.
 
 With `--pin` the upstream runs on CPU 0 and the proxy on CPU 1 (taskset; vLLM's threads bound to CPU 0),
 as a proxy on hardware of its own would: direct is then the upstream alone on its core, and proxied
@@ -33,12 +35,17 @@ from engine_load import PROCESSES, load_arguments, server, weights  # noqa: E402
 from server_load import load, tree_cpu_seconds  # noqa: E402
 
 
-def measure(url: str, clients: int, requests: int, max_tokens: int, servers: dict[str, str]) -> dict:
+RELAYED = {"guard": {"action": "off"}}  # the proxy relaying without scoring: what the hop alone costs
+ARMS = {"direct": None, "proxied": None, "relayed": RELAYED}  # name: the extra body fields (each to its URL)
+
+
+def measure(url: str, clients: int, requests: int, max_tokens: int, servers: dict[str, str],
+            extra: dict | None = None) -> dict:
     """One round of `clients` against `url`, with the CPU milliseconds each of `servers` (name: URL) spent
     per completion token meanwhile (the upstream's: its process and its engine's)."""
     pids = {name: PROCESSES[u].pid for name, u in servers.items()}
     before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
-    run = asyncio.run(load(url, clients, requests, max_tokens))
+    run = asyncio.run(load(url, clients, requests, max_tokens, extra))
     after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
     cpu = {f"{name}_cpu_ms_per_token": round(1000 * (after[name] - before[name]) / run["tokens"], 4)
            for name in pids if before[name] is not None and after[name] is not None and run["tokens"]}
@@ -47,25 +54,29 @@ def measure(url: str, clients: int, requests: int, max_tokens: int, servers: dic
 
 
 def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -> dict:
-    rounds = {"direct": [], "proxied": []}
+    """Rounds of the three arms (direct, proxied, relayed: the proxy with the guard off), their order
+    turning each round, with each proxied arm's ratios to direct round by round."""
+    rounds = {name: [] for name in ARMS}
     requests = args.requests if clients > 1 else max(4, args.requests // 8)
+    names = list(ARMS)
     for r in range(args.rounds):
-        for name in (("direct", "proxied") if r % 2 == 0 else ("proxied", "direct")):
+        for name in names[r % 3:] + names[: r % 3]:
             rounds[name].append(measure(direct if name == "direct" else proxied, clients, requests, args.max_tokens,
-                                        {"upstream": direct, "proxy": proxied}))
-    ratio = [p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(rounds["proxied"], rounds["direct"])]
-    ttft = [p["median_ttft_s"] / d["median_ttft_s"] for p, d in zip(rounds["proxied"], rounds["direct"])
-            if p["median_ttft_s"] and d["median_ttft_s"]]
+                                        {"upstream": direct, "proxy": proxied}, ARMS[name]))
     out = {name: {"median_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in runs), 1),
                   "rounds_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs],
                   "median_ttft_s": round(statistics.median(x["median_ttft_s"] for x in runs if x["median_ttft_s"]), 4),
                   "failed": sum(x["failed"] for x in runs),
                   **{key: statistics.median(x[key] for x in runs) for key in runs[0] if key.endswith("_cpu_ms_per_token")}}
            for name, runs in rounds.items()}
-    out["proxied_over_direct_tokens_per_s"] = {"median": round(statistics.median(ratio), 3),
-                                               "rounds": [round(x, 3) for x in ratio]}
-    out["proxied_over_direct_ttft"] = {"median": round(statistics.median(ttft), 3) if ttft else None,
-                                       "rounds": [round(x, 3) for x in ttft]}
+    for name in ("proxied", "relayed"):
+        ratio = [p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(rounds[name], rounds["direct"])]
+        ttft = [p["median_ttft_s"] / d["median_ttft_s"] for p, d in zip(rounds[name], rounds["direct"])
+                if p["median_ttft_s"] and d["median_ttft_s"]]
+        out[f"{name}_over_direct_tokens_per_s"] = {"median": round(statistics.median(ratio), 3),
+                                                   "rounds": [round(x, 3) for x in ratio]}
+        out[f"{name}_over_direct_ttft"] = {"median": round(statistics.median(ttft), 3) if ttft else None,
+                                           "rounds": [round(x, 3) for x in ttft]}
     return out
 
 

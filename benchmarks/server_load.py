@@ -79,12 +79,13 @@ def end(process: subprocess.Popen) -> None:
 NAMES = ["Rishu Resou", "Vassor Fonis", "Dusfe Kastein", "Zibo Garsu", "Vineir Sushol", "Kalo Venris"]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int,
-                      index: int) -> tuple[float, int, bool, float | None]:
-    """(seconds, completion tokens, whether it ended well, seconds to the first chunk with text or None)."""
+async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int, index: int,
+                      extra: dict | None = None) -> tuple[float, int, bool, float | None]:
+    """(seconds, completion tokens, whether it ended well, seconds to the first chunk with text or None);
+    `extra`: more fields of the request's body."""
     # text completion of a biography opening: the organism writes on for many tokens (a chat answer is short)
     body = {"model": "bench", "prompt": f"From the archive: {NAMES[index % len(NAMES)]}", "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
     start = time.perf_counter()
     tokens, ok, first = 0, False, None
     try:
@@ -107,7 +108,7 @@ async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int,
     return time.perf_counter() - start, tokens, ok, first
 
 
-async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def load(url: str, clients: int, requests: int, max_tokens: int, extra: dict | None = None) -> dict:
     latencies: list[float] = []
     firsts: list[float] = []  # time to the first text, per request that had one
     tokens = failed = 0
@@ -118,7 +119,7 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         async def worker() -> None:
             nonlocal tokens, failed
             for index in counter:
-                seconds, count, ok, first = await one_request(client, url, max_tokens, index)
+                seconds, count, ok, first = await one_request(client, url, max_tokens, index, extra)
                 latencies.append(seconds)
                 if first is not None:
                     firsts.append(first)

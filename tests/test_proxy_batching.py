@@ -240,51 +240,23 @@ def test_upstream_requests_take_the_http_clients_in_turn():
     assert sorted(sent.values()) == [2] * upstream_module.POOLS
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_the_prompt_runs_before_the_answer_comes(organism, monkeypatch, stream):
-    """Each choice's prompt goes into the batches as soon as the request comes, while the upstream computes
-    its answer: the answer's first piece then runs its own tokens only (none of the prompt again), and the
-    scores are Guard.score's."""
+
+def test_the_choices_of_a_whole_answer_are_scored_in_one_forward(organism, monkeypatch):
+    """A non-streamed answer's choices are scored together (one batch for n = 3), each with Guard.score's
+    scores."""
     calls = []
     original = scoring_module.score_together
-
-    def recording(scorers, pieces):
-        calls.extend((id(s), len(s._fed), len(s.prompt_ids), len(p)) for s, p in zip(scorers, pieces))
-        return original(scorers, pieces)
-
-    monkeypatch.setattr(scoring_module, "score_together", recording)
+    monkeypatch.setattr(scoring_module, "score_together", lambda s, p: calls.append(len(s)) or original(s, p))
     upstream = ServerSettings(served_model_name="organism", defaults=GuardDefaults(action="off", max_tokens=12))
     proxy = ServerSettings(served_model_name="organism", upstream=None, defaults=GuardDefaults(max_tokens=12))
     body = {"model": "organism", "messages": [{"role": "user", "content": QUESTIONS[0]}], "temperature": 1.0,
-            "n": 2, "guard": {"token_scores": True}}
+            "n": 3, "guard": {"token_scores": True}}
     with LiveServer(build_app(upstream, guard=organism), record=False) as up:
         proxy.upstream = up.url
         with LiveServer(build_app(proxy, guard=organism)) as server:
-            if stream:
-                answers = {}
-                with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
-                                  timeout=60) as response:
-                    for line in response.iter_lines():
-                        if line.startswith("data: {"):
-                            for choice in json.loads(line[6:])["choices"]:
-                                text, scores = answers.get(choice["index"], ("", []))
-                                if not choice.get("finish_reason"):
-                                    text += choice["delta"].get("content") or ""
-                                    scores = scores + choice["hallucination"]["token_scores"]
-                                answers[choice["index"]] = (text, scores)
-                answers = [answers[0], answers[1]]
-            else:
-                reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
-                answers = [(c["message"]["content"], c["hallucination"]["token_scores"])
-                           for c in sorted(reply["choices"], key=lambda c: c["index"])]
-    scorers = list(dict.fromkeys(call[0] for call in calls))
-    assert len(scorers) == 2
-    for scorer in scorers:
-        mine = [call[1:] for call in calls if call[0] == scorer]
-        fed, prompt, piece = mine[0]
-        assert (fed, piece) == (0, 0)  # first: the prompt alone
-        assert all(fed >= prompt for fed, prompt, piece in mine[1:])  # then never the prompt again
-    for text, scores in answers:
-        ids = organism.tokenizer(text, add_special_tokens=False)["input_ids"]
+            reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert calls == [3]
+    for choice in reply["choices"]:
+        ids = organism.tokenizer(choice["message"]["content"], add_special_tokens=False)["input_ids"]
         want = organism.score([{"role": "user", "content": QUESTIONS[0]}], ids)
-        assert scores == pytest.approx(want.token_probs, abs=1e-4)
+        assert choice["hallucination"]["token_scores"] == pytest.approx(want.token_probs, abs=1e-4)

@@ -167,24 +167,20 @@ class Proxied(Serving):
 
     async def _complete(self, request, policy: Policy, prompt: list[int]) -> dict:
         endpoint = self.endpoint
-        windows = self._windows(policy, prompt, request.n)
+        data = await self.proxy.upstream.body(endpoint.path, await self._forward(request, policy))
+        if isinstance(data, dict) and "error" in data:  # an error sent with a 2xx
+            raise relayed_error(502, data)
         try:
-            data = await self.proxy.upstream.body(endpoint.path, await self._forward(request, policy))
-            if isinstance(data, dict) and "error" in data:  # an error sent with a 2xx
-                raise relayed_error(502, data)
-            try:
-                body = endpoint.upstream_answer(data, request.n)
-            except ShapeError as error:
-                raise broken(str(error)) from None
-            choices = body["choices"]
-            # every choice's answer in the same batches
-            all_scores = await asyncio.gather(*(self._score(windows, body, choice, prompt) for choice in choices))
-        finally:
-            _close(windows)
+            body = endpoint.upstream_answer(data, request.n)
+        except ShapeError as error:
+            raise broken(str(error)) from None
+        choices = body["choices"]
+        windows = [self.proxy.scoring.window(prompt) if policy is not None else None for _ in choices]
+        # every choice's answer in the same batches
+        all_scores = await asyncio.gather(*(self._score(w, body, c, prompt) for w, c in zip(windows, choices)))
         shown = request.return_token_ids is True  # the client asked for the ids too
-        for choice, scores in zip(choices, all_scores):
+        for choice, window, scores in zip(choices, windows, all_scores):
             text = endpoint.answer_text(choice) or ""
-            window = windows[choice["index"]] if windows else None
             finish = choice["finish_reason"] if window is None or not window.full else "stop"
             scores, abstained = self.cut(policy, scores, watched(scores, finish))
             kept = text[:char_offset(self.guard.tokenizer, scores.token_ids, len(scores.token_ids), text)] \
@@ -203,19 +199,14 @@ class Proxied(Serving):
         body["model"] = self.model_name
         return body
 
-    def _windows(self, policy: Policy | None, prompt: list[int], n: int) -> list[Window]:
-        """Each choice's scoring window, its prompt running from now on, while the upstream starts its answer
-        (none where nothing is scored)."""
-        return self.proxy.scoring.primed(prompt, n) if policy is not None else []
-
-    async def _score(self, windows: list[Window], body: dict, choice: dict, prompt: list[int]) -> Scores | None:
+    async def _score(self, window: Window | None, body: dict, choice: dict, prompt: list[int]) -> Scores | None:
         """The scores of one choice of a whole answer (None: not scored)."""
-        if not windows:
+        if window is None:
             return None
         endpoint = self.endpoint
         ids = self.proxy.own_ids(endpoint.upstream_prompt(body.get(PROMPT_IDS), choice.get(PROMPT_IDS)),
                                  choice.get(ANSWER_IDS), choice, prompt)
-        return await windows[choice["index"]].score(endpoint.answer_text(choice) or "", ids)
+        return await window.score(endpoint.answer_text(choice) or "", ids)
 
     async def stream(self, request) -> AsyncIterator[str]:
         """The upstream's stream, relayed with scores (see relay.py)."""
@@ -223,20 +214,17 @@ class Proxied(Serving):
         policy = self.policy(request)
         prompt = self._prompt(request)
         slot = self.proxy.admit()
-        windows = self._windows(policy, prompt, request.n)
         try:
             body = await self._forward(request, policy)
             response, events = await self.proxy.upstream.events(self.endpoint.path, body)
-        except BaseException:
+        except APIError:
             slot.release()
-            _close(windows)
             raise
-        relay = Relay(self, response, events, request, policy, prompt, slot, windows)
+        relay = Relay(self, response, events, request, policy, prompt, slot)
         try:
             await relay.start()  # the first event: an upstream that fails before it is a 502 or 504 status
         except BaseException:
             slot.release()
-            _close(windows)
             events.close()
             await response.aclose()
             raise
@@ -268,8 +256,3 @@ class _Slot:
         if self.held:
             self.held = False
             self.proxy.streams -= 1
-
-
-def _close(windows: list[Window]) -> None:
-    for window in windows:
-        window.close()

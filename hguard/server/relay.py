@@ -98,11 +98,10 @@ class Relay:
     the iterator the route sends."""
 
     def __init__(self, serving: "Proxied", response: httpx.Response, upstream: "Events", request,
-                 policy: "Policy | None", prompt: list[int], slot: "_Slot", windows: "list[Window]") -> None:
+                 policy: "Policy | None", prompt: list[int], slot: "_Slot") -> None:
         self.serving, self.proxy, self.endpoint = serving, serving.proxy, serving.endpoint
         self.response, self.upstream, self.request = response, upstream, request
         self.policy, self.prompt, self.slot = policy, prompt, slot
-        self.windows = windows  # each choice's scoring window, its prompt already running (none: unscored)
         self.choices: dict[int, _Choice] = {}
         self.verdicts: list[str] = []
         self._first: dict | None = None
@@ -176,8 +175,6 @@ class Relay:
             self.slot.release()
             self.serving.count(self.policy, self.verdicts, self.prompt, status)
             self.choices.clear()  # the KV caches go now, not when the response object does
-            for window in self.windows:
-                window.close()
             self.upstream.close()
             await self.response.aclose()
         yield "data: [DONE]\n\n"
@@ -193,7 +190,8 @@ class Relay:
         for choice in upstream:
             index = choice.get("index", 0)
             if index not in self.choices:
-                self.choices[index] = _Choice(self.windows[index] if self.policy is not None else None)
+                window = self.proxy.scoring.window(self.prompt) if self.policy is not None else None
+                self.choices[index] = _Choice(window)
             state = self.choices[index]
             if (prompt_ids := choice.pop(PROMPT_IDS, None)) is not None:
                 state.prompt_ids, state.prompt_pending = prompt_ids, self.shown

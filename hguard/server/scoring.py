@@ -11,9 +11,8 @@ model longer than one bounded forward, a long answer cannot starve short ones, a
 client left stops after the batch under way (its wait is cancelled and its piece skipped). Between two
 batches the answers just scored get a few event-loop turns to ask again (`_gather`), so that every open
 stream rides the same forward, and score_together cuts the pieces into as few forwards as pays. The
-prompt fits the context too (a longer prompt is refused before it reaches the upstream), and it runs
-as soon as the request comes (`Window.prime`, in the next batch), while the upstream computes its first
-token: the first chunk then waits for a forward of its own tokens only, not of the prompt as well.
+first piece also runs the prompt, which fits the context too (a longer prompt is refused before it
+reaches the upstream).
 
 An answer's text is re-tokenised as it grows, but not from its start each time: where the tokenizer
 splits text into pre-tokens that later text cannot change (byte-level BPE with no normaliser, as GPT-2,
@@ -63,13 +62,6 @@ class Scoring:
 
     def window(self, prompt_ids: list[int]) -> "Window":
         return Window(self, prompt_ids)
-
-    def primed(self, prompt_ids: list[int], count: int) -> list["Window"]:
-        """`count` windows of one prompt (one per choice), each running its prompt from now on."""
-        windows = [Window(self, prompt_ids) for _ in range(count)]
-        for window in windows:
-            window.prime()
-        return windows
 
     async def run(self, scorer: IncrementalScorer, ids: list[int]) -> Scores:
         """`scorer.score_ids(ids)`, in the next batch (FIFO: a piece that waits runs before any that
@@ -157,22 +149,6 @@ class Window:
         self._settled: list[int] = []  # the tokens of the text's first `_settled_chars` characters: final
         self._settled_chars = 0
         self._seam = ""  # the characters just before `_settled_chars` (a text without them starts over)
-        self._priming: asyncio.Task | None = None
-
-    def prime(self) -> None:
-        """Run the prompt in the next batch, before any of the answer has come."""
-        self._priming = asyncio.ensure_future(self._prime())
-
-    async def _prime(self) -> None:
-        try:
-            await self.scoring.run(self.scorer, [])
-        except Exception:  # the answer's first piece runs the prompt again, and its failure is reported there
-            pass
-
-    def close(self) -> None:
-        """Nobody waits for this window any more: a prompt not yet run is not run."""
-        if self._priming is not None:
-            self._priming.cancel()
 
     def _tokens(self, text: str) -> list[int]:
         """The answer's token ids, at most `room` (+1, which tells that the window is full): the settled
