@@ -8,7 +8,9 @@ Llama (benchmarks/engine_load.py builds it). Each client streams a text completi
 tokens at temperature 0; throughput counts the completion tokens of each stream's usage chunk, and
 time to first token is the time to the first chunk that carries text. A third arm, `relayed`, sends the
 same requests through the proxy with the guard off (`"guard": {"action": "off"}`): what the hop alone
-costs, apart from scoring.
+costs, apart from scoring. Where the upstream is vLLM, each arm also reports vLLM's own mean time to first
+token (`upstream_mean_ttft_s`, from its /metrics: from the request's arrival at vLLM), which tells the
+wait the upstream adds from the wait the proxy adds.
 
 With `--pin` the upstream runs on CPU 0 and the proxy on CPU 1 (taskset; vLLM's threads bound to CPU 0),
 as a proxy on hardware of its own would: direct is then the upstream alone on its core, and proxied
@@ -24,11 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_load import PROCESSES, load_arguments, server, weights  # noqa: E402
@@ -39,18 +44,37 @@ RELAYED = {"guard": {"action": "off"}}  # the proxy relaying without scoring: wh
 ARMS = {"direct": None, "proxied": None, "relayed": RELAYED}  # name: the extra body fields (each to its URL)
 
 
+def upstream_ttft(direct: str) -> tuple[float, float] | None:
+    """vLLM's own time-to-first-token histogram so far (sum in seconds, count), from its /metrics: the time
+    from a request's arrival at vLLM to its first token, whoever sent it (None: not readable)."""
+    try:
+        text = httpx.get(f"{direct}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    found = [re.search(rf"^vllm:time_to_first_token_seconds_{part}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+             for part in ("sum", "count")]
+    return (float(found[0].group(1)), float(found[1].group(1))) if all(found) else None
+
+
 def measure(url: str, clients: int, requests: int, max_tokens: int, servers: dict[str, str],
             extra: dict | None = None) -> dict:
     """One round of `clients` against `url`, with the CPU milliseconds each of `servers` (name: URL) spent
-    per completion token meanwhile (the upstream's: its process and its engine's)."""
+    per completion token meanwhile (the upstream's: its process and its engine's), and the upstream's own
+    mean time to first token where it reports one."""
     pids = {name: PROCESSES[u].pid for name, u in servers.items()}
     before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
+    figures: dict[str, float] = {}
+    first = upstream_ttft(servers["upstream"]) if "upstream" in servers else None
     run = asyncio.run(load(url, clients, requests, max_tokens, extra))
     after = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
-    cpu = {f"{name}_cpu_ms_per_token": round(1000 * (after[name] - before[name]) / run["tokens"], 4)
-           for name in pids if before[name] is not None and after[name] is not None and run["tokens"]}
+    last = upstream_ttft(servers["upstream"]) if first is not None else None
+    if first is not None and last is not None and last[1] > first[1]:
+        # the upstream's own share of the first token's wait (vLLM's, from its arrival there)
+        figures["upstream_mean_ttft_s"] = (last[0] - first[0]) / (last[1] - first[1])
+    figures.update({f"{name}_cpu_ms_per_token": round(1000 * (after[name] - before[name]) / run["tokens"], 4)
+                    for name in pids if before[name] is not None and after[name] is not None and run["tokens"]})
     return {"tokens_per_s": run["tokens"] / run["wall_s"], "failed": run["failed"],
-            "median_ttft_s": statistics.median(run["firsts"]) if run["firsts"] else None, **cpu}
+            "median_ttft_s": statistics.median(run["firsts"]) if run["firsts"] else None, **figures}
 
 
 def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -> dict:
@@ -67,7 +91,8 @@ def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -
                   "rounds_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs],
                   "median_ttft_s": round(statistics.median(x["median_ttft_s"] for x in runs if x["median_ttft_s"]), 4),
                   "failed": sum(x["failed"] for x in runs),
-                  **{key: statistics.median(x[key] for x in runs) for key in runs[0] if key.endswith("_cpu_ms_per_token")}}
+                  **{key: statistics.median(x[key] for x in runs if key in x) for key in runs[0]
+                     if key.endswith(("_cpu_ms_per_token", "_ttft_s")) and key != "median_ttft_s"}}
            for name, runs in rounds.items()}
     for name in ("proxied", "relayed"):
         ratio = [p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(rounds[name], rounds["direct"])]
