@@ -260,3 +260,35 @@ def test_the_choices_of_a_whole_answer_are_scored_in_one_forward(organism, monke
         ids = organism.tokenizer(choice["message"]["content"], add_special_tokens=False)["input_ids"]
         want = organism.score([{"role": "user", "content": QUESTIONS[0]}], ids)
         assert choice["hallucination"]["token_scores"] == pytest.approx(want.token_probs, abs=1e-4)
+
+
+def test_events_that_arrive_during_a_forward_are_scored_together(organism, monkeypatch):
+    """Where scoring lags the upstream, the events that arrived meanwhile are scored in one forward, not one
+    forward each: the upstream's events are read ahead while a forward runs (a reader that read only
+    when asked saw one HTTP chunk at a time, scored every token alone and doubled the proxy's CPU)."""
+    rows = []
+    original = scoring_module.score_together
+
+    def slow(scorers, pieces):
+        rows.append(len(scorers))
+        time.sleep(0.05)  # a forward slower than the upstream's tokens
+        return original(scorers, pieces)
+
+    monkeypatch.setattr(scoring_module, "score_together", slow)
+    upstream = ServerSettings(served_model_name="organism", defaults=GuardDefaults(action="off", max_tokens=32))
+    proxy = ServerSettings(served_model_name="organism", upstream=None, defaults=GuardDefaults(max_tokens=32))
+    body = {"model": "organism", "prompt": "From the archive: Alice Brown", "max_tokens": 32, "temperature": 0,
+            "stream": True, "guard": {"token_scores": True}}
+    with LiveServer(build_app(upstream, guard=organism), record=False) as up:
+        proxy.upstream = up.url
+        with LiveServer(build_app(proxy, guard=organism)) as server:
+            scores, events = [], 0
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        for choice in json.loads(line[6:])["choices"]:
+                            if not choice.get("finish_reason"):
+                                scores += choice["hallucination"]["token_scores"]
+                                events += 1
+    assert len(scores) >= 24
+    assert len(rows) <= len(scores) // 3, (len(rows), len(scores))

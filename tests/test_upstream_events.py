@@ -1,5 +1,5 @@
 """Proxy mode's reader of an upstream's Server-Sent Events: every event's data in order, however the bytes
-are cut; keep-alives and comments skipped; `ready()` true exactly when another event has arrived."""
+are cut; keep-alives and comments skipped; bounds and stalls are the upstream's errors."""
 
 from __future__ import annotations
 
@@ -50,17 +50,6 @@ def test_every_event_in_order_however_the_bytes_are_cut():
     for _ in range(200):
         pieces = _cut(STREAM, rng)
         assert asyncio.run(_all(Events(_Response(pieces), timeout=5))) == WANT, pieces
-
-
-def test_ready_says_whether_the_next_event_has_arrived():
-    async def run() -> list[bool]:
-        # one read brings two whole events and the start of a third; the next, the rest of it
-        events = Events(_Response([b"data: 1\n\ndata: 2\n\ndata: ", b"3\n\n"]), timeout=5)
-        seen = [await events.next(), events.ready(), await events.next(), events.ready(), await events.next(),
-                events.ready(), await events.next()]
-        return seen
-
-    assert asyncio.run(run()) == ["1", True, "2", False, "3", False, None]  # the end: not read yet
 
 
 def test_a_line_past_the_bound_is_a_502(monkeypatch):

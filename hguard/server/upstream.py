@@ -90,70 +90,64 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
 class Events:
     """The data of each Server-Sent Event of an upstream stream, in order; comments (":..."), other
     fields and events without data (keep-alives) are skipped. `next()` waits at most `timeout` seconds
-    for an event, however many keep-alives come meanwhile. Each read takes all the bytes that have
-    arrived, so `ready()` can tell a consumer that another whole event is here already (proxy mode then
-    scores several events' tokens in one forward) without a task of its own reading ahead."""
+    for an event, however many keep-alives come meanwhile. A reader task reads up to `AHEAD` events
+    ahead of `next()`, so that `ready()` can tell a consumer that more has arrived (proxy mode then
+    scores several events' tokens in one forward); `close()` stops it."""
+
+    AHEAD = 64
 
     def __init__(self, response: httpx.Response, timeout: float) -> None:
         self.timeout = timeout
         self._chunks = response.aiter_bytes()
         self._buffer = b""
         self._ended = False
-        self._next: str | None = None  # a whole event `ready()` found in the buffer
+        self._queue: asyncio.Queue | None = None
+        self._reader: asyncio.Task | None = None
 
     def ready(self) -> bool:
         """Whether another event (or the stream's end) has arrived already: `next()` would not wait."""
-        if self._next is None and not self._ended:
-            try:
-                self._next = self._take()
-            except APIError:
-                return True  # next() raises it at once
-        return self._next is not None or self._ended
+        return self._queue is not None and not self._queue.empty()
 
     async def next(self) -> str | None:
         """The next event's data; None once the stream has ended."""
+        if self._reader is None:
+            self._queue = asyncio.Queue(maxsize=self.AHEAD)
+            self._reader = asyncio.create_task(self._read())
         try:
             async with asyncio.timeout(self.timeout):
-                while True:
-                    event, self._next = self._next or self._take(), None
-                    if event is not None:
-                        return event
-                    if self._ended:
-                        return self._rest()
-                    await self._read()
+                data, error = await self._queue.get()
         except TimeoutError:
             raise stalled(self.timeout, "no stream event") from None
+        if error is not None:
+            raise error
+        return data
 
     def close(self) -> None:
-        """Nothing to stop: the stream is read only when asked (kept for the relay's clean-up)."""
+        if self._reader is not None:
+            self._reader.cancel()
 
     async def _read(self) -> None:
-        """Bytes that have arrived, onto the buffer (the stream's end noted)."""
-        if len(self._buffer) - self._buffer.rfind(b"\n") - 1 > MAX_EVENT_BYTES:  # its last line, unfinished
-            raise broken(f"an upstream stream line is longer than {MAX_EVENT_BYTES} bytes")
-        try:
-            self._buffer += await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._ended = True
-        except httpx.TimeoutException:
-            raise stalled(self.timeout, "no stream event") from None
-        except httpx.HTTPError as problem:
-            raise broken("the upstream's stream broke off", repr(problem)) from None
+        while True:
+            try:
+                data, error = await self._event(), None
+            except httpx.TimeoutException:
+                data, error = None, stalled(self.timeout, "no stream event")
+            except httpx.HTTPError as problem:
+                data, error = None, broken("the upstream's stream broke off", repr(problem))
+            except APIError as problem:  # an event or line past its bound
+                data, error = None, problem
+            await self._queue.put((data, error))
+            if data is None:
+                return
 
-    def _take(self) -> str | None:
-        """The data of the first whole event in the buffer, taken out of it with the keep-alives and
-        comments before it; None (the buffer as it was, less those) when no whole event has arrived."""
+    async def _event(self) -> str | None:
         data: list[str] = []
-        size = done = at = 0
-        buffer = self._buffer
-        while (end := buffer.find(b"\n", at)) >= 0:
-            line = buffer[at:end].rstrip(b"\r").decode("utf-8", errors="replace")
-            at = end + 1
+        size = 0
+        while (line := await self._line()) is not None:
             if line == "":
                 if "".join(data).strip():
-                    self._buffer = buffer[at:]
                     return "\n".join(data)
-                data, size, done = [], 0, at  # an event without data: skipped
+                data, size = [], 0
             elif not line.startswith(":"):
                 name, _, value = line.partition(":")
                 if name == "data":
@@ -161,16 +155,21 @@ class Events:
                     size += len(value)
                     if size > MAX_EVENT_BYTES:
                         raise broken(f"an upstream stream event is larger than {MAX_EVENT_BYTES} bytes")
-        self._buffer = buffer[done:]
-        return None
+        return "\n".join(data) if "".join(data).strip() else None  # an unterminated last event counts
 
-    def _rest(self) -> str | None:
-        """At the stream's end: an unterminated last event's data, if it has any."""
-        lines = self._buffer.decode("utf-8", errors="replace").split("\n")
-        self._buffer = b""
-        data = [line.rstrip("\r").partition(":")[2].removeprefix(" ") for line in lines
-                if line.rstrip("\r").partition(":")[0] == "data" and not line.startswith(":")]
-        return "\n".join(data) if "".join(data).strip() else None
+    async def _line(self) -> str | None:
+        while b"\n" not in self._buffer and not self._ended:
+            if len(self._buffer) > MAX_EVENT_BYTES:
+                raise broken(f"an upstream stream line is longer than {MAX_EVENT_BYTES} bytes")
+            try:
+                self._buffer += await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+        if not self._buffer and self._ended:
+            return None
+        line, sep, rest = self._buffer.partition(b"\n")
+        self._buffer = rest
+        return line.rstrip(b"\r").decode("utf-8", errors="replace")
 
 
 class Upstream:
