@@ -270,6 +270,8 @@ class MisbehavingUpstream:
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
+        except asyncio.CancelledError:  # stopped (__exit__): end quietly (Python 3.11's stream callback
+            pass  # calls exception() on a cancelled handler and logs the CancelledError it raises)
         finally:
             writer.close()
 
