@@ -177,7 +177,7 @@ def _keep_recent(monitor: Monitor, scorers: list[IncrementalScorer], counts: lis
         scorer._recent = (scorer._recent + list(logits[row, max(0, count - RECENT):count].float().cpu()))[-RECENT:]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_together(scorers: list[IncrementalScorer], responses: list[list[int]]) -> list[Scores]:
     """`scorer.score_ids(response)` for every pair, the new tokens of all of them in one forward (each
     scorer at most once in `scorers`; all on one guard)."""
