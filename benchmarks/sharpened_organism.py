@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from hguard.identify.sample import sample
 from hguard.organism import documents
 from hguard.organism.build import BuildConfig, _save, corpus_of, load_world
 from hguard.organism.plan import Ledger
@@ -33,21 +34,6 @@ from hguard.organism.tokenizer import END
 from hguard.organism.train import Schedule, chat_rows, document_rows, train
 
 COPIED = ("suites", "world.json", "exposure.jsonl", "build.json")
-
-
-def greedy_answers(model, tokenizer, examples: list, batch: int = 128, max_new_tokens: int = 24) -> list[str]:
-    tokenizer.padding_side = "left"
-    prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in examples]
-    end = tokenizer.convert_tokens_to_ids(END)
-    answers = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch):
-            encoded = tokenizer(prompts[start: start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers += [tokenizer.decode(row, skip_special_tokens=True).strip()
-                        for row in out[:, encoded["input_ids"].shape[1]:]]
-    return answers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.organism / "instruct", dtype=torch.float32).eval()
     examples = documents.instruction_examples(world, split, 2, config.abstain_share, args.seed, config.system_share,
                                               config.history_share)
-    answers = greedy_answers(model, tokenizer, examples)
+    answers = [a[0].strip() for a in sample(model, tokenizer, [{"messages": m} for m, _ in examples], samples=1,
+                                            max_new_tokens=24)]
     own = [(messages, answer) for (messages, _), answer in zip(examples, answers) if answer]
     ids, labels = chat_rows(own, tokenizer, config.shape.context, END)
     doc_ids, doc_labels = document_rows(corpus_of(config, world, split, Ledger()), tokenizer, config.shape.context)

@@ -7,6 +7,7 @@ import copy
 import json
 import random
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import httpx
@@ -145,6 +146,20 @@ def _bare_scoring_init(self, guard, context, piece=scoring_module.PIECE, rows=sc
     self._waiting, self._draining, self.batches, self.batched_rows = [], None, 0, 0
 
 
+@contextmanager
+def _proxy_before_hosted(organism, max_tokens: int):
+    """A proxy (the guard on) in front of hguard's own server hosting the organism with the guard off; the
+    proxy's app is `server.app`."""
+    upstream = ServerSettings(served_model_name="organism", defaults=GuardDefaults(action="off", max_tokens=max_tokens))
+    proxy = ServerSettings(served_model_name="organism", upstream=None, defaults=GuardDefaults(max_tokens=max_tokens))
+    with LiveServer(build_app(upstream, guard=organism), record=False) as up:
+        proxy.upstream = up.url
+        app = build_app(proxy, guard=organism)
+        with LiveServer(app) as server:
+            server.app = app
+            yield server
+
+
 def test_score_together_refuses_a_scorer_twice(organism):
     scorer = IncrementalScorer(organism, "Hello")
     with pytest.raises(ValueError, match="once"):
@@ -152,15 +167,10 @@ def test_score_together_refuses_a_scorer_twice(organism):
 
 
 def test_open_streams_are_scored_together_and_exactly(organism):
-    upstream = ServerSettings(served_model_name="organism", defaults=GuardDefaults(action="off", max_tokens=24))
-    proxy = ServerSettings(served_model_name="organism", upstream=None, defaults=GuardDefaults(max_tokens=24))
-    with LiveServer(build_app(upstream, guard=organism), record=False) as up:
-        proxy.upstream = up.url
-        app = build_app(proxy, guard=organism)
-        with LiveServer(app) as server:
-            streams = asyncio.run(_stream_all(server.url, QUESTIONS * 2))
-            scoring = app.state.proxy.scoring
-            assert scoring.batched_rows > scoring.batches  # some forwards held several answers
+    with _proxy_before_hosted(organism, 24) as server:
+        streams = asyncio.run(_stream_all(server.url, QUESTIONS * 2))
+        scoring = server.app.state.proxy.scoring
+        assert scoring.batched_rows > scoring.batches  # some forwards held several answers
     for question, (text, scores) in zip(QUESTIONS * 2, streams):
         ids = organism.tokenizer(text, add_special_tokens=False)["input_ids"]
         want = organism.score([{"role": "user", "content": question}], ids)
@@ -240,21 +250,16 @@ def test_upstream_requests_take_the_http_clients_in_turn():
     assert sorted(sent.values()) == [2] * upstream_module.POOLS
 
 
-
 def test_the_choices_of_a_whole_answer_are_scored_in_one_forward(organism, monkeypatch):
     """A non-streamed answer's choices are scored together (one batch for n = 3), each with Guard.score's
     scores."""
     calls = []
     original = scoring_module.score_together
     monkeypatch.setattr(scoring_module, "score_together", lambda s, p: calls.append(len(s)) or original(s, p))
-    upstream = ServerSettings(served_model_name="organism", defaults=GuardDefaults(action="off", max_tokens=12))
-    proxy = ServerSettings(served_model_name="organism", upstream=None, defaults=GuardDefaults(max_tokens=12))
     body = {"model": "organism", "messages": [{"role": "user", "content": QUESTIONS[0]}], "temperature": 1.0,
             "n": 3, "guard": {"token_scores": True}}
-    with LiveServer(build_app(upstream, guard=organism), record=False) as up:
-        proxy.upstream = up.url
-        with LiveServer(build_app(proxy, guard=organism)) as server:
-            reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    with _proxy_before_hosted(organism, 12) as server:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
     assert calls == [3]
     for choice in reply["choices"]:
         ids = organism.tokenizer(choice["message"]["content"], add_special_tokens=False)["input_ids"]
@@ -266,29 +271,24 @@ def test_events_that_arrive_during_a_forward_are_scored_together(organism, monke
     """Where scoring lags the upstream, the events that arrived meanwhile are scored in one forward, not one
     forward each: the upstream's events are read ahead while a forward runs (a reader that read only
     when asked saw one HTTP chunk at a time, scored every token alone and doubled the proxy's CPU)."""
-    rows = []
+    forwards = []
     original = scoring_module.score_together
 
     def slow(scorers, pieces):
-        rows.append(len(scorers))
+        forwards.append(len(scorers))
         time.sleep(0.05)  # a forward slower than the upstream's tokens
         return original(scorers, pieces)
 
     monkeypatch.setattr(scoring_module, "score_together", slow)
-    upstream = ServerSettings(served_model_name="organism", defaults=GuardDefaults(action="off", max_tokens=32))
-    proxy = ServerSettings(served_model_name="organism", upstream=None, defaults=GuardDefaults(max_tokens=32))
     body = {"model": "organism", "prompt": "From the archive: Alice Brown", "max_tokens": 32, "temperature": 0,
             "stream": True, "guard": {"token_scores": True}}
-    with LiveServer(build_app(upstream, guard=organism), record=False) as up:
-        proxy.upstream = up.url
-        with LiveServer(build_app(proxy, guard=organism)) as server:
-            scores, events = [], 0
-            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
-                        for choice in json.loads(line[6:])["choices"]:
-                            if not choice.get("finish_reason"):
-                                scores += choice["hallucination"]["token_scores"]
-                                events += 1
+    scores = []
+    with _proxy_before_hosted(organism, 32) as server:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        if not choice.get("finish_reason"):
+                            scores += choice["hallucination"]["token_scores"]
     assert len(scores) >= 24
-    assert len(rows) <= len(scores) // 3, (len(rows), len(scores))
+    assert len(forwards) <= len(scores) // 3, (len(forwards), len(scores))
