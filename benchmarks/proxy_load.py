@@ -92,7 +92,7 @@ def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -
                   "median_ttft_s": round(statistics.median(x["median_ttft_s"] for x in runs if x["median_ttft_s"]), 4),
                   "failed": sum(x["failed"] for x in runs),
                   **{key: statistics.median(x[key] for x in runs if key in x) for key in runs[0]
-                     if key.endswith(("_cpu_ms_per_token", "_ttft_s")) and key != "median_ttft_s"}}
+                     if key.endswith("_cpu_ms_per_token") or key == "upstream_mean_ttft_s"}}
            for name, runs in rounds.items()}
     for name in ("proxied", "relayed"):
         ratio = [p["tokens_per_s"] / d["tokens_per_s"] for p, d in zip(rounds[name], rounds["direct"])]
