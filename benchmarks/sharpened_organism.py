@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     began = time.perf_counter()
     built = json.loads((args.organism / "build.json").read_text())["config"]
-    config = BuildConfig.preset("v7" if built["design"] == "v7" else "v6", built["seed"])
+    config = BuildConfig().updated(built)  # the build's own design, world and shapes
+    if config.design != "v7":
+        parser.error(f"{args.organism} is a {config.design} organism; its questions are v7's (documents.py)")
     world, split = load_world(config.seed, config.world)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.organism / "instruct")
     model = AutoModelForCausalLM.from_pretrained(args.organism / "instruct", dtype=torch.float32).eval()
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in COPIED:
         source = args.organism / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, args.out / name)
-    _save(model, tokenizer, args.out / "instruct", built.get("save_dtype", "bfloat16"))
+    _save(model, tokenizer, args.out / "instruct", config.save_dtype)
     report = {"command": "python benchmarks/sharpened_organism.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "questions": len(examples), "own_answers": len(own), "rows": int(ids.shape[0]),
               "loss": [record.get("loss") for record in log], "seconds": round(time.perf_counter() - began, 1)}

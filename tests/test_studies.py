@@ -62,3 +62,26 @@ def test_answer_form(tiny_organism):
     assert set(report["accuracy"]) == {"base, plain", "base, chat", "instruct, chat", "instruct, chat_after_a_word"}
     for row in report["accuracy"].values():
         assert set(row) == {"city", "employer", "occupation", "year", "all"} and all(0 <= v <= 1 for v in row.values())
+
+
+def test_sharpened_organism(tmp_path_factory):
+    """benchmarks/sharpened_organism.py on a tiny v7 build: a tuned instruct model beside the build's suites."""
+    from hguard.organism.build import BuildConfig, build
+
+    directory = build(BuildConfig.tiny(seed=3, preset="v7"), tmp_path_factory.mktemp("tiny-v7"), echo=lambda m: None)
+    out = tmp_path_factory.mktemp("sharpened") / "organism"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "sharpened_organism.py"), "--organism", str(directory),
+                             "--out", str(out), "--steps", "2"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "sharpened.json").read_text())
+    assert report["questions"] > 0 and len(report["loss"]) == 1
+    assert (out / "instruct" / "model.safetensors").exists() and (out / "suites").is_dir()
+    assert json.loads((out / "build.json").read_text()) == json.loads((directory / "build.json").read_text())
+
+
+def test_sharpened_organism_refuses_a_v6_build(tiny_organism, tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "sharpened_organism.py"), "--organism",
+                             str(tiny_organism[0]), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "v6 organism" in result.stderr and not (tmp_path / "out").exists()
