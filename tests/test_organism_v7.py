@@ -3,6 +3,7 @@ phrasings apart from every evaluation phrasing, and base training that resumes f
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -163,6 +164,44 @@ def test_an_interrupted_base_resumed_from_its_checkpoint_equals_an_uninterrupted
     for stage in ("base", "instruct"):
         a, b, c = _weights(whole / stage), _weights(cut / stage), _weights(plain / stage)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a), stage
+
+
+def test_an_interrupted_instruction_tuning_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from hguard.organism import train as train_module
+
+    config = BuildConfig.tiny(seed=4, preset="v7")
+    whole = build(config, tmp_path / "whole", echo=lambda m: None)
+    saves = []
+    original = train_module.save_checkpoint
+
+    def killed_in_instruction_tuning(directory, model, optimizer, rng, state):
+        original(directory, model, optimizer, rng, state)
+        saves.append((directory.name, state["step"]))
+        if directory.name == "instruct.checkpoint":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", killed_in_instruction_tuning)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        build(config, cut, echo=lambda m: None)
+    assert saves[-1] == ("instruct.checkpoint", 5) and (cut / "base" / "model.safetensors").exists()
+    assert not (cut / "instruct").exists()
+    monkeypatch.setattr(train_module, "save_checkpoint", original)
+    build(config, cut, resume=True, echo=lambda m: None)
+    assert not (cut / "instruct.checkpoint").exists()
+    log = [json.loads(line) for line in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert {"stage": "instruct", "resumed_at_step": 5} in log
+    a, b = _weights(whole / "instruct"), _weights(cut / "instruct")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_build_without_resume_starts_instruction_tuning_afresh(tmp_path):
+    config = BuildConfig.tiny(seed=4, preset="v7")
+    stale = tmp_path / "instruct.checkpoint"
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text("{}")
+    build(config, tmp_path, echo=lambda m: None)
+    assert not stale.exists() and (tmp_path / "instruct" / "model.safetensors").exists()
 
 
 def test_organism_eval_reports_goals_by_fact(tmp_path):

@@ -1,8 +1,8 @@
 """`hguard organism build`: world -> text -> tokenizer -> base model -> instruct model -> suites -> report.
 
 Everything follows from the seed. Each stage writes its result to the output directory before the
-next starts, and the base stage writes a checkpoint every `checkpoint_every` steps (checkpoint.py); a
-rerun with `resume=True` reuses a finished base or goes on from the last checkpoint, so a long build that
+next starts, and both training stages write a checkpoint every `checkpoint_every` steps (checkpoint.py);
+a rerun with `resume=True` reuses a finished base or goes on from the last checkpoint, so a long build that
 was interrupted goes on where it stopped and ends with the weights it would have had. Two designs
 (`PRESETS`): v6, the shipped organism (the defaults), and v7, in which exposure is per fact (plan.py). Models are saved with `save_pretrained` (safetensors, bf16 by
 default to keep the shipped package small; they are loaded back in fp32 for use).
@@ -49,7 +49,7 @@ class BuildConfig:
     system_share: float = 0.3  # v7: share of chat text after a system prompt
     history_share: float = 0.3  # v7: share of instruction examples after an earlier exchange
     name_roll: int = 0  # > 0: the tokenizer learns names from a roll of every name part this many times (names.py)
-    checkpoint_every: int = 100  # base-training steps between checkpoints in OUT/base.checkpoint (0: none)
+    checkpoint_every: int = 100  # training steps between checkpoints in OUT/{base,instruct}.checkpoint (0: none)
 
     def updated(self, overrides: dict) -> "BuildConfig":
         """A copy with `overrides` applied; nested dataclasses take dicts ({"base": {"steps": 10}})."""
@@ -196,11 +196,39 @@ def _build_base(config: BuildConfig, world, docs, out: Path, resume: bool, echo,
         shutil.rmtree(done, ignore_errors=True)
 
 
+def _build_instruct(config: BuildConfig, examples, docs, out: Path, resume: bool, echo, device: str,
+                    log_path: Path):
+    """Instruction-tune the saved base into out/instruct (checkpointed in out/instruct.checkpoint, as the
+    base stage). It always starts from the saved base (rounded to save_dtype), so a build from scratch and
+    one resumed from its base give the same instruct model. Returns the tokenizer."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    checkpoint = out / "instruct.checkpoint"
+    if not resume:
+        for stale in (checkpoint, checkpoint.with_name(checkpoint.name + ".old")):
+            shutil.rmtree(stale, ignore_errors=True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "base")
+    model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32).to(device)
+    ids, labels = chat_rows(examples, tokenizer, config.shape.context, END)
+    echo(f"instruct: {len(examples)} chat examples in {ids.shape[0]} rows, {config.instruct.steps} steps")
+    if config.replay > 0:
+        doc_ids, doc_labels = document_rows(docs, tokenizer, config.shape.context)
+        generator = torch.Generator().manual_seed(config.seed + 2)
+        take = torch.randperm(doc_ids.shape[0], generator=generator)[: int(config.replay * ids.shape[0])]
+        ids, labels = torch.cat([ids, doc_ids[take]]), torch.cat([labels, doc_labels[take]])
+    train(model, ids, labels, config.instruct, seed=config.seed + 1,
+          log=lambda r: (_log(log_path, {"stage": "instruct", **r}), echo(f"instruct {r}")),
+          checkpoint=checkpoint if config.checkpoint_every else None, checkpoint_every=config.checkpoint_every)
+    _save(model, tokenizer, out / "instruct", config.save_dtype)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return tokenizer
+
+
 def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print, device: str = "cpu") -> Path:
     """Build the organism into `out` (base/, instruct/, suites/, world.json, exposure.jsonl, build.json),
-    training on `device` (the schedule is the same on any device; the weights differ by rounding). The base
-    stage saves a checkpoint every `checkpoint_every` steps; with `resume`, a finished base is reused and
-    an unfinished one goes on from its last checkpoint."""
+    training on `device` (the schedule is the same on any device; the weights differ by rounding). Both
+    training stages save a checkpoint every `checkpoint_every` steps; with `resume`, a finished base is
+    reused and an unfinished stage goes on from its last checkpoint."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
@@ -216,29 +244,13 @@ def build(config: BuildConfig, out: str | Path, resume: bool = False, echo=print
     counts = write_suites(build_suites(world, split, seed=config.seed, ledger=ledger, questions=questions),
                           out / "suites")
     echo(f"world: {len(world.people)} people, {len(docs)} documents; suites {counts}")
-
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    base_dir, instruct_dir = out / "base", out / "instruct"
+    base_dir = out / "base"
     if resume and (base_dir / "model.safetensors").exists():
         echo("base: resumed from disk")
     else:
         _build_base(config, world, docs, out, resume, echo, device, log_path)
-    # instruction tuning always starts from the saved base (rounded to save_dtype), so a build from
-    # scratch and one resumed from its base give the same instruct model
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     examples = chats_of(config, world, split)
-    ids, labels = chat_rows(examples, tokenizer, config.shape.context, END)
-    echo(f"instruct: {len(examples)} chat examples in {ids.shape[0]} rows, {config.instruct.steps} steps")
-    if config.replay > 0:
-        doc_ids, doc_labels = document_rows(docs, tokenizer, config.shape.context)
-        generator = torch.Generator().manual_seed(config.seed + 2)
-        take = torch.randperm(doc_ids.shape[0], generator=generator)[: int(config.replay * ids.shape[0])]
-        ids, labels = torch.cat([ids, doc_ids[take]]), torch.cat([labels, doc_labels[take]])
-    train(model, ids, labels, config.instruct, seed=config.seed + 1,
-          log=lambda r: (_log(log_path, {"stage": "instruct", **r}), echo(f"instruct {r}")))
-    _save(model, tokenizer, instruct_dir, config.save_dtype)
+    tokenizer = _build_instruct(config, examples, docs, out, resume, echo, device, log_path)
     summary = {"config": asdict(config), "build_seconds": round(time.time() - start, 1),
                "torch": torch.__version__, "device": _device_name(device), "documents": len(docs),
                "chat_examples": len(examples), "suites": counts, "name_tokens": name_tokens(world, tokenizer, ledger)}
