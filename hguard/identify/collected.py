@@ -182,11 +182,11 @@ def featurise(model, tokenizer, kept: Sequence[dict], side_of=lambda item: "test
 
 def collect(model, tokenizer, items: Sequence[dict], *, fabricated: bool = False, side_of=lambda item: "test",
             samples: int = 10, max_new_tokens: int = 50, seed: int = 0, batch: int = 16,
-            cache: Path | None = None, resume: bool = False, name: str = "suite") -> Collected:
+            cache: Path | None = None, resume: bool = False, name: str = "suite", sampler=None) -> Collected:
     """Sample (or, with `resume`, read the answers kept in `cache`), label and featurise one suite; then
     featurise the forced answers of its held-out rows (controls.py)."""
     answers = sample_cached(cache, model, tokenizer, items, samples=samples, max_new_tokens=max_new_tokens,
-                            seed=seed, resume=resume)
+                            seed=seed, resume=resume, sampler=sampler)
     kept, dropped = (fabricated_labels if fabricated else consistency_labels)(items, answers)
     data = featurise(model, tokenizer, kept, side_of, batch, dropped, len(items), desc=f"{name} features")
     held = data.where(data.side == "test")

@@ -296,8 +296,8 @@ def fact_side(item: dict, seed: int = 0) -> str:
 
 def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]], *, training: str = "in_domain",
                     limit: int | None = None, samples: int = 10, max_new_tokens: int = 50, seed: int = 0,
-                    work: str | Path | None = None, resume: bool = False, echo=lambda message: None,
-                    **options) -> dict:
+                    work: str | Path | None = None, resume: bool = False, sampler=None,
+                    echo=lambda message: None, **options) -> dict:
     """Collect every suite (the others on their held-out side; each at most `limit` questions) and evaluate
     the probe against the baselines and controls; the report's tables go to `echo` (the CLI's stderr).
     Sides follow the split of the probe's fit (the seed in its training metadata, else `seed`); `seed`
@@ -306,7 +306,7 @@ def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]
     With `work`, each suite's sampled answers are kept there (`<suite>.answers.jsonl`; the training
     suite's in `answers.jsonl`, where `hguard identify` keeps its own), and `resume` reads back answers
     sampled for the same questions and settings: pointed at an identify run's work directory, the
-    training suite is not sampled again."""
+    training suite is not sampled again. `sampler`: what draws the answers (sample_cached)."""
     import random
 
     if training not in suites:
@@ -322,7 +322,8 @@ def evaluate_suites(model, tokenizer, probe: Probe, suites: dict[str, list[dict]
         side_of = (lambda item: "test") if fabricated else (lambda item: fact_side(item, split))
         cache = None if work is None else Path(work) / ("answers.jsonl" if name == training else f"{name}.answers.jsonl")
         collected[name] = collect(model, tokenizer, items, fabricated=fabricated, side_of=side_of, samples=samples,
-                                  max_new_tokens=max_new_tokens, seed=seed, cache=cache, resume=resume, name=name)
+                                  max_new_tokens=max_new_tokens, seed=seed, cache=cache, resume=resume, name=name,
+                                  sampler=sampler)
         echo(f"{name}: {len(items)} questions, {len(collected[name].keys)} kept, dropped {collected[name].dropped}")
     report = evaluate(probe, model, collected[training], collected, seed=seed, **options)
     report.update(samples_per_question=samples, training_suite=training, limit=limit)

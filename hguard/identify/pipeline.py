@@ -220,7 +220,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
              max_new_tokens: int = 50, Cs: Sequence[float] = DEFAULT_CS, max_kept_ratio: float = 0.01,
              false_flag_rate: float = 0.05, seed: int = 0, batch: int = 16, progress: bool = True,
              balance: str = "weight", resume: bool = False, target: str = "response", compare_targets: bool = True,
-             token_inputs: bool | str = "auto", echo=lambda message: None) -> dict:
+             token_inputs: bool | str = "auto", sampler=None, echo=lambda message: None) -> dict:
     """Run the whole pipeline; writes the probe to `out` and returns the report. The sampled answers are
     kept in `work/answers.jsonl`; with `resume`, answers found there for the same questions and sampling
     settings are reused (refitting with other settings then skips the sampling, the slow part). `target`:
@@ -230,7 +230,8 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     class inversely to its size, "subsample" cuts the larger class, "none" fits as sampled.
     `token_inputs`: whether the probe also reads each token's log-probability and entropy (token_inputs.py),
     two inputs outside the L1 penalty and the neuron budget: True, False, or "auto" (the default: both
-    are fitted, and the one with the better validation AUROC is kept)."""
+    are fitted, and the one with the better validation AUROC is kept). `sampler`: what draws the answers
+    in place of `generate` (sample_vllm.VllmSampler)."""
     mode = _token_mode(token_inputs)
     check_balance(balance)
     if target not in TARGETS:
@@ -239,7 +240,7 @@ def identify(model, tokenizer, items: Sequence[dict], work: str | Path, out: str
     sites = resolve(model)
     total = sites.num_layers * sites.intermediate_size
     answers = sample_cached(work / "answers.jsonl", model, tokenizer, items, samples=samples,
-                            max_new_tokens=max_new_tokens, seed=seed, resume=resume)
+                            max_new_tokens=max_new_tokens, seed=seed, resume=resume, sampler=sampler)
     kept, dropped = consistency_labels(items, answers)
     examples, more = examples_for(tokenizer, kept)
     dropped.update(more)

@@ -65,18 +65,24 @@ def sample(model, tokenizer, items: Sequence[dict | str], samples: int = 10, bat
 
 
 def sample_cached(path: str | Path | None, model, tokenizer, items: Sequence[dict], *, samples: int = 10,
-                  max_new_tokens: int = 50, seed: int = 0, resume: bool = False) -> list[list[str]]:
+                  max_new_tokens: int = 50, seed: int = 0, resume: bool = False, sampler=None) -> list[list[str]]:
     """`sample`, kept in a JSONL file at `path` (per item: id, model, settings, answers). With `resume`, a
     file that holds the same item ids sampled by the same model with the same settings is read back
-    instead of sampling again (sampling is most of the time `hguard identify` and `hguard eval` take)."""
-    settings = {"model": model_tag(model), "samples": samples, "max_new_tokens": max_new_tokens, "seed": seed}
+    instead of sampling again (sampling is most of the time `hguard identify` and `hguard eval` take).
+    `sampler`: what draws the answers in place of `sample` (sample_vllm.VllmSampler), named in the file."""
+    settings = {"model": model_tag(model), "samples": samples, "max_new_tokens": max_new_tokens, "seed": seed,
+                "sampler": getattr(sampler, "name", "hf")}
     ids = [str(item["id"]) for item in items]
     path = Path(path) if path is not None else None
     if path is not None and resume and path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [{"sampler": "hf", **r} for r in rows]  # files from before the field: generate's
         if [r["id"] for r in rows] == ids and all({k: r.get(k) for k in settings} == settings for r in rows):
             return [r["answers"] for r in rows]
-    answers = sample(model, tokenizer, list(items), samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+    if sampler is None:
+        answers = sample(model, tokenizer, list(items), samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+    else:
+        answers = sampler(tokenizer, list(items), samples=samples, max_new_tokens=max_new_tokens, seed=seed)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"id": i, **settings, "answers": a}) + "\n" for i, a in zip(ids, answers)))
