@@ -417,8 +417,7 @@ def _add_identify(commands) -> None:
 def _sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=("hf", "vllm"), default="hf",
                         help="what draws the sampled answers: transformers' generate (hf), or vLLM's offline engine "
-                             "(vllm: faster; needs vLLM installed; other draws with the same settings, kept apart "
-                             "in --work)")
+                             "(vllm: needs vLLM installed; other draws with the same settings, kept apart in --work)")
     parser.add_argument("--sampler-args", type=checks.json_object, default={},
                         help="with --sampler vllm: a JSON object of VllmSampler's arguments: dtype (default "
                              "float32) and engine_args, passed to vllm.LLM (e.g. '{\"engine_args\": "

@@ -28,7 +28,7 @@ def items():
     return read_suite(SHIPPED / "suites", "in_domain")[:6]
 
 
-def test_a_questions_draws_do_not_depend_on_its_batch(items):
+def test_a_questions_draws_do_not_depend_on_its_batch(items, capfd):
     sampler = VllmSampler(str(path("instruct")), engine_args=ENGINE)
     model, tokenizer = load("instruct")
     first = sampler(tokenizer, items, samples=5, max_new_tokens=20, seed=0)
@@ -38,6 +38,7 @@ def test_a_questions_draws_do_not_depend_on_its_batch(items):
     assert reordered == [first[4], first[1]]
     other_seed = sampler(tokenizer, items, samples=5, max_new_tokens=20, seed=1)
     assert other_seed != first
+    assert "INFO" not in capfd.readouterr().out  # vLLM's log stays off stdout, where hguard prints its JSON
 
 
 def test_one_sample_is_greedy_and_is_generates_answer(items):

@@ -1,20 +1,23 @@
 """Consistency sampling on vLLM's offline engine: `hguard identify --sampler vllm`, `hguard eval --sampler vllm`.
 
-Ten answers to each of thousands of questions are most of what identify and eval cost, and vLLM's
-continuous batching draws them faster than `generate`'s fixed batches, which wait for their longest
-answer. The settings are the paper's (sample.PAPER_SAMPLING; greedy for one sample) and the prompts the
-same token ids (sample.prompt_ids). Each question draws from a seed of its own (from `seed` and the
-question's id), so its answers do not depend on what else was in the batch. They are other draws from
-the same distribution than `generate`'s, so the work directory's cache keeps the two apart (its
-`sampler` field). The engine lives for one call and is shut down after it: it holds no memory while
-hguard reads the features. On a GPU it shares the device with the model hguard loaded; pass
-`gpu_memory_utilization` among the engine arguments to leave that model its room.
+For a model that already runs on vLLM, vLLM can draw identify's samples too. The settings are the
+paper's (sample.PAPER_SAMPLING; greedy for one sample) and the prompts the same token ids
+(sample.prompt_ids); one sample equals `generate`'s greedy answer (tests/test_vllm_sampler.py). Each
+question draws from a seed of its own (from `seed` and the question's id), so its answers do not
+depend on what else was in the batch, as `generate`'s do. They are other draws from the same
+distribution, so the work directory's cache keeps the two apart (its `sampler` field). The engine lives
+for one call and is shut down after it: it holds no memory while hguard reads the features. On a GPU
+it shares the device with the model hguard loaded; pass `gpu_memory_utilization` among the engine
+arguments to leave that model its room. On the 2-core CPU of this project it is no faster than
+`generate` (benchmarks/sampler_speed.py: 1.1x on both cores, 0.8x on the one vLLM takes by default,
+before 35-40 s of start-up); a GPU has not been measured.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import os
 from collections.abc import Sequence
 
 from .sample import PAPER_SAMPLING, prompt_ids
@@ -40,11 +43,13 @@ class VllmSampler:
 
     def __call__(self, tokenizer, items: Sequence[dict | str], samples: int = 10, max_new_tokens: int = 50,
                  seed: int = 0, suffix: str = "") -> list[list[str]]:
+        if not items:
+            return []
+        # hguard's commands print their JSON on stdout; vLLM's log (stdout by default) goes to stderr
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if not items:
-            return []
         settings = dict(PAPER_SAMPLING) if samples > 1 else {"temperature": 0.0}
         settings.pop("do_sample", None)
         params = [SamplingParams(n=samples, max_tokens=max_new_tokens, seed=question_seed(seed, item, i),
