@@ -4,7 +4,7 @@ For a model that already runs on vLLM, vLLM can draw identify's samples too. The
 paper's (sample.PAPER_SAMPLING; greedy for one sample) and the prompts the same token ids
 (sample.prompt_ids); one sample equals `generate`'s greedy answer (tests/test_vllm_sampler.py). Each
 question draws from a seed of its own (from `seed` and the question's id), so its answers do not
-depend on what else was in the batch, as `generate`'s do. They are other draws from the same
+depend on what else was in the batch (`generate`'s do). They are other draws from the same
 distribution, so the work directory's cache keeps the two apart (its `sampler` field). The engine lives
 for one call and is shut down after it: it holds no memory while hguard reads the features. On a GPU
 it shares the device with the model hguard loaded; pass `gpu_memory_utilization` among the engine
