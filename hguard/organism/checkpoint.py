@@ -49,6 +49,13 @@ def save_checkpoint(directory: Path, model, optimizer, rng: random.Random, state
     shutil.rmtree(previous, ignore_errors=True)
 
 
+def remove(directory: Path) -> None:
+    """Delete a checkpoint and what a save may have left beside it (the previous one, a partial one)."""
+    directory = Path(directory)
+    for path in (directory, _previous(directory), directory.with_name(directory.name + ".partial")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def latest(directory: Path) -> Path | None:
     """The directory of the last whole checkpoint, if any."""
     for candidate in (Path(directory), _previous(Path(directory))):
