@@ -35,15 +35,16 @@ class Monitor:
     """Per-token probe logits for one batch; `policy=None` records the score only (teacher forcing)."""
 
     def __init__(self, bound: BoundProbe, policy: Policy | None = None, *, stop_early: bool = False,
-                 step_timer: Callable[[float], None] | None = None) -> None:
+                 step_timer: Callable[[float], None] | None = None, token_inputs: bool = True) -> None:
         self.bound = bound
         self.policy = policy
         self.calibration = bound.probe.calibration
-        # the probe's token inputs (token_inputs.py): a teacher-forced pass adds them once its logits exist
-        self.tokens = None if bound.token_weight is None else TokenTerm(bound.token_weight, bound.model,
-                                                                          self._add_tokens if policy is None else None)
+        # the probe's token inputs (token_inputs.py): a teacher-forced pass adds them once its logits exist;
+        # token_inputs=False leaves them to the caller (a packed forward, whose one row holds several answers)
+        self.tokens = None if bound.token_weight is None or not token_inputs else TokenTerm(
+            bound.token_weight, bound.model, self._add_tokens if policy is None else None)
         # end each forward after the last hooked layer (no logits needed; but for token inputs when teacher forcing)
-        self.stop_early = stop_early and (self.tokens is None or policy is not None)
+        self.stop_early = stop_early and (bound.token_weight is None or policy is not None)
         self.whole = False  # the next forward feeds whole sequences to score their last position only
         self.forwards = 0  # completed forward passes; 0 until the prefill has run
         self._logits: list[torch.Tensor] = []  # forward s >= 1: [batch] logit of generated token s - 1

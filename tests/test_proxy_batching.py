@@ -13,14 +13,19 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+import torch
+
 from hguard import Guard
-from hguard import incremental
+from hguard import packed
+from hguard.hooks import hook_count
 from hguard.incremental import IncrementalScorer, score_together
 from hguard.server.app import ServerSettings, build_app
 from hguard.server.requests import GuardDefaults
 from hguard.server import scoring as scoring_module
 from hguard.server.scoring import Scoring
+from hguard.tiny import ARCHITECTURES
 
+from conftest import PROMPTS
 from test_server import LiveServer
 
 QUESTIONS = ["Where was Alice Brown born?", "What year was Tom Lee born? Be brief, please.", "Who?",
@@ -46,59 +51,81 @@ def test_score_together_equals_one_at_a_time(organism):
     assert sum(s.forwarded for s in scorers) < sum(len(s.prompt_ids) + 33 for s in scorers) * 2
 
 
-def test_the_last_batch_is_reused_and_scores_stay_exact(organism, monkeypatch):
-    """Token by token, the same streams (in any order, or some of them) run on the last batch's cache instead
-    of a copy of each stream's; a step with unequal pieces, a rewind or a stream from elsewhere copies again.
-    Every score equals Guard.score's."""
-    import hguard.incremental as incremental
+def _packed_forwards(monkeypatch) -> list[int]:
+    """Counts packed forwards: one entry, the number of pieces, per forward."""
+    calls, real = [], packed.forward
+    monkeypatch.setattr(packed, "forward", lambda model, caches, *a: calls.append(len(caches)) or real(model, caches, *a))
+    return calls
 
-    copies = []
-    padded = incremental._padded
-    monkeypatch.setattr(incremental, "_padded", lambda *a: copies.append(1) or padded(*a))
-    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    answers = [r.token_ids + [11, 12, 13, 14, 15, 16, 17, 18] for r in
-               organism.generate(prompts, max_new_tokens=12, action="off")]
+
+@pytest.mark.parametrize("token_inputs", [False, True])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_pieces_of_every_length_run_in_one_packed_forward(make_guard, arch, token_inputs, monkeypatch):
+    """Each call's pieces (a prompt with its first tokens, one token, several, none, a rewind) run end to end in
+    one forward with no padding, each against its own cache, and every score equals Guard.score's; on every
+    architecture (those with sliding-window layers run one by one, as their caches cannot be shared)."""
+    guard = make_guard(arch, token_weight=torch.tensor([0.7, -0.4])) if token_inputs else make_guard(arch)
+    calls = _packed_forwards(monkeypatch)
+    prompts = PROMPTS[:3]
+    answers = [r.token_ids + [5, 6, 7, 8, 9, 10, 11, 12] for r in guard.generate(prompts, max_new_tokens=8, do_sample=False)]
+    scorers = [IncrementalScorer(guard, p) for p in prompts]
+    plain = all(s._plain() for s in scorers)
+    for steps in ([2, 1, 3], [3, 2, 9], [4, 2, 9], [5, 3, 10], [5, 4, 6], [12, 12, 12]):
+        before, forwarded = len(calls), [s.forwarded for s in scorers]
+        responses = [a[:s] for a, s in zip(answers, steps)]
+        for prompt, response, got in zip(prompts, responses, score_together(scorers, responses)):
+            want = guard.score(prompt, response)
+            assert got.token_ids == response
+            assert got.token_logits == pytest.approx(want.token_logits, abs=1e-4), (arch, steps)
+        ran = sum(s.forwarded > f for s, f in zip(scorers, forwarded))  # pieces that ran (a rewind may run none)
+        assert calls[before:] == ([ran] if plain and ran > 1 else [])
+    assert plain == (arch != "gemma2")  # the tiny gemma2 has sliding-window layers
+    assert packed.packable(guard.model) and hook_count(guard.model) == 0
+    assert guard.model.config._attn_implementation != packed.NAME
+
+
+def test_caches_grow_in_place(organism):
+    """A step of one token per stream writes into each cache's spare room: no cache is copied."""
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    answers = [r.token_ids + [11, 12, 13, 14, 15, 16] for r in organism.generate(prompts, max_new_tokens=10, action="off")]
     scorers = [IncrementalScorer(organism, p) for p in prompts]
-    lengths = [1] * len(scorers)
-    # (rows, tokens added to each, copies expected): the prompts (of several lengths: several batches, None:
-    # any number of copies), then one token each: one batch, copied; same rows, reversed, a subset reuse it;
-    # unequal pieces reuse it too, but leave right padding in theirs, so the next step copies; a rewind runs
-    # nothing, and the step after it copies
-    plan = [([0, 1, 2, 3, 4, 5], 0, None), ([0, 1, 2, 3, 4, 5], 1, 1), ([0, 1, 2, 3, 4, 5], 1, 0), ([5, 4, 3, 2, 1, 0], 1, 0),
-            ([1, 3, 5], 1, 0), ([1, 3, 5], 1, 0), ([0, 1, 2, 3, 4, 5], 1, 1), ([0, 1, 2, 3, 4, 5], 1, 0),
-            ([0, 2], None, 0), ([0, 2], 1, 1), ([0, 2], 1, 0), ([0, 2], -2, 0), ([0, 2], 1, 1)]
-    for rows, grow, expected in plan:
-        before = len(copies)
-        for k, row in enumerate(rows):
-            lengths[row] += grow if grow is not None else 3 + k  # None: 3 and 4 tokens (one batch)
-        responses = [answers[row][: lengths[row]] for row in rows]
-        got = score_together([scorers[row] for row in rows], responses)
-        assert expected is None or len(copies) - before == expected, (rows, grow)
-        for row, response, scores in zip(rows, responses, got):
-            want = organism.score(prompts[row], response)
-            assert scores.token_logits == pytest.approx(want.token_logits, abs=1e-4)
+    score_together(scorers, [a[:1] for a in answers])
+    rooms = [[layer._room[0].data_ptr() for layer in s._cache.layers if layer.is_initialized] for s in scorers]
+    for n in range(2, 5):
+        score_together(scorers, [a[:n] for a in answers])
+        assert [[layer._room[0].data_ptr() for layer in s._cache.layers if layer.is_initialized] for s in scorers] == rooms
 
 
-def test_rows_are_cut_into_forwards_at_least_cost():
-    """Rows of like length share a forward; the cut is the cheapest of all cuts (FORWARD_COST a forward
-    plus the padded positions), checked against every cut of small random sets."""
-    rng = random.Random(0)
-    cost = lambda runs: sum(incremental.FORWARD_COST + len(r) * max(r) for r in runs)
-    for _ in range(200):
-        lengths = sorted(rng.choice([1, 2, 3, 7, 8, 9, 40, 64, 200]) for _ in range(rng.randint(1, 7)))
-        runs = incremental._groups(lengths, lengths)
-        assert [x for r in runs for x in r] == lengths
-        every = []
-        for mask in range(1 << (len(lengths) - 1)):  # a cut after row i where bit i is set
-            cut, start = [], 0
-            for i in range(1, len(lengths)):
-                if mask >> (i - 1) & 1:
-                    cut.append(lengths[start:i])
-                    start = i
-            every.append(cut + [lengths[start:]])
-        assert cost(runs) == min(map(cost, every))
-    assert incremental._groups([1] * 30 + [64], [1] * 30 + [64]) == [[1] * 30, [64]]  # a long piece runs alone
-    assert len(incremental._groups([7] * 20 + [9] * 10, [7] * 20 + [9] * 10)) == 1  # near lengths pad together
+def test_a_model_whose_layers_attend_by_themselves_is_scored_one_by_one(make_guard, monkeypatch):
+    """A model whose attention does not go through transformers' attention interface (here: every layer
+    calls SDPA directly) cannot be packed: the first packed forward finds it out, its pieces run again one by
+    one, and the model runs one by one from then on; the scores are Guard.score's throughout."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama import modeling_llama
+
+    guard = make_guard("llama")
+    monkeypatch.setattr(modeling_llama, "ALL_ATTENTION_FUNCTIONS",
+                        SimpleNamespace(get_interface=lambda *a: sdpa_attention_forward))
+    calls = _packed_forwards(monkeypatch)
+    prompts = PROMPTS[:3]
+    answers = [r.token_ids for r in guard.generate(prompts, max_new_tokens=6, do_sample=False)]
+    scorers = [IncrementalScorer(guard, p) for p in prompts]
+    for n in (2, 4, 6):
+        responses = [a[:n] for a in answers]
+        for prompt, response, got in zip(prompts, responses, score_together(scorers, responses)):
+            assert got.token_logits == pytest.approx(guard.score(prompt, response).token_logits, abs=1e-4)
+    assert calls == [3] and not packed.packable(guard.model)
+
+
+@pytest.mark.parametrize("kwargs", [{"sliding_window": 8}, {"softcap": 30.0}, {"s_aux": 1}])
+def test_attention_the_packed_forward_does_not_reproduce_is_refused(kwargs):
+    now = packed._Forward([], [], torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    packed._now.forward = now
+    try:
+        with pytest.raises(packed.Unpackable):
+            packed._attention(SimpleNamespace(layer_idx=0, is_causal=True), *[torch.zeros(1, 2, 1, 4)] * 3, now.mask, **kwargs)
+    finally:
+        packed._now.forward = None
 
 
 def test_answers_just_scored_join_the_next_batch(monkeypatch):

@@ -1,0 +1,165 @@
+"""One forward over the new tokens of several sequences laid end to end, each attending to its own KV cache.
+
+Proxy mode scores the pieces of many open answers at once. Batching them as rows pads every row's cache
+to the longest and every row's piece to the longest piece; on a CPU the padding was half of what the
+forwards computed, and the copies into and out of the padded batch a quarter of the rest. Here the pieces
+run as one row with no padding: the model's linear layers (almost all of a forward) see only real tokens,
+each token has its own position, each layer's new keys and values go straight into their sequence's
+own cache (`GrowingLayer`, which writes into spare room instead of concatenating), and attention runs
+sequence by sequence against that sequence's cache, causal within its piece.
+
+This takes over transformers' attention for the forward (an attention function of its own, under the
+model's lock, which every hguard forward holds), so it serves models whose every layer attends through
+that interface with plain causal attention: no sliding window, soft-capping, sinks or positional bias in
+the mask (ALiBi). `forward` checks that each layer that ran did exactly that, and raises `Unpackable`
+otherwise; `packable` remembers the answer per model, and the caller runs such a model's sequences one at
+a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .compat import cache_kwargs
+from .hooks import stoppable
+
+NAME = "hguard_packed"
+_now = threading.local()  # the forward under way: its pieces and caches (set and read in the same thread)
+_verdicts: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+class Unpackable(RuntimeError):
+    """The model attends in a way the packed forward does not reproduce."""
+
+
+def packable(model: nn.Module) -> bool:
+    """False once a packed forward of `model` has raised Unpackable (True until then)."""
+    return _verdicts.get(model, True)
+
+
+def refuse(model: nn.Module) -> None:
+    _verdicts[model] = False
+
+
+class GrowingLayer(DynamicLayer):
+    """A dynamic cache layer that writes new positions into spare room (doubling when full) instead of
+    concatenating, so that a sequence growing by a few positions per forward copies only those. `keys` and
+    `values` are views of the room, as long as the positions held; `crop` shortens the views, and the next
+    update overwrites what was cropped."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self._room = (key_states[..., :0, :], value_states[..., :0, :])
+            self.keys, self.values = self._room
+        held, new = self.keys.shape[-2], key_states.shape[-2]
+        if held + new > self._room[0].shape[-2]:
+            capacity = max(2 * (held + new), 16)
+            rooms = []
+            for old, fresh in ((self.keys, key_states), (self.values, value_states)):
+                room = fresh.new_empty(*fresh.shape[:-2], capacity, fresh.shape[-1])
+                room[..., :held, :] = old
+                rooms.append(room)
+            self._room = tuple(rooms)
+        self._room[0][..., held: held + new, :] = key_states
+        self._room[1][..., held: held + new, :] = value_states
+        self.keys, self.values = self._room[0][..., : held + new, :], self._room[1][..., : held + new, :]
+        return self.keys, self.values
+
+
+def growing_cache(config) -> DynamicCache:
+    """An empty cache for `config`'s model whose plain dynamic layers grow in place (sliding-window and
+    other special layers stay as transformers makes them)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+class _Pieces(DynamicCache):
+    """The cache a packed forward passes: each layer's new keys and values, split by piece, go into the
+    pieces' own caches; attention reads them there."""
+
+    def __init__(self, caches: list[DynamicCache], spans: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.caches, self.spans = caches, spans
+        self.updated: list[int] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        for cache, (start, end) in zip(self.caches, self.spans):
+            cache.layers[layer_idx].update(key_states[:, :, start:end], value_states[:, :, start:end])
+        self.updated.append(layer_idx)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions come from position_ids; nothing here is read as past
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """Each piece's queries against its own cache, causal within the piece: [1, heads, N, d] -> [1, N, heads, d]."""
+    now = _now.forward
+    if (attention_mask is not now.mask or dropout or not getattr(module, "is_causal", True)
+            or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux"))):
+        raise Unpackable(f"{type(module).__name__} attends in a way a packed forward does not reproduce")
+    layer = module.layer_idx
+    now.attended.append(layer)
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+    group = heads // kv_heads
+    out = []
+    for cache, (start, end) in zip(now.caches, now.spans):
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values
+        n, length = end - start, keys.shape[-2]
+        # the query heads that share a key head ride as extra rows of it (no copy of the keys)
+        q = query[:, :, start:end].reshape(1, kv_heads, group * n, dim)
+        mask = None
+        if n > 1:  # row j of the piece sees the cache up to its own position, length - n + j
+            mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+            mask = mask.repeat(group, 1) if group > 1 else mask
+        out.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).view(1, heads, n, dim))
+    return torch.cat(out, 2).transpose(1, 2), None
+
+
+AttentionInterface.register(NAME, _attention)
+
+
+class _Forward:
+    def __init__(self, caches: list[DynamicCache], spans: list[tuple[int, int]], mask: torch.Tensor) -> None:
+        self.caches, self.spans, self.mask = caches, spans, mask
+        self.attended: list[int] = []
+
+
+def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]], past: list[int]):
+    """The model's output for `pieces` (new token ids of each sequence, whose caches hold `past` positions)
+    in one forward of one row (None where a hook ended the forward early); each cache gains its piece's
+    keys and values. The caller holds the model's lock. Raises Unpackable where the model's attention
+    cannot be packed (the caches may then hold part of the pieces: start them over)."""
+    device = model.get_input_embeddings().weight.device
+    ids, positions, spans = [], [], []
+    for piece, p in zip(pieces, past):
+        spans.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+        positions += range(p, p + len(piece))
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # a prepared mask, passed through as it is
+    cache = _Pieces(caches, spans)
+    _now.forward = now = _Forward(caches, spans, mask)
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = NAME
+    output = None
+    try:
+        with stoppable():
+            output = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                           attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+    finally:
+        config._attn_implementation = before
+        _now.forward = None
+    if not cache.updated or now.attended != cache.updated:
+        raise Unpackable(f"{type(model).__name__}'s layers do not all attend through transformers' attention interface")
+    return output
