@@ -169,8 +169,8 @@ class ExpertsDown(TokenView):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """h [B, S, H]: the routed output, plus what a hook's change to the live neurons of Z adds (a hook
         that scaled them in place or passed another Z; all neurons' Z, identification's, is read only)."""
-        if self._z_live is None or (z is self._z and z._version == self._z_version):
-            return self._routed
+        if self._z_live is None or (z is self._z and self._z_version is not None and z._version == self._z_version):
+            return self._routed  # (an inference tensor keeps no version: the change is computed, zero or not)
         changed = z.reshape(-1, z.shape[-1]) - self._z_live
         columns = self._selection(self.live)[3].to(changed.dtype)
         return self._routed + (changed @ columns.t()).view_as(self._routed)
@@ -182,7 +182,8 @@ class ExpertsDown(TokenView):
         shape = self.batch_shape(hidden_states.shape[0])
         self._routed = routed.reshape(*shape, routed.shape[-1])
         z = self.routed_neurons(hidden_states, top_k_index, top_k_weights).view(*shape, -1)
-        self._z, self._z_version = z, z._version  # (a hook that scales Z in place moves its version)
+        # a hook that scales Z in place moves its version (an inference-mode tensor has none)
+        self._z, self._z_version = z, None if z.is_inference() else z._version
         return self.forward(z).reshape(routed.shape)
 
     @contextmanager

@@ -12,7 +12,8 @@ serves one response; calls are serialised by its own lock.
 `score_together` scores several responses' new tokens in one forward (proxy mode's open streams): the
 pieces run end to end in one row, with no padding, each attending to its own scorer's cache, which grows
 in place (packed.py). A model whose attention cannot be packed (packed.py says which), and scorers whose
-caches are not plain dynamic layers (sliding windows), run one by one.
+caches are not plain dynamic layers (sliding windows), run one by one; a model with recurrent layers
+(Mamba, linear attention), whose state cannot be cropped, runs prompt and response whole at each call.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from . import packed
 from .compat import cache_kwargs
@@ -45,6 +47,9 @@ class IncrementalScorer:
 
     def _reset(self) -> None:
         self._cache = packed.growing_cache(self.guard.model.config)
+        # a model with recurrent layers (Mamba, linear attention) keeps a state that cannot be cropped, and
+        # not every one extends it by several tokens at once: each call runs prompt and response whole
+        self._whole = not all(isinstance(layer, (DynamicLayer, DynamicSlidingWindowLayer)) for layer in self._cache.layers)
         self._fed: list[int] = []  # prompt and response ids whose activations are in the cache
         self._logits: list[float] = []  # probe logit of each response token in the cache
         # a probe with token inputs: the model's logits at the last few positions fed (the last: _fed[-1]'s),
@@ -80,7 +85,7 @@ class IncrementalScorer:
         drop = len(self._fed) - count
         if drop == 0:
             return
-        if count < len(self.prompt_ids):
+        if count < len(self.prompt_ids) or self._whole:
             self._reset()
             return
         if self.guard.bound.token_weight is not None and len(self._recent) <= drop:
@@ -96,15 +101,18 @@ class IncrementalScorer:
         self._logits = self._logits[: count - len(self.prompt_ids)]
 
     def _run(self, new: list[int]) -> None:
-        """The new tokens in a forward of their own, on the cache as it is."""
+        """The new tokens in a forward of their own, on the cache as it is (without a cache, from the prompt
+        on, for a model with recurrent layers)."""
+        if self._whole:
+            new, self._fed, self._logits, self._recent = self._fed + new, [], [], []
         device = self.guard.model.get_input_embeddings().weight.device
         monitor = Monitor(self.guard.bound, stop_early=True)
         if monitor.tokens is not None and self._recent:  # the first new token's term: the last position's logits
             monitor.tokens.last = self._recent[-1][None].to(device)
+        cache = {"use_cache": False} if self._whole else {"use_cache": True, **cache_kwargs(self.guard.model, self._cache)}
         try:
             with self.guard._lock, monitor.attached(), stoppable():
-                self.guard.model(input_ids=torch.tensor([new], device=device), use_cache=True,
-                                 **cache_kwargs(self.guard.model, self._cache))
+                self.guard.model(input_ids=torch.tensor([new], device=device), **cache)
         except BaseException:
             self._reset()  # some layers may hold the new positions already
             raise
@@ -142,8 +150,8 @@ def score_together(scorers: list[IncrementalScorer], responses: list[list[int]])
         if len(together) > 1:
             try:
                 _run_packed(together)
-            except packed.Unpackable:  # this model's attention cannot be packed: one by one, now and later
-                packed.refuse(together[0][0].guard.model)
+            except packed.Unpackable as why:  # this model's attention cannot be packed: one by one, now and later
+                packed.refuse(together[0][0].guard.model, why)
         for scorer, target in work:
             if len(target) > len(scorer._fed):  # alone: its own forward
                 scorer._run(target[len(scorer._fed):])

@@ -12,12 +12,15 @@ This takes over transformers' attention for the forward (an attention function o
 model's lock, which every hguard forward holds), so it serves models whose every layer attends through
 that interface with plain causal attention: no sliding window, soft-capping, sinks or positional bias in
 the mask (ALiBi). `forward` checks that each layer that ran did exactly that, and raises `Unpackable`
-otherwise; `packable` remembers the answer per model, and the caller runs such a model's sequences one at
-a time.
+otherwise, and for any error inside the model's forward (a model that checks the mask's shape); `packable`
+remembers the answer per model, and the caller runs such a model's sequences one at a time. Every
+model type of the conformance matrix checks proxy scoring against Guard.score
+(tests/test_conformance_matrix.py), so one that ignored position_ids would fail there.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 
@@ -44,7 +47,10 @@ def packable(model: nn.Module) -> bool:
     return _verdicts.get(model, True)
 
 
-def refuse(model: nn.Module) -> None:
+def refuse(model: nn.Module, why: Unpackable) -> None:
+    """Remember that `model` cannot be packed (logged once, with why)."""
+    if packable(model):
+        logging.getLogger("hguard.packed").warning("scoring %s's sequences one at a time: %s", type(model).__name__, why)
     _verdicts[model] = False
 
 
@@ -122,7 +128,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         if n > 1:  # row j of the piece sees the cache up to its own position, length - n + j
             mask = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
             mask = mask.repeat(group, 1) if group > 1 else mask
-        out.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling).view(1, heads, n, dim))
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+        out.append(attended.view(1, heads, n, values.shape[-1]))  # (values may be narrower or wider: MLA)
     return torch.cat(out, 2).transpose(1, 2), None
 
 
@@ -157,6 +164,10 @@ def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]
         with stoppable():
             output = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
                            attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+    except Unpackable:
+        raise
+    except Exception as error:  # e.g. a model that checks the mask's size, or builds ALiBi from it
+        raise Unpackable(f"{type(model).__name__} failed a packed forward: {error}") from error
     finally:
         config._attn_implementation = before
         _now.forward = None

@@ -48,6 +48,20 @@ def streamed_equals_teacher_forced(guard: Guard, prompts: list, max_new_tokens: 
         assert a.token_probs == pytest.approx(b.token_probs, abs=1e-6)
 
 
+def proxy_scores_equal_teacher_forced(guard: Guard, prompts: list, max_new_tokens: int = 10) -> None:
+    """Proxy mode's scorer: the growing answers of several prompts, scored together piece by piece (one
+    packed forward where the model allows it, else one by one), give `guard.score`'s numbers."""
+    from hguard.incremental import IncrementalScorer, score_together
+
+    filler = guard.encode(prompts[0])  # ids the model knows, so that no answer is empty
+    answers = [r.token_ids + filler for r in guard.generate(prompts, max_new_tokens=max_new_tokens, do_sample=False)]
+    scorers = [IncrementalScorer(guard, p) for p in prompts]
+    for end in (1, 2, 5, max_new_tokens):  # pieces of different lengths in each call: row r is r tokens ahead
+        responses = [a[: end + row] for row, a in enumerate(answers)]
+        for prompt, response, got in zip(prompts, responses, score_together(scorers, responses)):
+            assert got.token_logits == pytest.approx(guard.score(prompt, response).token_logits, abs=TOL)
+
+
 def _plain(guard: Guard, model, prompts: list, max_new_tokens: int) -> torch.Tensor:
     """The generated tokens of `model`'s own `generate` (no guard), [batch, new]."""
     ids, mask = guard._batch([guard.encode(p) for p in prompts])

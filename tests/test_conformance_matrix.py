@@ -1,7 +1,8 @@
 """The conformance matrix (hguard/conformance.py): every causal-LM model_type in transformers' auto mapping
 either passes, on a tiny random config saved and loaded back through from_pretrained, everything
 test_guard.py proves on its seven architectures (streamed == teacher-forced scores at batch 1 and 4 with
-prompts of different lengths, in fp32 within 1e-4, and the invariants of flag, abstain, dampen and scale),
+prompts of different lengths, in fp32 within 1e-4, proxy mode's scores of growing answers scored
+together equal to teacher-forced ones, and the invariants of flag, abstain, dampen and scale),
 or is refused by `resolve` with an UnsupportedModelError naming the type and the reason, or is listed in
 NOT_BUILT with the reason it cannot be built from a config alone. Nothing in between. The README's table
 is this matrix's."""
@@ -72,6 +73,7 @@ def test_each_type_passes_or_is_refused_by_name(model_type, rows, tmp_path):
     checks.streamed_equals_teacher_forced(guard, PROMPTS[:1], NEW_TOKENS)
     checks.streamed_equals_teacher_forced(guard, PROMPTS, NEW_TOKENS)  # prompts of different lengths
     checks.abstain_extremes(guard, PROMPTS, NEW_TOKENS)
+    checks.proxy_scores_equal_teacher_forced(guard, PROMPTS, NEW_TOKENS)
     half = Guard(model, tokenizer, Probe.random(model, sites.num_layers * sites.intermediate_size // 2, seed=1))
     checks.alpha_one_is_plain_generate(half, PROMPTS, NEW_TOKENS + 2)
     checks.alpha_zero_is_zeroed_columns(half, PROMPTS, NEW_TOKENS + 2)

@@ -10,7 +10,7 @@ cache), so scoring 32 open streams costs about one batched step, not 32 forwards
 model longer than one bounded forward, a long answer cannot starve short ones, and an answer whose
 client left stops after the batch under way (its wait is cancelled and its piece skipped). Between two
 batches the answers just scored get a few event-loop turns to ask again (`_gather`), so that every open
-stream rides the same forward, and score_together cuts the pieces into as few forwards as pays. The
+stream rides the same forward, where score_together runs their pieces end to end, unpadded. The
 first piece also runs the prompt, which fits the context too (a longer prompt is refused before it
 reaches the upstream).
 
