@@ -5,7 +5,9 @@ Each call takes 15 of the answers still open (as a batch of the proxy's scorer d
 tokens to each (a stream's chunk, or several where scoring lags the upstream), until every answer has
 40 tokens; the same seeded sequence of calls every episode. The answers are the organism's own greedy
 continuations. One warm-up episode, then `--episodes` timed; the figure is their total time over their
-tokens. `--dtype bfloat16` runs the model in bf16 (a proxy's `--dtype`).
+tokens. `--dtype bfloat16` runs the model in bf16 (a proxy's `--dtype`); `--longer-prompts N` gives each
+stream 0 to N more prompt tokens (the prompt's own tokens repeated), so that first pieces of mixed lengths
+share calls with decoding-sized ones.
 
     python benchmarks/proxy_pieces.py --json
 """
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--longer-prompts", type=int, default=0, metavar="N",
+                        help="each stream's prompt gets 0 to N more tokens (seeded): prompts of mixed lengths")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from hguard import Guard
@@ -56,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     guard = Guard(model.to(getattr(torch, args.dtype)), tokenizer)
     texts = [f"From the archive: {name}" for name in NAMES]
     results = guard.generate(texts, action=None, max_new_tokens=LENGTH, do_sample=False)
+    rng = random.Random(1)
     prompts = [guard.encode(texts[i % len(NAMES)]) for i in range(STREAMS)]
+    prompts = [(p * (1 + args.longer_prompts))[: len(p) + rng.randint(0, args.longer_prompts)] for p in prompts]
     answers = [(results[i % len(NAMES)].token_ids * LENGTH)[:LENGTH] for i in range(STREAMS)]
     episode(guard, prompts, answers, 0)  # warm-up
     runs = [episode(guard, prompts, answers, 0) for _ in range(args.episodes)]

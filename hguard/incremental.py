@@ -163,34 +163,44 @@ def score_together(scorers: list[IncrementalScorer], responses: list[list[int]])
 
 
 def _run_packed(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
-    """Every scorer's new tokens in one packed forward (packed.py); each scorer's cache gains them."""
+    """Every scorer's new tokens in one packed forward (packed.py); each scorer's cache gains them. With token
+    inputs, the vocabulary's logits are computed only where they are read: before each response token, and
+    at each piece's last RECENT positions (a prompt's other positions need none)."""
     guard = work[0][0].guard
+    weight = guard.bound.token_weight
     scorers = [scorer for scorer, _ in work]
     past = [len(scorer._fed) for scorer in scorers]
     new = [target[p:] for (_, target), p in zip(work, past)]
+    first = [max(0, len(scorer.prompt_ids) - p) for scorer, p in zip(scorers, past)]  # prompt positions: not scored
+    kept = [max(0, min(f - 1, len(n) - RECENT)) for f, n in zip(first, new)]  # each piece's first position with logits
+    keep = None
+    if weight is not None:
+        starts = [0]
+        for n in new:
+            starts.append(starts[-1] + len(n))
+        keep = [s + j for s, k, n in zip(starts, kept, new) for j in range(k, len(n))]
     monitor = Monitor(guard.bound, stop_early=True, token_inputs=False)
     try:
         with guard._lock, monitor.attached():
-            output = packed.forward(guard.model, [scorer._cache for scorer in scorers], new, past)
+            model_logits = packed.forward(guard.model, [scorer._cache for scorer in scorers], new, past, keep)
     except BaseException:
         for scorer in scorers:
             scorer._reset()  # some layers may hold the new positions already: start over
         raise
     logits = monitor.full_logits[0]
-    weight = guard.bound.token_weight
-    start = 0
-    for scorer, (_, target), p, n in zip(scorers, work, past, new):
+    start = at = 0  # where each piece starts in the row, and in the kept logits
+    for scorer, (_, target), n, f, k in zip(scorers, work, new, first, kept):
         end = start + len(n)
         if weight is not None:  # each token's term from the position before it: the scorer's last, then its own
-            model_logits = output.logits[0, start:end]
-            before = [scorer._recent[-1].to(model_logits.device, model_logits.dtype)[None]] if scorer._recent else []
-            previous = torch.cat(before + [model_logits[:-1]]) if before else model_logits[:-1]
+            own = model_logits[0, at: at + len(n) - k]  # positions k .. len(n) - 1
+            at += len(n) - k
+            before = [scorer._recent[-1].to(own.device, own.dtype)[None]] if k == 0 and scorer._recent else []
+            previous = torch.cat(before + [own[:-1]]) if before else own[:-1]
             ids = torch.tensor(n[len(n) - len(previous):], device=previous.device)
             terms = weighted(weight.to(previous.device), *log_probability_and_entropy(previous, ids))
             logits[end - len(previous): end] += terms.to(logits.device, logits.dtype)
-            scorer._remember(model_logits)
-        first_response = max(0, len(scorer.prompt_ids) - p)  # prompt positions are not scored
-        scorer._logits += logits[start + first_response: end].double().cpu().tolist()
+            scorer._remember(own)
+        scorer._logits += logits[start + f: end].double().cpu().tolist()
         scorer.forwarded += len(n)
         scorer._fed = target
         start = end

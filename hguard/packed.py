@@ -20,6 +20,8 @@ model type of the conformance matrix checks proxy scoring against Guard.score
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 import weakref
@@ -142,11 +144,13 @@ class _Forward:
         self.attended: list[int] = []
 
 
-def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]], past: list[int]):
-    """The model's output for `pieces` (new token ids of each sequence, whose caches hold `past` positions)
-    in one forward of one row (None where a hook ended the forward early); each cache gains its piece's
-    keys and values. The caller holds the model's lock. Raises Unpackable where the model's attention
-    cannot be packed (the caches may then hold part of the pieces: start them over)."""
+def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]], past: list[int],
+            keep: list[int] | None = None) -> torch.Tensor | None:
+    """One forward of `pieces` (new token ids of each sequence, whose caches hold `past` positions) in one
+    row; each cache gains its piece's keys and values. Returns the model's logits [1, len(keep), V] at the
+    row's positions `keep` (None: no logits wanted, or a hook ended the forward early). The caller holds
+    the model's lock. Raises Unpackable where the model's attention cannot be packed (the caches may then
+    hold part of the pieces: start them over)."""
     device = model.get_input_embeddings().weight.device
     ids, positions, spans = [], [], []
     for piece, p in zip(pieces, past):
@@ -159,11 +163,13 @@ def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]
     config = model.config
     before = config._attn_implementation
     config._attn_implementation = NAME
+    wanted = {} if keep is None else {"logits_to_keep": torch.tensor(keep, device=device)}
+    computes_all = bool(wanted) and not _keeps_logits(type(model))
     output = None
     try:
         with stoppable():
             output = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
-                           attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+                           attention_mask=mask, use_cache=True, **cache_kwargs(model, cache), **({} if computes_all else wanted))
     except Unpackable:
         raise
     except Exception as error:  # e.g. a model that checks the mask's size, or builds ALiBi from it
@@ -173,4 +179,12 @@ def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]
         _now.forward = None
     if not cache.updated or now.attended != cache.updated:
         raise Unpackable(f"{type(model).__name__}'s layers do not all attend through transformers' attention interface")
-    return output
+    if keep is None or output is None or getattr(output, "logits", None) is None:
+        return None
+    return output.logits[:, wanted["logits_to_keep"]] if computes_all else output.logits
+
+
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    """Whether the model's forward computes the logits of chosen positions only (`logits_to_keep`)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters

@@ -74,6 +74,8 @@ def test_each_type_passes_or_is_refused_by_name(model_type, rows, tmp_path):
     checks.streamed_equals_teacher_forced(guard, PROMPTS, NEW_TOKENS)  # prompts of different lengths
     checks.abstain_extremes(guard, PROMPTS, NEW_TOKENS)
     checks.proxy_scores_equal_teacher_forced(guard, PROMPTS, NEW_TOKENS)
+    with_tokens = Guard(model, tokenizer, Probe.random(model, 12, seed=1, token_weight=torch.tensor([0.7, -0.4])))
+    checks.proxy_scores_equal_teacher_forced(with_tokens, PROMPTS, NEW_TOKENS)  # the logits' terms too
     half = Guard(model, tokenizer, Probe.random(model, sites.num_layers * sites.intermediate_size // 2, seed=1))
     checks.alpha_one_is_plain_generate(half, PROMPTS, NEW_TOKENS + 2)
     checks.alpha_zero_is_zeroed_columns(half, PROMPTS, NEW_TOKENS + 2)
