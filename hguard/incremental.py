@@ -188,22 +188,44 @@ def _run_packed(work: list[tuple[IncrementalScorer, list[int]]]) -> None:
             scorer._reset()  # some layers may hold the new positions already: start over
         raise
     logits = monitor.full_logits[0]
-    start = at = 0  # where each piece starts in the row, and in the kept logits
-    for scorer, (_, target), n, f, k in zip(scorers, work, new, first, kept):
-        end = start + len(n)
-        if weight is not None:  # each token's term from the position before it: the scorer's last, then its own
-            own = model_logits[0, at: at + len(n) - k]  # positions k .. len(n) - 1
-            at += len(n) - k
-            before = [scorer._recent[-1].to(own.device, own.dtype)[None]] if k == 0 and scorer._recent else []
-            previous = torch.cat(before + [own[:-1]]) if before else own[:-1]
-            ids = torch.tensor(n[len(n) - len(previous):], device=previous.device)
-            terms = weighted(weight.to(previous.device), *log_probability_and_entropy(previous, ids))
-            logits[end - len(previous): end] += terms.to(logits.device, logits.dtype)
-            scorer._remember(own)
-        scorer._logits += logits[start + f: end].double().cpu().tolist()
+    if weight is not None:
+        logits = logits + _token_terms(weight, scorers, new, kept, model_logits[0]).to(logits.device, logits.dtype)
+    row = logits.double().cpu().tolist()
+    start = 0
+    for scorer, (_, target), n, f in zip(scorers, work, new, first):
+        scorer._logits += row[start + f: start + len(n)]
         scorer.forwarded += len(n)
         scorer._fed = target
-        start = end
+        start += len(n)
+
+
+def _token_terms(weight: torch.Tensor, scorers: list[IncrementalScorer], new: list[list[int]], kept: list[int],
+                 model_logits: torch.Tensor) -> torch.Tensor:
+    """A packed row's token-input terms ([positions]; 0 where none), each token's from the logits of the
+    position before it: its piece's own kept logits (`model_logits`, [kept positions, V], pieces in order,
+    each from its position `kept`), or, for a piece's first token, its scorer's last position's; in one
+    batch of tensor ops for the whole row. Each scorer keeps its piece's last logits (`_remember`)."""
+    targets, sources, recent = [], [], []
+    start = at = 0  # where each piece starts in the row, and its kept logits in model_logits
+    for scorer, n, k in zip(scorers, new, kept):
+        count = len(n) - k
+        if k == 0 and scorer._recent:  # the first token's term: the scorer's last position's logits
+            targets.append(start)
+            sources.append(len(model_logits) + len(recent))
+            recent.append(scorer._recent[-1])
+        targets += range(start + k + 1, start + len(n))
+        sources += range(at, at + count - 1)
+        scorer._remember(model_logits[at: at + count])
+        start, at = start + len(n), at + count
+    terms = torch.zeros(start, dtype=torch.float32, device=model_logits.device)
+    if targets:
+        pool = model_logits.float()  # (as token_inputs.distribution reads them)
+        pool = torch.cat([pool, torch.stack(recent).to(pool.device)]) if recent else pool
+        ids = torch.tensor([t for n in new for t in n], device=pool.device)[targets]
+        index = torch.tensor(sources, device=pool.device)
+        terms[torch.tensor(targets, device=pool.device)] = weighted(weight.to(pool.device),
+                                                                    *log_probability_and_entropy(pool[index], ids))
+    return terms
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -135,7 +135,10 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     return torch.cat(out, 2).transpose(1, 2), None
 
 
-AttentionInterface.register(NAME, _attention)
+@functools.cache
+def _register() -> None:
+    """Register the packed attention with transformers, once, at the first packed forward (not at import)."""
+    AttentionInterface.register(NAME, _attention)
 
 
 class _Forward:
@@ -151,6 +154,7 @@ def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]
     row's positions `keep` (None: no logits wanted, or a hook ended the forward early). The caller holds
     the model's lock. Raises Unpackable where the model's attention cannot be packed (the caches may then
     hold part of the pieces: start them over)."""
+    _register()
     device = model.get_input_embeddings().weight.device
     ids, positions, spans = [], [], []
     for piece, p in zip(pieces, past):
