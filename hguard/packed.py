@@ -1,12 +1,14 @@
 """One forward over the new tokens of several sequences laid end to end, each attending to its own KV cache.
 
 Proxy mode scores the pieces of many open answers at once. Batching them as rows pads every row's cache
-to the longest and every row's piece to the longest piece; on a CPU the padding was half of what the
-forwards computed, and the copies into and out of the padded batch a quarter of the rest. Here the pieces
+to the longest and every row's piece to the longest piece (in a replay of proxy-like pieces,
+benchmarks/proxy_pieces.py, about half the positions of a forward were padding). Here the pieces
 run as one row with no padding: the model's linear layers (almost all of a forward) see only real tokens,
 each token has its own position, each layer's new keys and values go straight into their sequence's
 own cache (`GrowingLayer`, which writes into spare room instead of concatenating), and attention runs
-sequence by sequence against that sequence's cache, causal within its piece.
+sequence by sequence against that sequence's cache, causal within its piece. Where a model caches
+something other than its attention's keys and values (MLA's latent), or attends otherwise (below), its
+sequences run one at a time.
 
 This takes over transformers' attention for the forward (an attention function of its own, under the
 model's lock, which every hguard forward holds), so it serves models whose every layer attends through
@@ -117,6 +119,9 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
             or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux"))):
         raise Unpackable(f"{type(module).__name__} attends in a way a packed forward does not reproduce")
     layer = module.layer_idx
+    cached = now.caches[0].layers[layer].keys
+    if cached.shape[1] != key.shape[1] or cached.shape[-1] != key.shape[-1]:  # e.g. MLA caches a latent, not keys
+        raise Unpackable(f"{type(module).__name__} caches something other than the keys it attends with")
     now.attended.append(layer)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
     group = heads // kv_heads
