@@ -51,7 +51,7 @@ def server(kind: str, model: str, probe: str | None, args: argparse.Namespace, u
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpus  # vLLM binds its own threads; to these CPUs only
     if kind == "vllm":
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-                   "--served-model-name", "bench", "--max-num-seqs", str(max(args.clients)),
+                   "--served-model-name", "bench", "--max-num-seqs", str(getattr(args, "max_num_seqs", None) or max(args.clients)),
                    "--max-model-len", str(args.max_model_len)]
         command += ["--dtype", args.dtype] if args.dtype else []
         command += ["--enforce-eager"] if args.eager else []

@@ -108,6 +108,9 @@ def compare(direct: str, proxied: str, clients: int, args: argparse.Namespace) -
 def main(argv: list[str] | None = None) -> int:
     parser = load_arguments(__doc__, "the upstream vLLM without torch.compile")
     parser.add_argument("--pin", action="store_true", help="the upstream on CPU 0, the proxy on CPU 1")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="vLLM's --max-num-seqs (default: the most clients); fewer than the clients keeps vLLM's "
+                             "batch full whatever the proxy's latency, so that proxied / direct measures capacity")
     args = parser.parse_args(argv)
     args.clients_max = max(args.clients)
     report = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
