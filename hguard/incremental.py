@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from . import packed
-from .compat import cache_kwargs
+from .compat import cache_kwargs, extends_cache_wrongly
 from .hooks import stoppable
 from .monitor import Monitor
 from .results import Scores
@@ -48,8 +48,10 @@ class IncrementalScorer:
     def _reset(self) -> None:
         self._cache = packed.growing_cache(self.guard.model.config)
         # a model with recurrent layers (Mamba, linear attention) keeps a state that cannot be cropped, and
-        # not every one extends it by several tokens at once: each call runs prompt and response whole
-        self._whole = not all(isinstance(layer, (DynamicLayer, DynamicSlidingWindowLayer)) for layer in self._cache.layers)
+        # not every one extends it by several tokens at once (nor do some releases some caches): each call
+        # runs prompt and response whole
+        self._whole = (not all(isinstance(layer, (DynamicLayer, DynamicSlidingWindowLayer)) for layer in self._cache.layers)
+                       or extends_cache_wrongly(getattr(self.guard.model.config, "model_type", "")))
         self._fed: list[int] = []  # prompt and response ids whose activations are in the cache
         self._logits: list[float] = []  # probe logit of each response token in the cache
         # a probe with token inputs: the model's logits at the last few positions fed (the last: _fed[-1]'s),
