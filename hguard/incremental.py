@@ -149,11 +149,13 @@ def score_together(scorers: list[IncrementalScorer], responses: list[list[int]])
             if len(target) > len(scorer._fed):
                 work.append((scorer, target))
         together = [w for w in work if w[0]._plain()] if work and packed.packable(work[0][0].guard.model) else []
-        if len(together) > 1:
+        model = work[0][0].guard.model if work else None
+        while len(together) > 1 and packed.packable(model):
             try:
                 _run_packed(together)
-            except packed.Unpackable as why:  # this model's attention cannot be packed: one by one, now and later
-                packed.refuse(together[0][0].guard.model, why)
+                break
+            except packed.Unpackable as why:  # packed another way from now on (then again), or one by one
+                packed.learn(model, why)
         for scorer, target in work:
             if len(target) > len(scorer._fed):  # alone: its own forward
                 scorer._run(target[len(scorer._fed):])

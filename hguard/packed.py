@@ -6,9 +6,11 @@ benchmarks/proxy_pieces.py, about half the positions of a forward were padding).
 run as one row with no padding: the model's linear layers (almost all of a forward) see only real tokens,
 each token has its own position, each layer's new keys and values go straight into their sequence's
 own cache (`GrowingLayer`, which writes into spare room instead of concatenating), and attention runs
-sequence by sequence against that sequence's cache, causal within its piece. Where a model caches
-something other than its attention's keys and values (MLA's latent), or attends otherwise (below), its
-sequences run one at a time.
+sequence by sequence against that sequence's cache, causal within its piece. A model that caches
+something other than the keys it attends with (MLA's latent, which it expands into keys itself) is
+found out at its first packed forward and packs another way from then on (WHOLE): every sequence's whole
+cache is handed back to it at each layer, end to end (a copy per forward), and attention takes each
+sequence's keys out of what the model made of them.
 
 This takes over transformers' attention for the forward (an attention function of its own, under the
 model's lock, which every hguard forward holds), so it serves models whose every layer attends through
@@ -39,23 +41,32 @@ from .hooks import stoppable
 
 NAME = "hguard_packed"
 _now = threading.local()  # the forward under way: its pieces and caches (set and read in the same thread)
-_verdicts: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+DIRECT, WHOLE, NONE = "direct", "whole", ""  # how a model's packed forward reads the caches (NONE: it cannot)
+_modes: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 class Unpackable(RuntimeError):
     """The model attends in a way the packed forward does not reproduce."""
 
 
+class _Latent(Unpackable):
+    """The model caches something other than the keys it attends with (MLA's latent)."""
+
+
 def packable(model: nn.Module) -> bool:
-    """False once a packed forward of `model` has raised Unpackable (True until then)."""
-    return _verdicts.get(model, True)
+    """False once a packed forward of `model` has failed in both ways (True until then)."""
+    return _modes.get(model, DIRECT) != NONE
 
 
-def refuse(model: nn.Module, why: Unpackable) -> None:
-    """Remember that `model` cannot be packed (logged once, with why)."""
+def learn(model: nn.Module, why: Unpackable) -> None:
+    """After a packed forward of `model` raised `why`: a model that caches latents packs with each
+    sequence's cache handed back whole from now on; any other cannot be packed (logged once)."""
+    if isinstance(why, _Latent) and _modes.get(model, DIRECT) == DIRECT:
+        _modes[model] = WHOLE
+        return
     if packable(model):
         logging.getLogger("hguard.packed").warning("scoring %s's sequences one at a time: %s", type(model).__name__, why)
-    _verdicts[model] = False
+    _modes[model] = NONE
 
 
 class GrowingLayer(DynamicLayer):
@@ -94,18 +105,24 @@ def growing_cache(config) -> DynamicCache:
 
 class _Pieces(DynamicCache):
     """The cache a packed forward passes: each layer's new keys and values, split by piece, go into the
-    pieces' own caches; attention reads them there."""
+    pieces' own caches; attention reads them there (DIRECT), or, for a model that turns what it cached
+    into keys itself (MLA), every piece's whole cache is handed back, end to end (WHOLE: `lengths`)."""
 
-    def __init__(self, caches: list[DynamicCache], spans: list[tuple[int, int]]) -> None:
+    def __init__(self, caches: list[DynamicCache], spans: list[tuple[int, int]], mode: str) -> None:
         super().__init__()
-        self.caches, self.spans = caches, spans
+        self.caches, self.spans, self.mode = caches, spans, mode
         self.updated: list[int] = []
+        self.lengths: list[int] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        for cache, (start, end) in zip(self.caches, self.spans):
-            cache.layers[layer_idx].update(key_states[:, :, start:end], value_states[:, :, start:end])
+        layers = [cache.layers[layer_idx] for cache in self.caches]
+        for layer, (start, end) in zip(layers, self.spans):
+            layer.update(key_states[:, :, start:end], value_states[:, :, start:end])
         self.updated.append(layer_idx)
-        return key_states, value_states
+        if self.mode == DIRECT:
+            return key_states, value_states
+        self.lengths = [layer.keys.shape[-2] for layer in layers]
+        return torch.cat([layer.keys for layer in layers], 2), torch.cat([layer.values for layer in layers], 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions come from position_ids; nothing here is read as past
@@ -118,16 +135,23 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if (attention_mask is not now.mask or dropout or not getattr(module, "is_causal", True)
             or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux"))):
         raise Unpackable(f"{type(module).__name__} attends in a way a packed forward does not reproduce")
-    layer = module.layer_idx
-    cached = now.caches[0].layers[layer].keys
-    if cached.shape[1] != key.shape[1] or cached.shape[-1] != key.shape[-1]:  # e.g. MLA caches a latent, not keys
-        raise Unpackable(f"{type(module).__name__} caches something other than the keys it attends with")
+    layer, pieces = module.layer_idx, now.cache
+    if pieces.mode == DIRECT:
+        cached = now.caches[0].layers[layer].keys
+        if cached.shape[1] != key.shape[1] or cached.shape[-1] != key.shape[-1]:  # e.g. MLA caches a latent
+            raise _Latent(f"{type(module).__name__} caches something other than the keys it attends with")
+    elif key.shape[-2] != sum(pieces.lengths):
+        raise Unpackable(f"{type(module).__name__} attends to other keys than its cache's")
     now.attended.append(layer)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
     group = heads // kv_heads
-    out = []
-    for cache, (start, end) in zip(now.caches, now.spans):
-        keys, values = cache.layers[layer].keys, cache.layers[layer].values
+    out, at = [], 0
+    for i, (cache, (start, end)) in enumerate(zip(now.caches, now.spans)):
+        if pieces.mode == DIRECT:
+            keys, values = cache.layers[layer].keys, cache.layers[layer].values
+        else:  # this piece's whole cache, as the model made keys and values of it
+            keys, values = key[:, :, at: at + pieces.lengths[i]], value[:, :, at: at + pieces.lengths[i]]
+            at += pieces.lengths[i]
         n, length = end - start, keys.shape[-2]
         # the query heads that share a key head ride as extra rows of it (no copy of the keys)
         q = query[:, :, start:end].reshape(1, kv_heads, group * n, dim)
@@ -147,8 +171,8 @@ def _register() -> None:
 
 
 class _Forward:
-    def __init__(self, caches: list[DynamicCache], spans: list[tuple[int, int]], mask: torch.Tensor) -> None:
-        self.caches, self.spans, self.mask = caches, spans, mask
+    def __init__(self, cache: _Pieces, mask: torch.Tensor) -> None:
+        self.cache, self.caches, self.spans, self.mask = cache, cache.caches, cache.spans, mask
         self.attended: list[int] = []
 
 
@@ -167,8 +191,8 @@ def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]
         ids += piece
         positions += range(p, p + len(piece))
     mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # a prepared mask, passed through as it is
-    cache = _Pieces(caches, spans)
-    _now.forward = now = _Forward(caches, spans, mask)
+    cache = _Pieces(caches, spans, _modes.get(model, DIRECT))
+    _now.forward = now = _Forward(cache, mask)
     config = model.config
     before = config._attn_implementation
     config._attn_implementation = NAME

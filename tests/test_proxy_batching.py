@@ -117,9 +117,33 @@ def test_a_model_whose_layers_attend_by_themselves_is_scored_one_by_one(make_gua
     assert calls == [3] and not packed.packable(guard.model)
 
 
+def test_a_model_that_caches_latents_packs_with_whole_caches(tmp_path, monkeypatch):
+    """MLA (DeepSeek V3) caches a latent that each layer expands into keys itself: the first packed forward
+    finds that out, its pieces run again with every answer's whole cache handed back to the model, and the
+    model packs that way from then on, one forward per call; the scores are Guard.score's."""
+    from transformers import AutoModelForCausalLM
+
+    from hguard import Probe, conformance
+    from hguard.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conformance.tiny_config("deepseek_v3", len(tokenizer))).eval()
+    guard = Guard(model, tokenizer, Probe.random(model, 12, seed=1, token_weight=torch.tensor([0.7, -0.4])))
+    calls = _packed_forwards(monkeypatch)
+    prompts = PROMPTS[:3]
+    answers = [r.token_ids + [5, 6, 7, 8, 9] for r in guard.generate(prompts, max_new_tokens=4, do_sample=False)]
+    scorers = [IncrementalScorer(guard, p) for p in prompts]
+    for n in (1, 2, 5, 9):
+        responses = [a[:n + row] for row, a in enumerate(answers)]
+        for prompt, response, got in zip(prompts, responses, score_together(scorers, responses)):
+            assert got.token_logits == pytest.approx(guard.score(prompt, response).token_logits, abs=1e-4)
+    assert calls == [3, 3, 3, 3, 3] and packed._modes[guard.model] == packed.WHOLE  # the first, found out, ran again
+
+
 @pytest.mark.parametrize("kwargs", [{"sliding_window": 8}, {"softcap": 30.0}, {"s_aux": 1}])
 def test_attention_the_packed_forward_does_not_reproduce_is_refused(kwargs):
-    now = packed._Forward([], [], torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    now = packed._Forward(packed._Pieces([], [], packed.DIRECT), torch.ones(1, 1, 1, 1, dtype=torch.bool))
     packed._now.forward = now
     try:
         with pytest.raises(packed.Unpackable):
