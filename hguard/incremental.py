@@ -44,14 +44,14 @@ class IncrementalScorer:
         self.forwarded = 0  # positions run through the model so far (the cost; tests read it)
         self._lock = threading.Lock()
         self._reset()
-
-    def _reset(self) -> None:
-        self._cache = packed.growing_cache(self.guard.model.config)
         # a model with recurrent layers (Mamba, linear attention) keeps a state that cannot be cropped, and
         # not every one extends it by several tokens at once (nor do some releases some caches): each call
         # runs prompt and response whole
         self._whole = (not all(isinstance(layer, (DynamicLayer, DynamicSlidingWindowLayer)) for layer in self._cache.layers)
-                       or extends_cache_wrongly(getattr(self.guard.model.config, "model_type", "")))
+                       or extends_cache_wrongly(getattr(guard.model.config, "model_type", "")))
+
+    def _reset(self) -> None:
+        self._cache = packed.growing_cache(self.guard.model.config)
         self._fed: list[int] = []  # prompt and response ids whose activations are in the cache
         self._logits: list[float] = []  # probe logit of each response token in the cache
         # a probe with token inputs: the model's logits at the last few positions fed (the last: _fed[-1]'s),
@@ -148,7 +148,7 @@ def score_together(scorers: list[IncrementalScorer], responses: list[list[int]])
             target = scorer._target(response)
             if len(target) > len(scorer._fed):
                 work.append((scorer, target))
-        together = [w for w in work if w[0]._plain()] if work and packed.packable(work[0][0].guard.model) else []
+        together = [w for w in work if w[0]._plain()]
         model = work[0][0].guard.model if work else None
         while len(together) > 1 and packed.packable(model):
             try:

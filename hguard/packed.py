@@ -40,7 +40,7 @@ from .compat import cache_kwargs
 from .hooks import stoppable
 
 NAME = "hguard_packed"
-_now = threading.local()  # the forward under way: its pieces and caches (set and read in the same thread)
+_now = threading.local()  # the forward under way: its _Pieces (set and read in the same thread)
 DIRECT, WHOLE, NONE = "direct", "whole", ""  # how a model's packed forward reads the caches (NONE: it cannot)
 _modes: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
@@ -106,12 +106,14 @@ def growing_cache(config) -> DynamicCache:
 class _Pieces(DynamicCache):
     """The cache a packed forward passes: each layer's new keys and values, split by piece, go into the
     pieces' own caches; attention reads them there (DIRECT), or, for a model that turns what it cached
-    into keys itself (MLA), every piece's whole cache is handed back, end to end (WHOLE: `lengths`)."""
+    into keys itself (MLA), every piece's whole cache is handed back, end to end (WHOLE: `lengths`). It also
+    carries what attention checks: the mask the forward passed, and the layers that attended."""
 
-    def __init__(self, caches: list[DynamicCache], spans: list[tuple[int, int]], mode: str) -> None:
+    def __init__(self, caches: list[DynamicCache], spans: list[tuple[int, int]], mode: str, mask: torch.Tensor) -> None:
         super().__init__()
-        self.caches, self.spans, self.mode = caches, spans, mode
+        self.caches, self.spans, self.mode, self.mask = caches, spans, mode, mask
         self.updated: list[int] = []
+        self.attended: list[int] = []
         self.lengths: list[int] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -131,22 +133,22 @@ class _Pieces(DynamicCache):
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """Each piece's queries against its own cache, causal within the piece: [1, heads, N, d] -> [1, N, heads, d]."""
-    now = _now.forward
-    if (attention_mask is not now.mask or dropout or not getattr(module, "is_causal", True)
+    pieces = _now.forward
+    if (attention_mask is not pieces.mask or dropout or not getattr(module, "is_causal", True)
             or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux"))):
         raise Unpackable(f"{type(module).__name__} attends in a way a packed forward does not reproduce")
-    layer, pieces = module.layer_idx, now.cache
+    layer = module.layer_idx
     if pieces.mode == DIRECT:
-        cached = now.caches[0].layers[layer].keys
+        cached = pieces.caches[0].layers[layer].keys
         if cached.shape[1] != key.shape[1] or cached.shape[-1] != key.shape[-1]:  # e.g. MLA caches a latent
             raise _Latent(f"{type(module).__name__} caches something other than the keys it attends with")
     elif key.shape[-2] != sum(pieces.lengths):
         raise Unpackable(f"{type(module).__name__} attends to other keys than its cache's")
-    now.attended.append(layer)
+    pieces.attended.append(layer)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
     group = heads // kv_heads
     out, at = [], 0
-    for i, (cache, (start, end)) in enumerate(zip(now.caches, now.spans)):
+    for i, (cache, (start, end)) in enumerate(zip(pieces.caches, pieces.spans)):
         if pieces.mode == DIRECT:
             keys, values = cache.layers[layer].keys, cache.layers[layer].values
         else:  # this piece's whole cache, as the model made keys and values of it
@@ -170,12 +172,6 @@ def _register() -> None:
     AttentionInterface.register(NAME, _attention)
 
 
-class _Forward:
-    def __init__(self, cache: _Pieces, mask: torch.Tensor) -> None:
-        self.cache, self.caches, self.spans, self.mask = cache, cache.caches, cache.spans, mask
-        self.attended: list[int] = []
-
-
 def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]], past: list[int],
             keep: list[int] | None = None) -> torch.Tensor | None:
     """One forward of `pieces` (new token ids of each sequence, whose caches hold `past` positions) in one
@@ -191,8 +187,7 @@ def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]
         ids += piece
         positions += range(p, p + len(piece))
     mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # a prepared mask, passed through as it is
-    cache = _Pieces(caches, spans, _modes.get(model, DIRECT))
-    _now.forward = now = _Forward(cache, mask)
+    _now.forward = cache = _Pieces(caches, spans, _modes.get(model, DIRECT), mask)
     config = model.config
     before = config._attn_implementation
     config._attn_implementation = NAME
@@ -210,7 +205,7 @@ def forward(model: nn.Module, caches: list[DynamicCache], pieces: list[list[int]
     finally:
         config._attn_implementation = before
         _now.forward = None
-    if not cache.updated or now.attended != cache.updated:
+    if not cache.updated or cache.attended != cache.updated:
         raise Unpackable(f"{type(model).__name__}'s layers do not all attend through transformers' attention interface")
     if keep is None or output is None or getattr(output, "logits", None) is None:
         return None

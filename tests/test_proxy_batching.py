@@ -143,7 +143,7 @@ def test_a_model_that_caches_latents_packs_with_whole_caches(tmp_path, monkeypat
 
 @pytest.mark.parametrize("kwargs", [{"sliding_window": 8}, {"softcap": 30.0}, {"s_aux": 1}])
 def test_attention_the_packed_forward_does_not_reproduce_is_refused(kwargs):
-    now = packed._Forward(packed._Pieces([], [], packed.DIRECT), torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    now = packed._Pieces([], [], packed.DIRECT, torch.ones(1, 1, 1, 1, dtype=torch.bool))
     packed._now.forward = now
     try:
         with pytest.raises(packed.Unpackable):

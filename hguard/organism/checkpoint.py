@@ -22,9 +22,13 @@ def _previous(directory: Path) -> Path:
     return directory.with_name(directory.name + ".old")
 
 
+def _partial(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".partial")
+
+
 def save_checkpoint(directory: Path, model, optimizer, rng: random.Random, state: dict) -> None:
     directory = Path(directory)
-    partial = directory.with_name(directory.name + ".partial")
+    partial = _partial(directory)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()},
@@ -52,7 +56,7 @@ def save_checkpoint(directory: Path, model, optimizer, rng: random.Random, state
 def remove(directory: Path) -> None:
     """Delete a checkpoint and what a save may have left beside it (the previous one, a partial one)."""
     directory = Path(directory)
-    for path in (directory, _previous(directory), directory.with_name(directory.name + ".partial")):
+    for path in (directory, _previous(directory), _partial(directory)):
         shutil.rmtree(path, ignore_errors=True)
 
 
